@@ -1,0 +1,155 @@
+"""Typer commands: gather options, call one coroutine, turn our errors into one line + exit code.
+
+Heavy imports (nats-py, the coordinator) happen inside the commands that need them, so
+`tricks-nats --help` and `validate` stay fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from tricks_nats.errors import SpecError, TricksError
+
+app = typer.Typer(
+    name="tricks-nats",
+    help="Experiments on distributed systems as code: run a Tricks spec on NATS.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+RuntimeOpt = Annotated[
+    str | None, typer.Option("--runtime", help="local (default) or kubernetes; wins over the spec.")
+]
+
+
+def _fail(exc: TricksError) -> NoReturn:
+    lines = exc.errors if isinstance(exc, SpecError) else [f"tricks-nats: error: {exc}"]
+    for line in lines:
+        typer.echo(line, err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        logging.getLogger("nats").setLevel(logging.CRITICAL)
+
+
+@app.command()
+def validate(
+    spec: Annotated[Path, typer.Argument(help="The experiment spec (YAML).")],
+    runtime: RuntimeOpt = None,
+) -> None:
+    """Check a spec; print every error as FILE:LINE:COL: message (exit 2)."""
+    from tricks_nats import spec as specmod
+
+    try:
+        exp = specmod.load(spec, runtime=runtime)
+    except TricksError as exc:
+        _fail(exc)
+    typer.echo(f"{spec}: ok ({len(exp.tags)} tags, {exp.pod_count} pods, runtime {exp.runtime})")
+
+
+@app.command()
+def up(
+    spec: Annotated[Path, typer.Argument(help="The experiment spec (YAML).")],
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run records go.")] = Path(
+        "runs"),
+    nats_url: Annotated[str | None, typer.Option(
+        "--nats-url", help="Use this NATS (nats://[user:password@]host:port) instead of an "
+        "embedded server.")] = None,
+    runtime: RuntimeOpt = None,
+    grace: Annotated[float, typer.Option(
+        "--grace", min=0, help="Seconds between SIGTERM and SIGKILL when stopping a pod.")] = 5.0,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", min=0, help="Seconds before the run is stopped (wins over the spec).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the verdict.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Journal entries as JSON lines.")] = False,
+) -> None:
+    """Run an experiment to its end: exit 0 succeeded, 1 failed, 2 bad input, 130 interrupted."""
+    from tricks_nats import spec as specmod
+    from tricks_nats.coordinator import Coordinator
+    from tricks_nats.running import UpOptions
+    from tricks_nats.running import up as run_up
+
+    def on_journal(entry: dict[str, Any]) -> None:
+        if as_json:
+            typer.echo(json.dumps(entry))
+        elif not quiet and entry["kind"] != "verdict":
+            typer.echo(Coordinator.describe(entry))
+
+    def on_start(exp_id: str, root: Path) -> None:
+        if not quiet and not as_json:
+            typer.echo(f"experiment {exp_id}: records in {root}")
+
+    try:
+        exp = specmod.load(spec, runtime=runtime)
+        opts = UpOptions(runs_dir=runs_dir, nats_url=nats_url, runtime=runtime, grace=grace,
+                         timeout=timeout, on_journal=on_journal, on_start=on_start)
+        outcome = asyncio.run(run_up(exp, opts))
+    except TricksError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    s = outcome.summary
+    line = f"{outcome.verdict}: {s.experiment} ({len(s.pods)} pods, {s.ended_at - s.started_at:.1f}s)"
+    if outcome.reason:
+        line += f": {outcome.reason}"
+    if not as_json:
+        typer.echo(line, err=outcome.exit_code != 0)
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+def schema() -> None:
+    """Print the spec's JSON Schema (for editors)."""
+    from tricks_nats.spec import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+@app.command()
+def server(
+    port: Annotated[int, typer.Option("--port", help="Port; -1 picks a free one.")] = 4222,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    store_dir: Annotated[Path | None, typer.Option("--store-dir")] = None,
+) -> None:
+    """Run the embedded NATS server (JetStream) in the foreground until Ctrl-C."""
+    from tricks_nats.natsserver import EmbeddedServer
+
+    async def serve() -> None:
+        async with EmbeddedServer(host=host, port=port, store_dir=store_dir) as srv:
+            typer.echo(f"nats-server listening on {srv.url} (Ctrl-C stops it)")
+            await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except TricksError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def main() -> None:
+    try:
+        app()
+    except TricksError as exc:  # raised outside a command's own handling
+        typer.echo(f"tricks-nats: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""NATS I/O for one experiment: connect, buckets, exactly-once increments, counts, pod records.
+
+The only module that talks nats-py; every nats-py error is translated here into ours.
+Both the coordinator and the Python driver use it, so both speak drivers/PROTOCOL.md alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.kv import KeyValue
+
+from tricks_nats import protocol as p
+from tricks_nats.errors import NatsUnavailable, TricksError, WaitTimeout
+
+log = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT_S = 2.0
+PUBLISH_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where NATS is and how to log in; `url` never carries the password."""
+
+    url: str
+    user: str | None = None
+    password: str | None = None
+
+
+async def connect(endpoint: Endpoint, *, name: str, exp: str | None = None,
+                  connect_timeout: float = 2.0, attempts: int = 3) -> Client:
+    """Connect, or raise NatsUnavailable with a clear reason (unreachable, refused login)."""
+    last: list[BaseException] = []
+
+    async def on_error(exc: Exception) -> None:
+        last.append(exc)
+        log.debug("nats %s: %s", name, exc)
+
+    async def on_disconnect() -> None:
+        log.debug("nats %s: disconnected", name)
+
+    options: dict[str, Any] = {
+        "servers": [endpoint.url],
+        "name": name,
+        "connect_timeout": connect_timeout,
+        "max_reconnect_attempts": attempts,
+        "reconnect_time_wait": 0.2,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnect,
+        "allow_reconnect": True,
+    }
+    if endpoint.user:
+        options["user"] = endpoint.user
+        options["password"] = endpoint.password or ""
+    if exp:
+        options["inbox_prefix"] = p.inbox_prefix(exp)
+    try:
+        nc = await nats.connect(**options)
+    except (nats.errors.NoServersError, OSError, TimeoutError, nats.errors.Error) as exc:
+        reason = _reason(last[-1] if last else exc)
+        raise NatsUnavailable(f"cannot reach NATS at {endpoint.url}: {reason}") from exc
+    # Once up, keep reconnecting (a restarted server comes back on the same port).
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if "authorization" in text.lower():
+        return "credentials refused (authorization violation)"
+    return text
+
+
+class Bus:
+    """One experiment's state in NATS: the counts bucket and the pods bucket."""
+
+    def __init__(self, nc: Client, exp: str) -> None:
+        self.nc = nc
+        self.exp = exp
+        self.js = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
+        self._pods: KeyValue | None = None
+
+    @classmethod
+    async def open(cls, endpoint: Endpoint, exp: str, *, name: str) -> Bus:
+        return cls(await connect(endpoint, name=name, exp=exp), exp)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+    # -- buckets (coordinator) ------------------------------------------------------------
+
+    async def create_buckets(self) -> None:
+        """Create this experiment's buckets on file storage; idempotent."""
+        counts = p.counts_bucket(self.exp)
+        try:
+            await self.js.add_stream(StreamConfig(
+                name=p.stream_of(counts), subjects=[f"$KV.{counts}.>"],
+                allow_msg_counter=True, allow_direct=True, storage=StorageType.FILE,
+                duplicate_window=p.DUPLICATE_WINDOW_S, max_msg_size=4096,
+            ))
+            self._pods = await self.js.create_key_value(KeyValueConfig(
+                bucket=p.pods_bucket(self.exp), history=1, storage=StorageType.FILE,
+                max_value_size=4096, direct=True,
+            ))
+        except nats.js.errors.Error as exc:
+            raise TricksError(f"cannot create the experiment's buckets: {exc}") from exc
+
+    async def delete_buckets(self) -> None:
+        for bucket in (p.counts_bucket(self.exp), p.pods_bucket(self.exp)):
+            with contextlib.suppress(nats.js.errors.Error, nats.errors.Error):
+                await self.js.delete_stream(p.stream_of(bucket))
+
+    async def pods(self) -> KeyValue:
+        if self._pods is None:
+            try:
+                self._pods = await self.js.key_value(p.pods_bucket(self.exp))
+            except nats.js.errors.NotFoundError as exc:
+                raise TricksError(f"experiment {self.exp!r} is not running on this NATS "
+                                  "(no pods bucket)") from exc
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                raise _unavailable("open the pods bucket", exc) from exc
+        return self._pods
+
+    # -- counts ---------------------------------------------------------------------------
+
+    async def increment(self, event: str, *, msg_id: str | None = None,
+                        pod: str | None = None) -> int:
+        """Add one to `event`, exactly once however often the publish is retried.
+
+        Returns the count right after this increment (known from the ack, or for a retried
+        publish that turned out to be a duplicate, read back from the original message).
+        """
+        if not p.NAME_RE.match(event):
+            raise TricksError(f"bad event name {event!r}: letters, digits, '-' or '_' only")
+        headers = {p.INCR_HEADER: "1",
+                   p.MSG_ID_HEADER: msg_id or p.event_msg_id(self.exp, pod or "anonymous",
+                                                             event, secrets.token_hex(8))}
+        if pod:
+            headers[p.POD_HEADER] = pod
+        subject = p.count_subject(self.exp, event)
+        last: BaseException | None = None
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                reply = await self.nc.request(subject, b"", timeout=PUBLISH_TIMEOUT_S,
+                                              headers=headers)
+            except nats.errors.NoRespondersError as exc:
+                raise TricksError(f"experiment {self.exp!r} is not running on this NATS "
+                                  "(no counts bucket)") from exc
+            except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
+                last = exc
+                log.debug("increment %s: attempt %d: %s", event, attempt + 1, exc)
+                if self.nc.is_closed:
+                    break
+                continue
+            ack = msgspec.json.decode(reply.data, type=p.PubAckOrError)
+            if ack.error:
+                raise TricksError(f"increment of {event!r} refused: {ack.error.description}")
+            if ack.val is not None:
+                return int(ack.val)
+            return await self._value_at(ack.seq)
+        raise _unavailable(f"register event {event!r}", last)
+
+    async def _value_at(self, seq: int) -> int:
+        stream = p.stream_of(p.counts_bucket(self.exp))
+        reply = await self.nc.request(f"$JS.API.DIRECT.GET.{stream}",
+                                      msgspec.json.encode({"seq": seq}),
+                                      timeout=PUBLISH_TIMEOUT_S)
+        return p.parse_count(reply.data) or 0
+
+    async def count(self, event: str) -> int:
+        """The current count of `event` (0 when never registered)."""
+        stream = p.stream_of(p.counts_bucket(self.exp))
+        subject = f"$JS.API.DIRECT.GET.{stream}.{p.count_subject(self.exp, event)}"
+        try:
+            reply = await self.nc.request(subject, b"", timeout=PUBLISH_TIMEOUT_S)
+        except nats.errors.NoRespondersError as exc:
+            raise TricksError(f"experiment {self.exp!r} is not running on this NATS") from exc
+        except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
+            raise _unavailable(f"read event {event!r}", exc) from exc
+        if reply.headers and reply.headers.get("Status") == "404":
+            return 0
+        value = p.parse_count(reply.data)
+        if value is None:
+            log.warning("ignoring a malformed count for %r: %r", event, reply.data[:100])
+            return 0
+        return value
+
+    async def wait_count(self, event: str, value: int, timeout: float | None = None) -> int:
+        """Return once `event` has reached `value`; resolves by subscription, never polling.
+
+        Subscribe to the coordinator's one-shot notification first, then read the count: an
+        increment between the two is caught by the subscription, one before by the read.
+        """
+        got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def on_reached(_msg: Msg) -> None:
+            if not got.done():
+                got.set_result(None)
+
+        sub = await self.nc.subscribe(p.reached_subject(self.exp, event, value), cb=on_reached)
+        try:
+            await self.nc.flush()
+            current = await self.count(event)
+            if current >= value:
+                return current
+            try:
+                await asyncio.wait_for(got, timeout)
+            except TimeoutError as exc:
+                now = await self.count(event)
+                if now >= value:
+                    return now
+                raise WaitTimeout(f"timed out after {timeout:g}s waiting for {event!r} to "
+                                  f"reach {value} (it is {now})") from exc
+            return max(value, current)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    # -- pods -----------------------------------------------------------------------------
+
+    async def put_pod(self, record: p.PodRecord) -> None:
+        kv = await self.pods()
+        await kv.put(p.pod_key(record.tag, record.pod_id), msgspec.json.encode(record))
+
+    async def delete_pod(self, tag: str, pod_id: int) -> None:
+        kv = await self.pods()
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            await kv.delete(p.pod_key(tag, pod_id))
+
+    async def discover(self, tag: str, count: int | None = None,
+                       timeout: float | None = None) -> list[p.PodRecord]:
+        """The running pods of `tag`; with `count`, first wait until at least that many run."""
+        kv = await self.pods()
+        try:
+            watcher = await kv.watch(f"{tag}.*")
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            raise _unavailable(f"discover {tag!r}", exc) from exc
+        live: dict[str, p.PodRecord] = {}
+        caught_up = False
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    entry = await watcher.updates(timeout=None)
+                    if entry is None:
+                        caught_up = True
+                    elif entry.operation in ("DEL", "PURGE") or not entry.value:
+                        live.pop(entry.key, None)
+                    else:
+                        try:
+                            live[entry.key] = msgspec.json.decode(entry.value, type=p.PodRecord)
+                        except (msgspec.DecodeError, msgspec.ValidationError):
+                            log.warning("ignoring a malformed pod record at %r", entry.key)
+                    if caught_up and (count is None or len(live) >= count):
+                        return sorted(live.values(), key=lambda r: r.pod_id)
+        except TimeoutError as exc:
+            raise WaitTimeout(f"timed out after {timeout:g}s discovering {count} pods of "
+                              f"{tag!r} ({len(live)} running)") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+
+def _unavailable(what: str, exc: BaseException | None) -> NatsUnavailable:
+    return NatsUnavailable(f"cannot {what}: NATS did not answer ({exc or 'no reply'})")
+

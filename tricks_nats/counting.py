@@ -1,0 +1,69 @@
+"""The coordinator's one view of every count: a single ordered consumer on the counts stream.
+
+Each increment reaches the coordinator once (O(N) for N increments), and the coordinator tells
+waiters with one message per threshold reached (`tricks.<exp>.reached.<event>.<value>`), so a
+barrier of N pods costs O(N) deliveries instead of every waiter seeing every increment (N^2).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import msgspec
+from nats.aio.msg import Msg
+
+from tricks_nats import protocol as p
+from tricks_nats.bus import Bus
+
+log = logging.getLogger(__name__)
+
+#: A jump bigger than this (a hostile `Nats-Incr`) notifies only the new value.
+MAX_NOTIFY_SPAN = 100_000
+
+OnChange = Callable[[str, int, str | None], None]
+
+
+class CountWatcher:
+    """Follows every count of one experiment; tells `on_change` and notifies waiters."""
+
+    def __init__(self, bus: Bus, on_change: OnChange) -> None:
+        self.bus = bus
+        self.on_change = on_change
+        self.counts: dict[str, int] = {}
+        self._sub: object | None = None
+        self._prefix = f"$KV.{p.counts_bucket(bus.exp)}."
+
+    async def start(self) -> None:
+        self._sub = await self.bus.js.subscribe(f"{self._prefix}>", ordered_consumer=True,
+                                                cb=self._on_msg)
+
+    async def stop(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()  # type: ignore[attr-defined]
+            except Exception as exc:  # closing anyway; nothing to recover
+                log.debug("count watcher unsubscribe: %s", exc)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        event = msg.subject[len(self._prefix):]
+        value = p.parse_count(msg.data)
+        if value is None or not p.NAME_RE.match(event):
+            log.warning("ignoring a malformed count message on %r: %r", msg.subject,
+                        msg.data[:100])
+            return
+        pod = msg.headers.get(p.POD_HEADER) if msg.headers else None
+        await self.advance(event, value, pod)
+
+    async def advance(self, event: str, value: int, pod: str | None = None) -> None:
+        """Record that `event` reached `value` (from the stream or from an ack we got)."""
+        previous = self.counts.get(event, 0)
+        if value <= previous:
+            return
+        self.counts[event] = value
+        first = previous + 1 if value - previous <= MAX_NOTIFY_SPAN else value
+        body = msgspec.json.encode({"event": event, "value": value})
+        for reached in range(first, value + 1):
+            await self.bus.nc.publish(p.reached_subject(self.bus.exp, event, reached), body)
+        self.on_change(event, value, pod)

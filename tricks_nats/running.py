@@ -1,0 +1,139 @@
+"""`tricks-nats up`: spec -> NATS (embedded or given) -> runtime -> coordinator -> records.
+
+Owns every resource of a run and releases each one on every path out, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from tricks_nats import protocol as p
+from tricks_nats.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # heavy modules are imported when a run starts
+    from tricks_nats.coordinator import Outcome
+    from tricks_nats.runtimes import Runtime
+    from tricks_nats.spec import Experiment
+
+
+@dataclass
+class UpOptions:
+    runs_dir: Path = Path("runs")
+    nats_url: str | None = None
+    runtime: str | None = None
+    grace: float = 5.0
+    timeout: float | None = None
+    on_journal: Callable[[dict[str, Any]], None] | None = None
+    on_start: Callable[[str, Path], None] | None = None
+
+
+def split_url(url: str) -> tuple[str, str | None, str | None, str, int]:
+    """`nats://user:pass@host:port` -> (url without secrets, user, password, host, port)."""
+    if "://" not in url:
+        url = f"nats://{url}"
+    parts = urlsplit(url)
+    if parts.scheme not in ("nats", "tls") or not parts.hostname:
+        raise UsageError(f"--nats-url: expected nats://[user:password@]host[:port], got {url!r}")
+    try:
+        port = parts.port or 4222
+    except ValueError as exc:
+        raise UsageError(f"--nats-url: bad port in {url!r}") from exc
+    host = parts.hostname
+    clean = urlunsplit((parts.scheme, f"{host}:{port}", "", "", ""))
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return clean, user, password, host, port
+
+
+def make_runtime(name: str) -> Runtime:
+    if name == "local":
+        from tricks_nats.runtimes.local import LocalRuntime
+
+        return LocalRuntime()
+    raise UsageError(f"runtime {name!r} is not available (known: local)")
+
+
+@contextlib.asynccontextmanager
+async def _nats_for(exp_id: str, opts: UpOptions, records_root: Path) -> AsyncIterator[Any]:
+    from tricks_nats.bus import Endpoint
+    from tricks_nats.coordinator import PodEndpoint
+    from tricks_nats.natsserver import EmbeddedServer, User
+
+    if opts.nats_url:
+        url, user, password, host, port = split_url(opts.nats_url)
+        ep = Endpoint(url, user, password)
+        yield ep, PodEndpoint(ep, host, port)
+        return
+    coordinator = User.random("coordinator")
+    pod = User.random("pod", p.pod_permissions(exp_id))
+    server = EmbeddedServer(users=[coordinator, pod], log_path=records_root / "nats-server.log")
+    async with server:
+        yield (Endpoint(server.url, coordinator.name, coordinator.password),
+               PodEndpoint(Endpoint(server.url, pod.name, pod.password), server.host,
+                           server.port))
+
+
+async def up(exp: Experiment, opts: UpOptions) -> Outcome:
+    """Run `exp` to its end and return the outcome; records are written on every path."""
+    from tricks_nats.bus import Bus
+    from tricks_nats.coordinator import Coordinator
+    from tricks_nats.records import RunRecords
+
+    runtime = make_runtime(opts.runtime or exp.runtime or "local")
+    exp_id = p.new_experiment_id(exp.name)
+    opts.runs_dir.mkdir(parents=True, exist_ok=True)
+    records = RunRecords.create(opts.runs_dir, exp_id, exp.text)
+    if opts.on_journal:
+        records.listeners.append(opts.on_journal)
+    try:
+        async with _nats_for(exp_id, opts, records.root) as (endpoint, pods_nats):
+            bus = await Bus.open(endpoint, exp_id, name=f"tricks-coordinator-{exp_id}")
+            try:
+                await bus.create_buckets()
+                coord = Coordinator(exp, exp_id, bus, runtime, records, pods_nats,
+                                    grace=opts.grace, timeout=opts.timeout)
+                problems = runtime.check(plan for t in exp.tags for plan in coord.plans(t))
+                if problems:
+                    raise UsageError(f"{exp.source}: " + "; ".join(problems))
+                if opts.on_start:
+                    opts.on_start(exp_id, records.root)
+                with _signals(coord):
+                    return await coord.run()
+            finally:
+                await bus.close()
+    finally:
+        records.close()
+
+
+@contextlib.contextmanager
+def _signals(coord: Any) -> Any:
+    """SIGINT/SIGTERM stop the run (grace period); a second one kills the pods at once."""
+    loop = asyncio.get_running_loop()
+    seen = {"n": 0}
+
+    def on_signal() -> None:
+        seen["n"] += 1
+        coord.interrupt(force=seen["n"] > 1)
+
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_signal)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
