@@ -42,8 +42,10 @@ def _fail(exc: TricksError) -> NoReturn:
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not verbose:
         logging.getLogger("nats").setLevel(logging.CRITICAL)
 
@@ -67,15 +69,28 @@ def validate(
 def up(
     spec: Annotated[Path, typer.Argument(help="The experiment spec (YAML).")],
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run records go.")] = Path(
-        "runs"),
-    nats_url: Annotated[str | None, typer.Option(
-        "--nats-url", help="Use this NATS (nats://[user:password@]host:port) instead of an "
-        "embedded server.")] = None,
+        "runs"
+    ),
+    nats_url: Annotated[
+        str | None,
+        typer.Option(
+            "--nats-url",
+            help="Use this NATS (nats://[user:password@]host:port) instead of an embedded server.",
+        ),
+    ] = None,
     runtime: RuntimeOpt = None,
-    grace: Annotated[float, typer.Option(
-        "--grace", min=0, help="Seconds between SIGTERM and SIGKILL when stopping a pod.")] = 5.0,
-    timeout: Annotated[float | None, typer.Option(
-        "--timeout", min=0, help="Seconds before the run is stopped (wins over the spec).")] = None,
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace", min=0, help="Seconds between SIGTERM and SIGKILL when stopping a pod."
+        ),
+    ] = 5.0,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout", min=0, help="Seconds before the run is stopped (wins over the spec)."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the verdict.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Journal entries as JSON lines.")] = False,
 ) -> None:
@@ -97,15 +112,24 @@ def up(
 
     try:
         exp = specmod.load(spec, runtime=runtime)
-        opts = UpOptions(runs_dir=runs_dir, nats_url=nats_url, runtime=runtime, grace=grace,
-                         timeout=timeout, on_journal=on_journal, on_start=on_start)
+        opts = UpOptions(
+            runs_dir=runs_dir,
+            nats_url=nats_url,
+            runtime=runtime,
+            grace=grace,
+            timeout=timeout,
+            on_journal=on_journal,
+            on_start=on_start,
+        )
         outcome = asyncio.run(run_up(exp, opts))
     except TricksError as exc:
         _fail(exc)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     s = outcome.summary
-    line = f"{outcome.verdict}: {s.experiment} ({len(s.pods)} pods, {s.ended_at - s.started_at:.1f}s)"
+    line = (
+        f"{outcome.verdict}: {s.experiment} ({len(s.pods)} pods, {s.ended_at - s.started_at:.1f}s)"
+    )
     if outcome.reason:
         line += f": {outcome.reason}"
     if not as_json:
@@ -141,6 +165,17 @@ def server(
         _fail(exc)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _register_extensions() -> None:
+    """Command groups that live in their own modules (each cheap to import)."""
+    from tricks_nats.cli import kube, observe, shell_driver
+
+    for module in (shell_driver, kube, observe):
+        module.register(app)
+
+
+_register_extensions()
 
 
 def main() -> None:

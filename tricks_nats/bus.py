@@ -40,8 +40,14 @@ class Endpoint:
     password: str | None = None
 
 
-async def connect(endpoint: Endpoint, *, name: str, exp: str | None = None,
-                  connect_timeout: float = 2.0, attempts: int = 3) -> Client:
+async def connect(
+    endpoint: Endpoint,
+    *,
+    name: str,
+    exp: str | None = None,
+    connect_timeout: float = 2.0,
+    attempts: int = 3,
+) -> Client:
     """Connect, or raise NatsUnavailable with a clear reason (unreachable, refused login)."""
     last: list[BaseException] = []
 
@@ -70,7 +76,8 @@ async def connect(endpoint: Endpoint, *, name: str, exp: str | None = None,
     try:
         nc = await nats.connect(**options)
     except (nats.errors.NoServersError, OSError, TimeoutError, nats.errors.Error) as exc:
-        reason = _reason(last[-1] if last else exc)
+        refused = [e for e in last if "authorization" in str(e).lower()]
+        reason = _reason(refused[0] if refused else last[-1] if last else exc)
         raise NatsUnavailable(f"cannot reach NATS at {endpoint.url}: {reason}") from exc
     # Once up, keep reconnecting (a restarted server comes back on the same port).
     nc.options["max_reconnect_attempts"] = -1
@@ -109,15 +116,26 @@ class Bus:
         """Create this experiment's buckets on file storage; idempotent."""
         counts = p.counts_bucket(self.exp)
         try:
-            await self.js.add_stream(StreamConfig(
-                name=p.stream_of(counts), subjects=[f"$KV.{counts}.>"],
-                allow_msg_counter=True, allow_direct=True, storage=StorageType.FILE,
-                duplicate_window=p.DUPLICATE_WINDOW_S, max_msg_size=4096,
-            ))
-            self._pods = await self.js.create_key_value(KeyValueConfig(
-                bucket=p.pods_bucket(self.exp), history=1, storage=StorageType.FILE,
-                max_value_size=4096, direct=True,
-            ))
+            await self.js.add_stream(
+                StreamConfig(
+                    name=p.stream_of(counts),
+                    subjects=[f"$KV.{counts}.>"],
+                    allow_msg_counter=True,
+                    allow_direct=True,
+                    storage=StorageType.FILE,
+                    duplicate_window=p.DUPLICATE_WINDOW_S,
+                    max_msg_size=4096,
+                )
+            )
+            self._pods = await self.js.create_key_value(
+                KeyValueConfig(
+                    bucket=p.pods_bucket(self.exp),
+                    history=1,
+                    storage=StorageType.FILE,
+                    max_value_size=4096,
+                    direct=True,
+                )
+            )
         except nats.js.errors.Error as exc:
             raise TricksError(f"cannot create the experiment's buckets: {exc}") from exc
 
@@ -131,16 +149,18 @@ class Bus:
             try:
                 self._pods = await self.js.key_value(p.pods_bucket(self.exp))
             except nats.js.errors.NotFoundError as exc:
-                raise TricksError(f"experiment {self.exp!r} is not running on this NATS "
-                                  "(no pods bucket)") from exc
+                raise TricksError(
+                    f"experiment {self.exp!r} is not running on this NATS (no pods bucket)"
+                ) from exc
             except (nats.errors.Error, nats.js.errors.Error) as exc:
                 raise _unavailable("open the pods bucket", exc) from exc
         return self._pods
 
     # -- counts ---------------------------------------------------------------------------
 
-    async def increment(self, event: str, *, msg_id: str | None = None,
-                        pod: str | None = None) -> int:
+    async def increment(
+        self, event: str, *, msg_id: str | None = None, pod: str | None = None
+    ) -> int:
         """Add one to `event`, exactly once however often the publish is retried.
 
         Returns the count right after this increment (known from the ack, or for a retried
@@ -148,20 +168,24 @@ class Bus:
         """
         if not p.NAME_RE.match(event):
             raise TricksError(f"bad event name {event!r}: letters, digits, '-' or '_' only")
-        headers = {p.INCR_HEADER: "1",
-                   p.MSG_ID_HEADER: msg_id or p.event_msg_id(self.exp, pod or "anonymous",
-                                                             event, secrets.token_hex(8))}
+        headers = {
+            p.INCR_HEADER: "1",
+            p.MSG_ID_HEADER: msg_id
+            or p.event_msg_id(self.exp, pod or "anonymous", event, secrets.token_hex(8)),
+        }
         if pod:
             headers[p.POD_HEADER] = pod
         subject = p.count_subject(self.exp, event)
         last: BaseException | None = None
         for attempt in range(PUBLISH_ATTEMPTS):
             try:
-                reply = await self.nc.request(subject, b"", timeout=PUBLISH_TIMEOUT_S,
-                                              headers=headers)
+                reply = await self.nc.request(
+                    subject, b"", timeout=PUBLISH_TIMEOUT_S, headers=headers
+                )
             except nats.errors.NoRespondersError as exc:
-                raise TricksError(f"experiment {self.exp!r} is not running on this NATS "
-                                  "(no counts bucket)") from exc
+                raise TricksError(
+                    f"experiment {self.exp!r} is not running on this NATS (no counts bucket)"
+                ) from exc
             except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
                 last = exc
                 log.debug("increment %s: attempt %d: %s", event, attempt + 1, exc)
@@ -178,9 +202,11 @@ class Bus:
 
     async def _value_at(self, seq: int) -> int:
         stream = p.stream_of(p.counts_bucket(self.exp))
-        reply = await self.nc.request(f"$JS.API.DIRECT.GET.{stream}",
-                                      msgspec.json.encode({"seq": seq}),
-                                      timeout=PUBLISH_TIMEOUT_S)
+        reply = await self.nc.request(
+            f"$JS.API.DIRECT.GET.{stream}",
+            msgspec.json.encode({"seq": seq}),
+            timeout=PUBLISH_TIMEOUT_S,
+        )
         return p.parse_count(reply.data) or 0
 
     async def count(self, event: str) -> int:
@@ -225,8 +251,10 @@ class Bus:
                 now = await self.count(event)
                 if now >= value:
                     return now
-                raise WaitTimeout(f"timed out after {timeout:g}s waiting for {event!r} to "
-                                  f"reach {value} (it is {now})") from exc
+                raise WaitTimeout(
+                    f"timed out after {timeout:g}s waiting for {event!r} to "
+                    f"reach {value} (it is {now})"
+                ) from exc
             return max(value, current)
         finally:
             with contextlib.suppress(nats.errors.Error):
@@ -243,8 +271,9 @@ class Bus:
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
             await kv.delete(p.pod_key(tag, pod_id))
 
-    async def discover(self, tag: str, count: int | None = None,
-                       timeout: float | None = None) -> list[p.PodRecord]:
+    async def discover(
+        self, tag: str, count: int | None = None, timeout: float | None = None
+    ) -> list[p.PodRecord]:
         """The running pods of `tag`; with `count`, first wait until at least that many run."""
         kv = await self.pods()
         try:
@@ -256,7 +285,7 @@ class Bus:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    entry = await watcher.updates(timeout=None)
+                    entry = await watcher.updates(timeout=None)  # type: ignore[no-untyped-call]
                     if entry is None:
                         caught_up = True
                     elif entry.operation in ("DEL", "PURGE") or not entry.value:
@@ -269,13 +298,14 @@ class Bus:
                     if caught_up and (count is None or len(live) >= count):
                         return sorted(live.values(), key=lambda r: r.pod_id)
         except TimeoutError as exc:
-            raise WaitTimeout(f"timed out after {timeout:g}s discovering {count} pods of "
-                              f"{tag!r} ({len(live)} running)") from exc
+            raise WaitTimeout(
+                f"timed out after {timeout:g}s discovering {count} pods of "
+                f"{tag!r} ({len(live)} running)"
+            ) from exc
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 def _unavailable(what: str, exc: BaseException | None) -> NatsUnavailable:
     return NatsUnavailable(f"cannot {what}: NATS did not answer ({exc or 'no reply'})")
-

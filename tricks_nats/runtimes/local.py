@@ -85,21 +85,32 @@ class LocalRuntime:
         if not plan.command:
             raise RuntimeFailure(f"pod {plan.name} has no command")
         ip = self._address()
-        env = {**os.environ, **plan.env, "POD_IP": ip,
-               "PATH": self.pod_path(plan.env.get("PATH")), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            **plan.env,
+            "POD_IP": ip,
+            "PATH": self.pod_path(plan.env.get("PATH")),
+            "PYTHONUNBUFFERED": "1",
+        }
         plan.log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *plan.command, cwd=plan.cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True, limit=1 << 20,
+                *plan.command,
+                cwd=plan.cwd,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                limit=1 << 20,
             )
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             reason = f"cannot start {plan.command[0]!r}: {exc.strerror or exc}"
             plan.log_path.write_text(f"tricks-nats: {reason}\n")
-            await self.events.put(PodEvent("exited", plan.tag, plan.pod_id, exit_code=code,
-                                           reason=reason))
+            await self.events.put(
+                PodEvent("exited", plan.tag, plan.pod_id, exit_code=code, reason=reason)
+            )
             return
         pod = _Pod(plan, proc, ip)
         self._pods[(plan.tag, plan.pod_id)] = pod
@@ -120,8 +131,15 @@ class LocalRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await copier
         pod.done.set()
-        await self.events.put(PodEvent("exited", pod.plan.tag, pod.plan.pod_id, ip=pod.ip,
-                                       exit_code=exit_code_of(returncode)))
+        await self.events.put(
+            PodEvent(
+                "exited",
+                pod.plan.tag,
+                pod.plan.pod_id,
+                ip=pod.ip,
+                exit_code=exit_code_of(returncode),
+            )
+        )
 
     @staticmethod
     async def _copy(stream: asyncio.StreamReader, path: Path) -> None:
@@ -153,7 +171,8 @@ class LocalRuntime:
             await pod.done.wait()
 
     async def aclose(self, grace: float) -> None:
-        await asyncio.gather(*(self.terminate(tag, pod_id, grace)
-                               for tag, pod_id in list(self._pods)))
+        await asyncio.gather(
+            *(self.terminate(tag, pod_id, grace) for tag, pod_id in list(self._pods))
+        )
         tasks = [p.task for p in self._pods.values() if p.task]
         await asyncio.gather(*tasks, return_exceptions=True)
