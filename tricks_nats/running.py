@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # heavy modules are imported when a run starts
     from tricks_nats.coordinator import Outcome
-    from tricks_nats.runtimes import Runtime
+    from tricks_nats.runtimes import PodPlan, Runtime
     from tricks_nats.spec import Experiment
 
 
@@ -92,6 +93,10 @@ async def up(exp: Experiment, opts: UpOptions) -> Outcome:
 
     runtime = make_runtime(opts.runtime or exp.runtime or "local")
     exp_id = p.new_experiment_id(exp.name)
+    # Refuse a spec whose pods cannot start before anything is started or written.
+    problems = runtime.check(_drafts(exp))
+    if problems:
+        raise UsageError(f"{exp.source}: " + "; ".join(problems))
     opts.runs_dir.mkdir(parents=True, exist_ok=True)
     records = RunRecords.create(opts.runs_dir, exp_id, exp.text)
     if opts.on_journal:
@@ -111,9 +116,6 @@ async def up(exp: Experiment, opts: UpOptions) -> Outcome:
                     grace=opts.grace,
                     timeout=opts.timeout,
                 )
-                problems = runtime.check(plan for t in exp.tags for plan in coord.plans(t))
-                if problems:
-                    raise UsageError(f"{exp.source}: " + "; ".join(problems))
                 if opts.on_start:
                     opts.on_start(exp_id, records.root)
                 with _signals(coord):
@@ -122,6 +124,25 @@ async def up(exp: Experiment, opts: UpOptions) -> Outcome:
                 await bus.close()
     finally:
         records.close()
+
+
+def _drafts(exp: Experiment) -> list[PodPlan]:
+    """One plan per tag, enough for a runtime to check that the tag's pods can start."""
+    from tricks_nats.runtimes import PodPlan
+
+    return [
+        PodPlan(
+            tag=t.tag,
+            pod_id=0,
+            replicas=t.replicas,
+            command=t.command,
+            image=t.image,
+            env=dict(t.env),
+            log_path=Path(os.devnull),
+            cwd=exp.base_dir,
+        )
+        for t in exp.tags
+    ]
 
 
 @contextlib.contextmanager
