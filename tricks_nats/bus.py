@@ -46,10 +46,11 @@ async def connect(
     name: str,
     exp: str | None = None,
     connect_timeout: float = 2.0,
+    errors: list[BaseException] | None = None,
     attempts: int = 3,
 ) -> Client:
     """Connect, or raise NatsUnavailable with a clear reason (unreachable, refused login)."""
-    last: list[BaseException] = []
+    last: list[BaseException] = errors if errors is not None else []
 
     async def on_error(exc: Exception) -> None:
         last.append(exc)
@@ -94,15 +95,18 @@ def _reason(exc: BaseException) -> str:
 class Bus:
     """One experiment's state in NATS: the counts bucket and the pods bucket."""
 
-    def __init__(self, nc: Client, exp: str) -> None:
+    def __init__(self, nc: Client, exp: str, errors: list[BaseException] | None = None) -> None:
         self.nc = nc
         self.exp = exp
         self.js = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
         self._pods: KeyValue | None = None
+        #: Asynchronous errors the server sent this connection (e.g. permission violations).
+        self.errors = errors if errors is not None else []
 
     @classmethod
     async def open(cls, endpoint: Endpoint, exp: str, *, name: str) -> Bus:
-        return cls(await connect(endpoint, name=name, exp=exp), exp)
+        errors: list[BaseException] = []
+        return cls(await connect(endpoint, name=name, exp=exp, errors=errors), exp, errors)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -189,6 +193,7 @@ class Bus:
             except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
                 last = exc
                 log.debug("increment %s: attempt %d: %s", event, attempt + 1, exc)
+                self._raise_if_denied(subject)
                 if self.nc.is_closed:
                     break
                 continue
@@ -199,6 +204,16 @@ class Bus:
                 return int(ack.val)
             return await self._value_at(ack.seq)
         raise _unavailable(f"register event {event!r}", last)
+
+    def _raise_if_denied(self, subject: str) -> None:
+        """The server refuses a forbidden publish with an async error, not a reply."""
+        for exc in self.errors:
+            text = str(exc).lower()  # nats-py reports the subject lowercased
+            if "permissions violation" in text and subject.lower() in text:
+                raise TricksError(
+                    f"NATS refused {subject!r}: these credentials do not reach "
+                    f"experiment {self.exp!r} (permissions violation)"
+                )
 
     async def _value_at(self, seq: int) -> int:
         stream = p.stream_of(p.counts_bucket(self.exp))

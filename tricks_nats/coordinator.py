@@ -67,6 +67,10 @@ class Outcome:
         self.exit_code = {"succeeded": 0, "interrupted": 130}.get(self.verdict, 1)
 
 
+def _met(cond: Condition | None, item: _Count) -> bool:
+    return cond is not None and cond.name == item.event and item.value >= cond.value
+
+
 class Coordinator:
     def __init__(
         self,
@@ -212,23 +216,14 @@ class Coordinator:
     # -- counts and workflows -------------------------------------------------------------
 
     async def _count_changed(self, item: _Count) -> None:
+        # Judge by the value this item carries, not the latest count: the journal then shows
+        # each workflow action right after the event value that caused it.
         self.records.journal("event", name=item.event, count=item.value, pod=item.pod)
         for state in self.tags.values():
-            if self._met(state.tag.stop, item.event) and not state.stop_requested:
+            if _met(state.tag.stop, item) and not state.stop_requested:
                 await self._stop_tag(state, state.tag.stop)
-            if (
-                not state.started
-                and not state.stop_requested
-                and self._met(state.tag.start, item.event)
-            ):
+            if not state.started and not state.stop_requested and _met(state.tag.start, item):
                 await self._start_tag(state, state.tag.start)
-
-    def _met(self, cond: Condition | None, event: str) -> bool:
-        return (
-            cond is not None
-            and cond.name == event
-            and self.watcher.counts.get(event, 0) >= cond.value
-        )
 
     async def _start_tag(self, state: _TagState, cond: Condition | None) -> None:
         state.started = True

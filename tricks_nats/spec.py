@@ -283,6 +283,7 @@ def _check_leaf(value: Any, typ: Any, path: PathT, loc: _Located) -> None:
         msgspec.convert(value, typ)
     except msgspec.ValidationError as exc:
         message = str(exc).split(" - at `", 1)[0].split(", got ", 1)[0].replace("`", "")
+        message = message.replace(" | null", "")
         if message.startswith("Invalid enum value"):
             options = [typ, *typing.get_args(typ)]
             literals = [

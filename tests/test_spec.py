@@ -1,0 +1,197 @@
+"""Table tests of the spec: every located error, defaults, both env forms."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tricks_nats.errors import SpecError
+from tricks_nats.spec import json_schema, parse
+
+from .conftest import ROOT, cli_env
+
+OK = """\
+apiVersion: v1
+experiment:
+- tag: server
+  command: [python, server.py]
+  replicas: 2
+"""
+
+
+def errors(text: str, runtime: str | None = None) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse(textwrap.dedent(text), "s.yaml", runtime=runtime)
+    return info.value.errors
+
+
+def test_defaults() -> None:
+    exp = parse("experiment:\n- {tag: a, command: x}\n", "dir/my-exp.yaml")
+    (tag,) = exp.tags
+    assert (tag.replicas, tag.start, tag.stop, tag.env) == (1, None, None, {})
+    assert tag.command == ("/bin/sh", "-c", "x")
+    assert (exp.name, exp.timeout, exp.runtime) == ("my-exp", None, "local")
+
+
+def test_env_list_and_mapping_forms_are_equivalent() -> None:
+    a = parse(
+        "experiment:\n- {tag: a, command: x, env: [{name: N, value: 6}, {name: B, value: true}]}\n"
+    )
+    b = parse("experiment:\n- {tag: a, command: x, env: {N: 6, B: true}}\n")
+    assert a.tags[0].env == b.tags[0].env == {"N": "6", "B": "true"}
+
+
+def test_workflow_conditions() -> None:
+    exp = parse(
+        OK + "  workflow: {start: {name: go, value: 3}, stop: {name: server_stop, value: 1}}\n"
+    )
+    t = exp.tags[0]
+    assert (t.start.name, t.start.value, t.stop.name) == ("go", 3, "server_stop")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "experiment:\n- {tag: a, command: x, replicas: 0}\n",
+            "s.yaml:2:34: experiment[0].replicas: expected int >= 1, got 0",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x, replica: 2}\n",
+            "s.yaml:2:24: experiment[0].replica: unknown key 'replica' (did you mean 'replicas'?)",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x}\n- {tag: a, command: y}\n",
+            "s.yaml:3:9: experiment[1].tag: duplicate tag 'a'",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x, workflow: {start: {name: 'a b', value: 1}}}\n",
+            "s.yaml:2:49: experiment[0].workflow.start.name: event name 'a b' must be",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x, workflow: {start: {name: zz_stop, value: 1}}}\n",
+            "s.yaml:2:49: experiment[0].workflow.start.name: 'zz_stop' refers to tag 'zz'",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x, workflow: {start: {name: a_start, value: 1}}}\n",
+            "tag 'a' cannot wait for its own start",
+        ),
+        (
+            "experiment:\n- {tag: a}\n",
+            "s.yaml:2:3: experiment[0]: tag 'a' has no 'command': the local runtime needs one",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x, env: {POD_ID: '3'}}\n",
+            "s.yaml:2:30: experiment[0].env.POD_ID: env 'POD_ID' is set by tricks-nats",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x, env: [{name: X}, {value: 1}]}\n",
+            "experiment[0].env[1]: missing required key 'name'",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x, workflow: {start: {name: b}}}\n",
+            "experiment[0].workflow.start: missing required key 'value'",
+        ),
+        ("experiment: [{tag: a, command: x}\n", "s.yaml:2:1: YAML syntax error"),
+        ("", "s.yaml:1:1: the spec is empty"),
+        ("- a\n", "s.yaml:1:1: expected a mapping, got a list"),
+        ("experiment: []\n", "s.yaml:1:13: experiment: needs at least 1 entry"),
+        (
+            "experiment:\n- {tag: a, command: x}\ntimeout: soon\n",
+            "s.yaml:3:10: timeout: expected float, got 'soon'",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x}\nruntime: docker\n",
+            "s.yaml:3:10: runtime: expected one of local, kubernetes, got 'docker'",
+        ),
+        (
+            "apiVersion: v2\nexperiment:\n- {tag: a, command: x}\n",
+            "s.yaml:1:13: apiVersion: expected one of v1, got 'v2'",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x}\nexperiment: []\n",
+            "s.yaml:3:1: experiment: duplicate key 'experiment'",
+        ),
+        ("experiment:\n- {tag: a, command: [1, 2]}\n", "experiment[0].command"),
+    ],
+)
+def test_errors_are_located(text: str, expected: str) -> None:
+    found = errors(text)
+    assert any(expected in e for e in found), found
+
+
+def test_every_error_is_reported_at_once() -> None:
+    found = errors("""\
+        apiVersion: v1
+        experiment:
+        - tag: server
+          command: [python, server.py]
+          replcas: 6
+        - tag: client
+          command: [python, client.py]
+          replicas: six
+          workflow:
+            start: {name: nope_stop, value: 6}
+        """)
+    assert [e.split(": ", 1)[0] for e in found] == ["s.yaml:5:3", "s.yaml:8:13", "s.yaml:10:19"]
+
+
+def test_kubernetes_runtime_needs_an_image_not_a_command() -> None:
+    assert parse("experiment:\n- {tag: a, image: busybox}\n", runtime="kubernetes").tags
+    assert "has no 'image'" in errors("experiment:\n- {tag: a, command: x}\n", "kubernetes")[0]
+
+
+def test_garbage_is_an_error_not_a_crash() -> None:
+    assert errors("\x00\x01")[0].startswith("s.yaml:1:1: YAML error")
+    assert errors("[" * 10000)[0] == "s.yaml:1:1: the spec is nested too deeply"
+    assert "undefined alias" in errors("a: *nope\n")[0]
+
+
+def test_json_schema_names_the_fields() -> None:
+    schema = json_schema()
+    assert "TagSpec" in schema["$defs"]
+    assert set(schema["$defs"]["TagSpec"]["properties"]) >= {
+        "tag",
+        "command",
+        "replicas",
+        "workflow",
+        "env",
+        "image",
+    }
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tricks_nats.cli.app", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def test_validate_cli_names_both_lines(tmp_path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        "apiVersion: v1\nexperiment:\n- tag: a\n  command: x\n  replcas: 2\n"
+        "- tag: b\n  command: y\n  replicas: six\n"
+    )
+    result = run_cli("validate", str(spec))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith(f"{spec}:5:") and lines[1].startswith(f"{spec}:8:")
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_cli_ok_and_missing_file(tmp_path) -> None:
+    ok = run_cli("validate", "examples/ring/ring.yaml")
+    assert (ok.returncode, ok.stdout.strip()) == (
+        0,
+        "examples/ring/ring.yaml: ok (2 tags, 12 pods, runtime local)",
+    )
+    missing = run_cli("validate", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "cannot read the spec" in missing.stderr

@@ -1,0 +1,236 @@
+"""`tricks-nats up` end to end: real CLI, real nats-server, real processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import ROOT, cli_env, exp_processes
+
+pytestmark = pytest.mark.slow
+TRICKS = [sys.executable, "-m", "tricks_nats.cli.app"]
+
+
+def up(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TRICKS, "up", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
+        cwd=ROOT,
+    )
+
+
+def only_run(runs: Path) -> Path:
+    (run,) = list(runs.iterdir())
+    return run
+
+
+def summary(run: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((run / "summary.json").read_text())
+    return data
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_ring_example_end_to_end(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    result = up("examples/ring/ring.yaml", "--runs-dir", str(runs))
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = only_run(runs)
+    s = summary(run)
+    assert s["verdict"] == "succeeded"
+    servers = [x for x in s["pods"] if x["tag"] == "server"]
+    clients = [x for x in s["pods"] if x["tag"] == "client"]
+    assert len(servers) == 6 and len(clients) == 6
+    assert all(x["exit_code"] == 0 for x in clients)
+    assert all(x["exit_code"] == 0 or x["stopped_by_workflow"] for x in servers)
+    assert s["events"]["server-connected"] >= 6
+    assert s["events"]["client_start"] == 6 and s["events"]["client_stop"] == 6
+    assert min(c["started_at"] for c in clients) > max(x["started_at"] for x in servers)
+    logs = sorted(p.name for p in (run / "logs").iterdir())
+    assert logs == sorted(
+        [f"server-{i}.log" for i in range(6)] + [f"client-{i}.log" for i in range(6)]
+    )
+    assert "went 6 hops" in (run / "logs" / "client-0.log").read_text()
+    assert (run / "spec.yaml").read_text() == (ROOT / "examples/ring/ring.yaml").read_text()
+    journal = [json.loads(line) for line in (run / "journal.jsonl").read_text().splitlines()]
+    assert journal[-1] == {**journal[-1], "kind": "verdict", "verdict": "succeeded"}
+    assert sum(1 for e in journal if e["kind"] == "pod" and e["state"] == "running") == 12
+    assert not exp_processes(s["experiment"])
+    # Secrets stay out of the records.
+    password = "TRICKS_NATS_PASSWORD"
+    assert password not in (run / "journal.jsonl").read_text()
+    assert password not in (run / "summary.json").read_text()
+
+
+def test_crashing_pods_fail_the_run(tmp_path: Path) -> None:
+    spec = write(
+        tmp_path,
+        """\
+        experiment:
+        - tag: crash
+          command: exit 3
+          replicas: 2
+        - tag: watcher
+          command: exec sleep 60
+          workflow:
+            stop: {name: crash_stop, value: 2}
+        """,
+    )
+    runs = tmp_path / "runs"
+    result = up(str(spec), "--runs-dir", str(runs), "--grace", "2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    s = summary(only_run(runs))
+    assert s["verdict"] == "failed"
+    crashes = [x for x in s["pods"] if x["tag"] == "crash"]
+    assert [x["exit_code"] for x in crashes] == [3, 3]
+    assert s["events"]["crash_stop"] == 2
+    (watcher,) = [x for x in s["pods"] if x["tag"] == "watcher"]
+    assert watcher["state"] == "stopped" and watcher["stopped_by_workflow"]
+    assert "crash-0 exited with 3" in result.stderr
+    assert not exp_processes(s["experiment"])
+
+
+def test_sigint_stops_pods_that_ignore_sigterm(tmp_path: Path) -> None:
+    spec = write(
+        tmp_path,
+        """\
+        experiment:
+        - tag: stubborn
+          command: "trap '' TERM; sleep 120 & wait; sleep 120"
+          replicas: 3
+        """,
+    )
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [*TRICKS, "up", str(spec), "--runs-dir", str(runs), "--json", "--grace", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        running = 0
+        exp = None
+        for line in proc.stdout:  # wait for the journal to say all three run
+            entry = json.loads(line)
+            exp = entry["experiment"]
+            if entry["kind"] == "event" and entry["name"] == "stubborn_start":
+                running = entry["count"]
+            if running == 3:
+                break
+        assert running == 3
+        assert exp is not None and len(exp_processes(exp)) >= 3
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    s = summary(only_run(runs))
+    assert s["verdict"] == "interrupted"
+    assert all(x["state"] == "stopped" for x in s["pods"])
+    assert {x["exit_code"] for x in s["pods"]} == {137}
+    assert not exp_processes(exp)
+
+
+def test_timeout_gives_timed_out(tmp_path: Path) -> None:
+    spec = write(
+        tmp_path,
+        """\
+        timeout: 1
+        experiment:
+        - tag: slow
+          command: [sleep, "60"]
+        """,
+    )
+    runs = tmp_path / "runs"
+    result = up(str(spec), "--runs-dir", str(runs))
+    assert result.returncode == 1
+    s = summary(only_run(runs))
+    assert s["verdict"] == "timed_out"
+    assert s["pods"][0]["state"] == "stopped"
+    assert "ran out of time (1s)" in result.stderr
+
+
+def test_bad_spec_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    spec = write(tmp_path, "experiment:\n- tag: a\n  replicas: six\n  command: x\n")
+    runs = tmp_path / "runs"
+    result = up(str(spec), "--runs-dir", str(runs))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"{spec}:3:13: experiment[0].replicas: expected int, got 'six'"
+    assert not runs.exists()
+
+
+def test_missing_program_exits_2_before_anything_starts(tmp_path: Path) -> None:
+    spec = write(tmp_path, "experiment:\n- {tag: a, command: [no-such-program-xyz]}\n")
+    runs = tmp_path / "runs"
+    result = up(str(spec), "--runs-dir", str(runs))
+    assert result.returncode == 2
+    assert "command 'no-such-program-xyz' not found on PATH" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not runs.exists()
+
+
+def test_unreachable_nats_url_is_one_clear_line(tmp_path: Path) -> None:
+    spec = write(tmp_path, "experiment:\n- {tag: a, command: 'true'}\n")
+    result = up(str(spec), "--runs-dir", str(tmp_path / "runs"), "--nats-url", "nats://127.0.0.1:1")
+    assert result.returncode == 3
+    assert result.stderr.strip().startswith("tricks-nats: error: cannot reach NATS at")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_existing_nats_server_via_nats_url(tmp_path: Path, nats_server) -> None:
+    import asyncio
+
+    spec = write(
+        tmp_path,
+        """\
+        experiment:
+        - tag: a
+          command: tricks-nats-probe
+          replicas: 2
+        """,
+    )
+    spec.write_text(
+        spec.read_text().replace(
+            "tricks-nats-probe",
+            'python -c "from tricks_nats.driver import SyncDriver as D; d = D(); '
+            "d.register_event('hello'); d.wait_event('hello', 2, timeout=30); d.close()\"",
+        )
+    )
+    runs = tmp_path / "runs"
+    proc = await asyncio.create_subprocess_exec(
+        *TRICKS,
+        "up",
+        str(spec),
+        "--runs-dir",
+        str(runs),
+        "--nats-url",
+        nats_server.url,
+        "--quiet",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+        cwd=ROOT,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, out.decode() + err.decode()
+    s = summary(only_run(runs))
+    assert s["events"]["hello"] == 2 and s["verdict"] == "succeeded"
