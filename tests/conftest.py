@@ -44,6 +44,14 @@ def no_leaked_processes() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`up` records where it runs for `watch`; tests keep that out of the user's home."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("TRICKS_NATS_STATE_DIR", str(state))
+    return state
+
+
+@pytest.fixture(autouse=True)
 async def no_leaked_tasks() -> AsyncIterator[None]:
     yield
     current = asyncio.current_task()

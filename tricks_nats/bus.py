@@ -140,13 +140,26 @@ class Bus:
                     direct=True,
                 )
             )
+            await self.js.add_stream(
+                StreamConfig(
+                    name=p.journal_stream(self.exp),
+                    subjects=[p.journal_subject(self.exp)],
+                    storage=StorageType.FILE,
+                    max_msg_size=64 * 1024,
+                )
+            )
         except nats.js.errors.Error as exc:
             raise TricksError(f"cannot create the experiment's buckets: {exc}") from exc
 
     async def delete_buckets(self) -> None:
-        for bucket in (p.counts_bucket(self.exp), p.pods_bucket(self.exp)):
+        streams = [
+            p.stream_of(p.counts_bucket(self.exp)),
+            p.stream_of(p.pods_bucket(self.exp)),
+            p.journal_stream(self.exp),
+        ]
+        for stream in streams:
             with contextlib.suppress(nats.js.errors.Error, nats.errors.Error):
-                await self.js.delete_stream(p.stream_of(bucket))
+                await self.js.delete_stream(stream)
 
     async def pods(self) -> KeyValue:
         if self._pods is None:

@@ -54,8 +54,22 @@ def reached_subject(exp: str, event: str, value: int) -> str:
     return f"tricks.{exp}.reached.{event}.{value}"
 
 
-def journal_subject(exp: str) -> str:
-    return f"tricks.{exp}.journal"
+def journal_subject(exp: str, kind: str = ">") -> str:
+    """Journal entries of one kind (pod, event, workflow, verdict); `>` for all of them."""
+    return f"tricks.{exp}.journal.{kind}"
+
+
+def journal_stream(exp: str) -> str:
+    """The stream that keeps an experiment's journal, for `watch --from-start` and `status`."""
+    return f"tricks-{exp}-journal"
+
+
+def experiment_of_stream(stream: str) -> str | None:
+    """The experiment id behind a counts stream name (`status` lists experiments this way)."""
+    prefix, suffix = "KV_tricks-", "-counts"
+    if stream.startswith(prefix) and stream.endswith(suffix):
+        return stream[len(prefix) : -len(suffix)]
+    return None
 
 
 def experiment_subjects(exp: str) -> str:

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,10 @@ async def _nats_for(exp_id: str, opts: UpOptions, records_root: Path) -> AsyncIt
 
 async def up(exp: Experiment, opts: UpOptions) -> Outcome:
     """Run `exp` to its end and return the outcome; records are written on every path."""
+    from tricks_nats import statefile
     from tricks_nats.bus import Bus
     from tricks_nats.coordinator import Coordinator
+    from tricks_nats.journal import JournalPublisher
     from tricks_nats.records import RunRecords
 
     runtime = make_runtime(opts.runtime or exp.runtime or "local")
@@ -104,8 +107,21 @@ async def up(exp: Experiment, opts: UpOptions) -> Outcome:
     try:
         async with _nats_for(exp_id, opts, records.root) as (endpoint, pods_nats):
             bus = await Bus.open(endpoint, exp_id, name=f"tricks-coordinator-{exp_id}")
+            publisher = JournalPublisher(bus)
+            state = statefile.RunState(
+                experiment=exp_id,
+                run_dir=str(records.root.resolve()),
+                pid=os.getpid(),
+                started_at=time.time(),
+                nats_url=endpoint.url,
+                user=endpoint.user,
+                password=endpoint.password,
+            )
             try:
                 await bus.create_buckets()
+                records.listeners.append(publisher)
+                publisher.start()
+                statefile.write(state)
                 coord = Coordinator(
                     exp,
                     exp_id,
@@ -121,6 +137,8 @@ async def up(exp: Experiment, opts: UpOptions) -> Outcome:
                 with _signals(coord):
                     return await coord.run()
             finally:
+                await publisher.aclose()
+                statefile.finish(state)
                 await bus.close()
     finally:
         records.close()
