@@ -1,0 +1,88 @@
+// Types of the tricks-nats JavaScript driver (src/index.js); testing/types-check.ts makes tsc
+// prove that the implementation matches them.
+
+import type { JetStreamClient } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+
+/** The protocol version this driver speaks (drivers/PROTOCOL.md). */
+export declare const PROTOCOL_VERSION: "1" | string;
+/** Tags and event names: letters, digits, '-' and '_'. */
+export declare const NAME_RE: RegExp;
+
+/** Base of every error the driver raises on purpose. */
+export declare class TricksError extends Error {
+  constructor(message: string, options?: ErrorOptions);
+}
+/** The pod's environment lacks a variable, or holds a bad value (shell exit code 2). */
+export declare class ConfigError extends TricksError {}
+/** NATS unreachable, credentials refused, or no answer (shell exit code 3). */
+export declare class NatsUnavailable extends TricksError {}
+/** A wait or a blocking discover ran out of time (shell exit code 1). */
+export declare class WaitTimeout extends TricksError {}
+
+/** A pod's identity and where its NATS is, read from the environment. */
+export interface Config {
+  tag: string;
+  replicas: number;
+  podId: number;
+  experiment: string;
+  podIp: string;
+  natsUrl: string;
+  natsUser: string | undefined;
+  natsPassword: string | undefined;
+}
+
+/** One running pod, as the pods bucket holds it. */
+export interface Peer {
+  tag: string;
+  pod_id: number;
+  ip: string;
+  name: string;
+}
+
+/** Timeouts are in seconds; absent means wait forever. */
+export interface WaitOptions {
+  timeout?: number;
+}
+
+/** Read TAG, REPLICAS, POD_ID, EXP_ID, POD_IP, TRICKS_NATS_URL, ... (PROTOCOL.md section 1). */
+export declare function configFromEnv(env?: Record<string, string | undefined>): Config;
+
+/** A counter body `{"val":"<n>"}`, or null. */
+export declare function parseCount(data: Uint8Array): number | null;
+
+/** Subject and bucket names of one experiment (PROTOCOL.md section 4). */
+export declare const names: {
+  countsBucket(exp: string): string;
+  podsBucket(exp: string): string;
+  countsStream(exp: string): string;
+  podsStream(exp: string): string;
+  countSubject(exp: string, event: string): string;
+  reachedSubject(exp: string, event: string, value: number): string;
+  inboxPrefix(exp: string): string;
+  msgId(exp: string, pod: string, event: string, nonce: string): string;
+};
+
+export declare class Driver {
+  constructor(nc: NatsConnection, config: Config);
+  /** Connect with `config`, by default read from the environment. */
+  static connect(config?: Config): Promise<Driver>;
+  readonly config: Config;
+  /** The NATS connection, for what the driver does not cover. */
+  readonly nc: NatsConnection;
+  readonly js: JetStreamClient;
+  /** `<tag>-<pod_id>` */
+  get pod(): string;
+  /** Running pods of `tag` (sorted by pod id); with `count`, block until that many run. */
+  discover(tag: string, count?: number | null, options?: WaitOptions): Promise<Peer[]>;
+  /** +1 on event `name`, exactly once; resolves to the count right after it. */
+  registerEvent(name: string): Promise<number>;
+  /** The increment with a given Nats-Msg-Id: calls with the same id count once. */
+  increment(name: string, msgId: string): Promise<number>;
+  /** Block until event `name` has been registered at least `value` times. */
+  waitEvent(name: string, value: number, options?: WaitOptions): Promise<number>;
+  /** The current count of event `name` (0 when never registered). */
+  count(name: string): Promise<number>;
+  /** Drain and close the connection. */
+  close(): Promise<void>;
+}

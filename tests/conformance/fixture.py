@@ -1,0 +1,83 @@
+"""An experiment's NATS side for tests of drivers in other languages (the JavaScript tests).
+
+    python -m tests.conformance.fixture permissions EXP
+        print the pod permissions of experiment EXP as JSON (for a nats-server config)
+    python -m tests.conformance.fixture serve --url URL --exp EXP [--user U --password P]
+        create EXP's buckets, follow its counts like the coordinator (CountWatcher), print
+        `ready`, then answer one line per command read on stdin until EOF:
+          pod TAG ID IP  -> put a running pod         gone TAG ID -> delete it
+          count EVENT    -> the count                 incr EVENT  -> +1 as the coordinator
+        Each answer is one line: `ok [value]` or `error <message>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from tricks_nats import protocol as p
+from tricks_nats.bus import Bus, Endpoint
+from tricks_nats.counting import CountWatcher
+from tricks_nats.errors import TricksError
+
+
+async def _answer(bus: Bus, words: list[str]) -> str:
+    match words:
+        case ["pod", tag, pod_id, ip]:
+            await bus.put_pod(p.PodRecord(tag=tag, pod_id=int(pod_id), ip=ip, name=f"{tag}-{pod_id}"))
+            return "ok"
+        case ["gone", tag, pod_id]:
+            await bus.delete_pod(tag, int(pod_id))
+            return "ok"
+        case ["count", event]:
+            return f"ok {await bus.count(event)}"
+        case ["incr", event]:
+            return f"ok {await bus.increment(event)}"
+    return f"error unknown command {' '.join(words)!r}"
+
+
+async def serve(url: str, exp: str, user: str | None, password: str | None) -> None:
+    bus = await Bus.open(Endpoint(url, user, password), exp, name="conformance-fixture")
+    watcher = CountWatcher(bus, lambda _e, _v, _pod: None)
+    try:
+        await bus.create_buckets()
+        await watcher.start()
+        print("ready", flush=True)
+        loop = asyncio.get_running_loop()
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                return
+            if not line.split():
+                continue
+            try:
+                answer = await _answer(bus, line.split())
+            except (TricksError, ValueError) as exc:
+                answer = f"error {exc}"
+            print(answer, flush=True)
+    finally:
+        await watcher.stop()
+        await bus.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.conformance.fixture")
+    sub = parser.add_subparsers(dest="command", required=True)
+    perms = sub.add_parser("permissions")
+    perms.add_argument("exp")
+    srv = sub.add_parser("serve")
+    srv.add_argument("--url", required=True)
+    srv.add_argument("--exp", required=True)
+    srv.add_argument("--user")
+    srv.add_argument("--password")
+    args = parser.parse_args()
+    if args.command == "permissions":
+        print(json.dumps(p.pod_permissions(args.exp)))
+    else:
+        asyncio.run(serve(args.url, args.exp, args.user, args.password))
+
+
+if __name__ == "__main__":
+    main()
