@@ -93,25 +93,52 @@ def up(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the verdict.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Journal entries as JSON lines.")] = False,
+    kubeconfig: Annotated[
+        str | None, typer.Option("--kubeconfig", help="kubernetes: the kubeconfig file.")
+    ] = None,
+    context: Annotated[
+        str | None, typer.Option("--context", help="kubernetes: the kubeconfig context.")
+    ] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option("--namespace", "-n", help="kubernetes: namespace of the pods (tricks-nats)."),
+    ] = None,
+    pod_nats_url: Annotated[
+        str | None,
+        typer.Option(
+            "--pod-nats-url",
+            help="NATS as the pods reach it (kubernetes default: nats://nats.tricks-nats.svc:4222).",
+        ),
+    ] = None,
 ) -> None:
     """Run an experiment to its end: exit 0 succeeded, 1 failed, 2 bad input, 130 interrupted."""
     from tricks_nats import spec as specmod
-    from tricks_nats.coordinator import Coordinator
+    from tricks_nats.render import describe
     from tricks_nats.running import UpOptions
     from tricks_nats.running import up as run_up
 
-    def on_journal(entry: dict[str, Any]) -> None:
-        if as_json:
-            typer.echo(json.dumps(entry))
-        elif not quiet and entry["kind"] != "verdict":
-            typer.echo(Coordinator.describe(entry))
-
-    def on_start(exp_id: str, root: Path) -> None:
-        if not quiet and not as_json:
-            typer.echo(f"experiment {exp_id}: records in {root}")
-
     try:
         exp = specmod.load(spec, runtime=runtime)
+        live = None
+        if not quiet and not as_json and sys.stdout.isatty():
+            from tricks_nats.liveview import LiveView
+
+            live = LiveView(exp)
+
+        def on_journal(entry: dict[str, Any]) -> None:
+            if live is not None:
+                live.on_journal(entry)
+            elif as_json:
+                typer.echo(json.dumps(entry))
+            elif not quiet and entry["kind"] != "verdict":
+                typer.echo(describe(entry))
+
+        def on_start(exp_id: str, root: Path) -> None:
+            if live is not None:
+                live.on_start(exp_id, root)
+            elif not quiet and not as_json:
+                typer.echo(f"experiment {exp_id}: records in {root}")
+
         opts = UpOptions(
             runs_dir=runs_dir,
             nats_url=nats_url,
@@ -120,8 +147,16 @@ def up(
             timeout=timeout,
             on_journal=on_journal,
             on_start=on_start,
+            kubeconfig=kubeconfig,
+            context=context,
+            namespace=namespace,
+            pod_nats_url=pod_nats_url,
         )
-        outcome = asyncio.run(run_up(exp, opts))
+        if live is not None:
+            with live:
+                outcome = asyncio.run(run_up(exp, opts))
+        else:
+            outcome = asyncio.run(run_up(exp, opts))
     except TricksError as exc:
         _fail(exc)
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,8 @@ async def connect(
     connect_timeout: float = 2.0,
     errors: list[BaseException] | None = None,
     attempts: int = 3,
+    keep_reconnecting: bool = True,
+    on_closed: Callable[[], Awaitable[None]] | None = None,
 ) -> Client:
     """Connect, or raise NatsUnavailable with a clear reason (unreachable, refused login)."""
     last: list[BaseException] = errors if errors is not None else []
@@ -69,6 +72,8 @@ async def connect(
         "disconnected_cb": on_disconnect,
         "allow_reconnect": True,
     }
+    if on_closed is not None:
+        options["closed_cb"] = on_closed
     if endpoint.user:
         options["user"] = endpoint.user
         options["password"] = endpoint.password or ""
@@ -80,8 +85,8 @@ async def connect(
         refused = [e for e in last if "authorization" in str(e).lower()]
         reason = _reason(refused[0] if refused else last[-1] if last else exc)
         raise NatsUnavailable(f"cannot reach NATS at {endpoint.url}: {reason}") from exc
-    # Once up, keep reconnecting (a restarted server comes back on the same port).
-    nc.options["max_reconnect_attempts"] = -1
+    if keep_reconnecting:  # once up, a restarted server comes back on the same port
+        nc.options["max_reconnect_attempts"] = -1
     return nc
 
 

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from tricks_nats import env as E
 from tricks_nats import protocol as p
@@ -140,7 +140,7 @@ class Coordinator:
             reason=reason,
             started_at=started_at,
             ended_at=time.time(),
-            pods=[self.pods[k] for k in sorted(self.pods)],
+            pods=list(self.pods.values()),  # spec order, then pod id
             events=dict(self.watcher.counts),
             runtime=self.runtime.name,
         )
@@ -391,22 +391,3 @@ class Coordinator:
                 log.warning("could not record the stop of %s: %s", ev.name, exc)
         elif ev.kind == "running":
             pod.state, pod.started_at, pod.ip = "running", time.time(), ev.ip
-
-    @staticmethod
-    def describe(entry: dict[str, Any]) -> str:
-        """One human line per journal entry (plain text, no control characters)."""
-        stamp = time.strftime("%H:%M:%S", time.localtime(entry["ts"]))
-        stamp += f".{int(entry['ts'] * 1000) % 1000:03d}"
-        kind = entry["kind"]
-        if kind == "pod":
-            extra = f" (exit {entry['exit_code']})" if "exit_code" in entry else ""
-            return f"{stamp} {entry['tag']}-{entry['pod_id']} {entry['state']}{extra}"
-        if kind == "event":
-            by = f" by {entry['pod']}" if "pod" in entry else ""
-            return f"{stamp} event {entry['name']} = {entry['count']}{by}"
-        if kind == "workflow":
-            c = entry["condition"]
-            return f"{stamp} {c['name']} {c['value']} -> {entry['action']} {entry['tag']}"
-        return f"{stamp} verdict {entry.get('verdict')}" + (
-            f": {entry['reason']}" if entry.get("reason") else ""
-        )
