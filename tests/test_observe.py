@@ -50,8 +50,13 @@ async def reap() -> Any:
 
 async def start(*args: str) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
-        *TRICKS, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=cli_env(), cwd=ROOT)
+        *TRICKS,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+        cwd=ROOT,
+    )
     STARTED.append(proc)
     return proc
 
@@ -60,8 +65,9 @@ async def release(experiment: str) -> None:
     """What a pod would do: register `release` (with the run's own credentials)."""
     state = statefile.lookup(experiment)
     assert state is not None and state.nats_url and not state.finished
-    bus = await Bus.open(Endpoint(state.nats_url, state.user, state.password), experiment,
-                         name="test")
+    bus = await Bus.open(
+        Endpoint(state.nats_url, state.user, state.password), experiment, name="test"
+    )
     try:
         await bus.increment("release")
     finally:
@@ -101,8 +107,9 @@ async def test_watch_beside_up_sees_everything_and_exits_with_the_run(tmp_path: 
     assert {e["experiment"] for e in seen} == {experiment}
     running = [e for e in seen if e["kind"] == "pod" and e["state"] == "running"]
     assert len(running) == 4
-    kinds = [(e["kind"], e.get("name") or e.get("tag"), e.get("count") or e.get("action"))
-             for e in seen]
+    kinds = [
+        (e["kind"], e.get("name") or e.get("tag"), e.get("count") or e.get("action")) for e in seen
+    ]
     assert kinds.index(("workflow", "worker", "start")) > kinds.index(("event", "release", 1))
     assert seen[-1]["kind"] == "verdict" and seen[-1]["verdict"] == "succeeded"
     assert seen == journal(run_dir)  # the live stream and the journal agree, entry for entry
@@ -158,19 +165,57 @@ def make_run(tmp_path: Path) -> Path:
     run = tmp_path / "runs" / "demo-1"
     (run / "logs").mkdir(parents=True)
     t0 = 1_700_000_000.0
-    pods = [{"tag": "server", "pod_id": i, "started_at": t0 + 0.1, "stopped_at": t0 + 3,
-             "exit_code": 143, "stopped_by_workflow": True, "state": "stopped"}
-            for i in range(3)]
-    pods += [{"tag": "client", "pod_id": 0, "started_at": t0 + 1, "stopped_at": t0 + 2,
-              "exit_code": 0, "stopped_by_workflow": False, "state": "exited"},
-             {"tag": "client", "pod_id": 1, "started_at": t0 + 1, "stopped_at": t0 + 1.5,
-              "exit_code": 2, "stopped_by_workflow": False, "state": "failed"}]
-    summary = {"experiment": "demo-1", "name": "demo", "verdict": "failed", "reason": "x",
-               "started_at": t0, "ended_at": t0 + 3.2, "pods": pods,
-               "events": {"ready": 3, "client_stop": 2}}
+    pods = [
+        {
+            "tag": "server",
+            "pod_id": i,
+            "started_at": t0 + 0.1,
+            "stopped_at": t0 + 3,
+            "exit_code": 143,
+            "stopped_by_workflow": True,
+            "state": "stopped",
+        }
+        for i in range(3)
+    ]
+    pods += [
+        {
+            "tag": "client",
+            "pod_id": 0,
+            "started_at": t0 + 1,
+            "stopped_at": t0 + 2,
+            "exit_code": 0,
+            "stopped_by_workflow": False,
+            "state": "exited",
+        },
+        {
+            "tag": "client",
+            "pod_id": 1,
+            "started_at": t0 + 1,
+            "stopped_at": t0 + 1.5,
+            "exit_code": 2,
+            "stopped_by_workflow": False,
+            "state": "failed",
+        },
+    ]
+    summary = {
+        "experiment": "demo-1",
+        "name": "demo",
+        "verdict": "failed",
+        "reason": "x",
+        "started_at": t0,
+        "ended_at": t0 + 3.2,
+        "pods": pods,
+        "events": {"ready": 3, "client_stop": 2},
+    }
     (run / "summary.json").write_text(json.dumps(summary))
-    workflow = {"ts": t0 + 0.9, "experiment": "demo-1", "kind": "workflow", "tag": "client",
-                "action": "start", "condition": {"name": "ready", "value": 3}}
+    workflow = {
+        "ts": t0 + 0.9,
+        "experiment": "demo-1",
+        "kind": "workflow",
+        "tag": "client",
+        "action": "start",
+        "condition": {"name": "ready", "value": 3},
+    }
     (run / "journal.jsonl").write_text(json.dumps(workflow) + "\n")
     return run
 
@@ -211,8 +256,15 @@ async def test_report_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_state_file_holds_secrets_only_while_running(tmp_path: Path) -> None:
-    state = statefile.RunState(experiment="e-1", run_dir=str(tmp_path), pid=os.getpid(),
-                               started_at=1.0, nats_url="nats://x:1", user="u", password="pw")
+    state = statefile.RunState(
+        experiment="e-1",
+        run_dir=str(tmp_path),
+        pid=os.getpid(),
+        started_at=1.0,
+        nats_url="nats://x:1",
+        user="u",
+        password="pw",
+    )
     statefile.write(state)
     path = statefile.state_dir() / "e-1.json"
     assert path.stat().st_mode & 0o777 == 0o600
@@ -237,10 +289,10 @@ def test_live_view_shows_pods_by_state_and_condition_progress(tmp_path: Path) ->
     view.on_start("ring-1", tmp_path)
     base = {"ts": 1.0, "experiment": "ring-1"}
     for i in range(6):
-        view.on_journal({**base, "kind": "pod", "tag": "server", "pod_id": i,
-                         "state": "running"})
-    view.on_journal({**base, "kind": "pod", "tag": "server", "pod_id": 5, "state": "failed",
-                     "exit_code": 1})
+        view.on_journal({**base, "kind": "pod", "tag": "server", "pod_id": i, "state": "running"})
+    view.on_journal(
+        {**base, "kind": "pod", "tag": "server", "pod_id": 5, "state": "failed", "exit_code": 1}
+    )
     view.on_journal({**base, "kind": "event", "name": "server-connected", "count": 4})
     out = io.StringIO()
     Console(file=out, width=120, color_system=None).print(view.render())

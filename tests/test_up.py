@@ -234,3 +234,43 @@ async def test_existing_nats_server_via_nats_url(tmp_path: Path, nats_server) ->
     assert proc.returncode == 0, out.decode() + err.decode()
     s = summary(only_run(runs))
     assert s["events"]["hello"] == 2 and s["verdict"] == "succeeded"
+
+
+def test_sigkill_of_up_leaves_no_pod_and_no_server(tmp_path: Path) -> None:
+    import psutil
+
+    spec = write(
+        tmp_path,
+        """\
+        experiment:
+        - tag: s
+          command: "sleep 300 & sleep 300"
+          replicas: 3
+        """,
+    )
+    proc = subprocess.Popen(
+        [*TRICKS, "up", str(spec), "--runs-dir", str(tmp_path / "runs"), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        exp = None
+        for line in proc.stdout:
+            entry = json.loads(line)
+            exp = entry["experiment"]
+            if entry["kind"] == "event" and entry == {**entry, "name": "s_start", "count": 3}:
+                break
+        family = psutil.Process(proc.pid).children(recursive=True)
+        names = [p.name() for p in family]
+        assert "nats-server" in names and names.count("sleep") == 6
+    finally:
+        proc.kill()
+        proc.communicate()
+    _, alive = psutil.wait_procs(family, timeout=15)
+    left = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [p.cmdline() for p in left]
+    assert exp is not None and not exp_processes(exp)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tricks_nats.errors import NatsUnavailable, UsageError
+from tricks_nats.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class EmbeddedServer:
     _tmp: tempfile.TemporaryDirectory[str] | None = None
     _drain: asyncio.Task[None] | None = None
     http_port: int | None = None
+    _watchdog: Watchdog = field(default_factory=Watchdog)
 
     @property
     def url(self) -> str:
@@ -122,6 +124,7 @@ class EmbeddedServer:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
+        self._watchdog.guard(self._proc.pid)
         ready = asyncio.get_running_loop().create_future()
         self._drain = asyncio.create_task(self._read_log(ready), name="nats-server-log")
         try:
@@ -171,6 +174,7 @@ class EmbeddedServer:
             with contextlib.suppress(Exception):
                 await self._drain
             self._drain = None
+        self._watchdog.close()
         if self._tmp:
             self._tmp.cleanup()
             self._tmp = None

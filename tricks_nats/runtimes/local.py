@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tricks_nats.errors import RuntimeFailure
 from tricks_nats.runtimes import PodEvent, PodPlan, exit_code_of
+from tricks_nats.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class LocalRuntime:
         # A random second octet keeps two runs on one machine off each other's addresses.
         self._net = 1 + secrets.randbelow(254)
         self._next = 0
+        # Kills every pod's group if this process dies without cleaning up (SIGKILL).
+        self.watchdog = Watchdog()
 
     # -- planning -------------------------------------------------------------------------
 
@@ -112,6 +115,7 @@ class LocalRuntime:
                 PodEvent("exited", plan.tag, plan.pod_id, exit_code=code, reason=reason)
             )
             return
+        self.watchdog.guard(proc.pid)
         pod = _Pod(plan, proc, ip)
         self._pods[(plan.tag, plan.pod_id)] = pod
         await self.events.put(PodEvent("running", plan.tag, plan.pod_id, ip=ip))
@@ -131,6 +135,7 @@ class LocalRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await copier
         pod.done.set()
+        self.watchdog.release(proc.pid)
         await self.events.put(
             PodEvent(
                 "exited",
@@ -176,3 +181,4 @@ class LocalRuntime:
         )
         tasks = [p.task for p in self._pods.values() if p.task]
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.watchdog.close()
