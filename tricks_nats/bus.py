@@ -51,6 +51,7 @@ async def connect(
     attempts: int = 3,
     keep_reconnecting: bool = True,
     on_closed: Callable[[], Awaitable[None]] | None = None,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
 ) -> Client:
     """Connect, or raise NatsUnavailable with a clear reason (unreachable, refused login)."""
     last: list[BaseException] = errors if errors is not None else []
@@ -74,6 +75,8 @@ async def connect(
     }
     if on_closed is not None:
         options["closed_cb"] = on_closed
+    if on_reconnect is not None:
+        options["reconnected_cb"] = on_reconnect
     if endpoint.user:
         options["user"] = endpoint.user
         options["password"] = endpoint.password or ""
@@ -107,13 +110,43 @@ class Bus:
         self._pods: KeyValue | None = None
         #: Asynchronous errors the server sent this connection (e.g. permission violations).
         self.errors = errors if errors is not None else []
+        #: Called (as tasks) after a reconnect: what a server restart may have lost is redone.
+        self.reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._hook_tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, endpoint: Endpoint, exp: str, *, name: str) -> Bus:
         errors: list[BaseException] = []
-        return cls(await connect(endpoint, name=name, exp=exp, errors=errors), exp, errors)
+        holder: list[Bus] = []
+
+        async def reconnected() -> None:
+            if holder:
+                holder[0].after_reconnect()
+
+        nc = await connect(endpoint, name=name, exp=exp, errors=errors, on_reconnect=reconnected)
+        bus = cls(nc, exp, errors)
+        holder.append(bus)
+        return bus
+
+    def after_reconnect(self) -> None:
+        log.info("reconnected to NATS; catching up")
+        for hook in list(self.reconnect_hooks):
+            task = asyncio.create_task(self._run_hook(hook))
+            self._hook_tasks.add(task)
+            task.add_done_callback(self._hook_tasks.discard)
+
+    @staticmethod
+    async def _run_hook(hook: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await hook()
+        except Exception as exc:
+            log.warning("catching up after a reconnect failed: %s", exc)
 
     async def close(self) -> None:
+        self.reconnect_hooks.clear()
+        for task in list(self._hook_tasks):
+            task.cancel()
+        await asyncio.gather(*self._hook_tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.nc.drain()
         if not self.nc.is_closed:
@@ -272,7 +305,12 @@ class Bus:
             if not got.done():
                 got.set_result(None)
 
+        async def recheck() -> None:  # a notification sent while we were away is lost
+            if not got.done() and await self.count(event) >= value and not got.done():
+                got.set_result(None)
+
         sub = await self.nc.subscribe(p.reached_subject(self.exp, event, value), cb=on_reached)
+        self.reconnect_hooks.append(recheck)
         try:
             await self.nc.flush()
             current = await self.count(event)
@@ -290,6 +328,7 @@ class Bus:
                 ) from exc
             return max(value, current)
         finally:
+            self.reconnect_hooks.remove(recheck)
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
@@ -307,28 +346,25 @@ class Bus:
     async def discover(
         self, tag: str, count: int | None = None, timeout: float | None = None
     ) -> list[p.PodRecord]:
-        """The running pods of `tag`; with `count`, first wait until at least that many run."""
+        """The running pods of `tag`; with `count`, first wait until at least that many run.
+
+        Follows the pods bucket with a KV watch; after a reconnect the watch starts over, since
+        a restarted server may have lost it.
+        """
         kv = await self.pods()
-        try:
-            watcher = await kv.watch(f"{tag}.*")
-        except (nats.errors.Error, nats.js.errors.Error) as exc:
-            raise _unavailable(f"discover {tag!r}", exc) from exc
         live: dict[str, p.PodRecord] = {}
-        caught_up = False
+        restart = asyncio.Event()
+
+        async def on_reconnect() -> None:
+            restart.set()
+
+        self.reconnect_hooks.append(on_reconnect)
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    entry = await watcher.updates(timeout=None)  # type: ignore[no-untyped-call]
-                    if entry is None:
-                        caught_up = True
-                    elif entry.operation in ("DEL", "PURGE") or not entry.value:
-                        live.pop(entry.key, None)
-                    else:
-                        try:
-                            live[entry.key] = msgspec.json.decode(entry.value, type=p.PodRecord)
-                        except (msgspec.DecodeError, msgspec.ValidationError):
-                            log.warning("ignoring a malformed pod record at %r", entry.key)
-                    if caught_up and (count is None or len(live) >= count):
+                    restart.clear()
+                    live.clear()
+                    if await self._watch_pods(kv, tag, count, live, restart):
                         return sorted(live.values(), key=lambda r: r.pod_id)
         except TimeoutError as exc:
             raise WaitTimeout(
@@ -336,6 +372,48 @@ class Bus:
                 f"{tag!r} ({len(live)} running)"
             ) from exc
         finally:
+            self.reconnect_hooks.remove(on_reconnect)
+
+    async def _watch_pods(
+        self,
+        kv: KeyValue,
+        tag: str,
+        count: int | None,
+        live: dict[str, p.PodRecord],
+        restart: asyncio.Event,
+    ) -> bool:
+        """True once caught up with at least `count` pods; False when asked to restart."""
+        try:
+            watcher = await kv.watch(f"{tag}.*")
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            raise _unavailable(f"discover {tag!r}", exc) from exc
+        restarting = asyncio.ensure_future(restart.wait())
+        caught_up = False
+        try:
+            while True:
+                update = asyncio.ensure_future(watcher.updates(timeout=None))  # type: ignore[no-untyped-call]
+                await asyncio.wait({update, restarting}, return_when=asyncio.FIRST_COMPLETED)
+                if not update.done():
+                    update.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await update
+                    return False
+                entry = update.result()
+                if entry is None:
+                    caught_up = True
+                elif entry.operation in ("DEL", "PURGE") or not entry.value:
+                    live.pop(entry.key, None)
+                else:
+                    try:
+                        live[entry.key] = msgspec.json.decode(entry.value, type=p.PodRecord)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        log.warning("ignoring a malformed pod record at %r", entry.key)
+                if caught_up and (count is None or len(live) >= count):
+                    return True
+        finally:
+            restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await restarting
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 

@@ -7,6 +7,7 @@ barrier of N pods costs O(N) deliveries instead of every waiter seeing every inc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -33,13 +34,40 @@ class CountWatcher:
         self.counts: dict[str, int] = {}
         self._sub: object | None = None
         self._prefix = f"$KV.{p.counts_bucket(bus.exp)}."
+        self._last_seq = 0
 
     async def start(self) -> None:
+        await self._subscribe(None)
+        self.bus.reconnect_hooks.append(self._resubscribe)
+
+    async def _subscribe(self, from_seq: int | None) -> None:
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        config = None
+        if from_seq is not None:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq
+            )
         self._sub = await self.bus.js.subscribe(
-            f"{self._prefix}>", ordered_consumer=True, cb=self._on_msg
+            f"{self._prefix}>",
+            ordered_consumer=True,
+            cb=self._on_msg,
+            config=config,
+            idle_heartbeat=2.0,
         )
 
+    async def _resubscribe(self) -> None:
+        """After a reconnect (the server may have restarted and lost our consumer), follow
+        the stream again from the first message we have not seen."""
+        old, self._sub = self._sub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()  # type: ignore[attr-defined]
+        await self._subscribe(self._last_seq + 1)
+
     async def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.bus.reconnect_hooks.remove(self._resubscribe)
         sub, self._sub = self._sub, None
         if sub is not None:
             try:
@@ -48,6 +76,8 @@ class CountWatcher:
                 log.debug("count watcher unsubscribe: %s", exc)
 
     async def _on_msg(self, msg: Msg) -> None:
+        with contextlib.suppress(Exception):
+            self._last_seq = max(self._last_seq, msg.metadata.sequence.stream)
         event = msg.subject[len(self._prefix) :]
         value = p.parse_count(msg.data)
         if value is None or not p.NAME_RE.match(event):

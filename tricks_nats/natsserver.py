@@ -27,6 +27,7 @@ from tricks_nats.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 20.0
+MAX_RESTARTS = 5
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,14 @@ class EmbeddedServer:
     _tmp: tempfile.TemporaryDirectory[str] | None = None
     _drain: asyncio.Task[None] | None = None
     http_port: int | None = None
+    supervise: bool = True
+    restarts: int = 0
+    restarted: asyncio.Event = field(default_factory=asyncio.Event)
     _watchdog: Watchdog = field(default_factory=Watchdog)
+    _supervisor: asyncio.Task[None] | None = None
+    _stopping: bool = False
+    _work: Path = Path(".")
+    _store: Path = Path(".")
 
     @property
     def url(self) -> str:
@@ -107,13 +115,24 @@ class EmbeddedServer:
 
     async def start(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="tricks-nats-")
-        work = Path(self._tmp.name)
-        store = self.store_dir or work / "jetstream"
-        store.mkdir(parents=True, exist_ok=True)
-        conf = work / "server.conf"
-        conf.write_text(
-            _config(self.host, self.port, store, self.users, -1 if self.monitor else None)
-        )
+        self._work = Path(self._tmp.name)
+        self._store = self.store_dir or self._work / "jetstream"
+        self._store.mkdir(parents=True, exist_ok=True)
+        self._stopping = False
+        try:
+            await self._spawn()
+        except BaseException:
+            await self.stop()
+            raise
+        if self.supervise:
+            self._supervisor = asyncio.create_task(self._supervise(), name="nats-server-guard")
+
+    async def _spawn(self) -> None:
+        """Start the process; after the first start the port is fixed, so a restart keeps the
+        address every client knows (and the same store: counts survive)."""
+        conf = self._work / "server.conf"
+        http = (self.http_port or -1) if self.monitor else None
+        conf.write_text(_config(self.host, self.port, self._store, self.users, http))
         conf.chmod(0o600)
         self._proc = await asyncio.create_subprocess_exec(
             find_binary(),
@@ -127,11 +146,32 @@ class EmbeddedServer:
         self._watchdog.guard(self._proc.pid)
         ready = asyncio.get_running_loop().create_future()
         self._drain = asyncio.create_task(self._read_log(ready), name="nats-server-log")
-        try:
-            await asyncio.wait_for(ready, READY_TIMEOUT_S)
-        except BaseException:
-            await self.stop()
-            raise
+        await asyncio.wait_for(ready, READY_TIMEOUT_S)
+
+    async def _supervise(self) -> None:
+        """If the server dies mid-run, start it again on the same port and store."""
+        while not self._stopping:
+            proc = self._proc
+            if proc is None:
+                return
+            code = await proc.wait()
+            if self._drain:
+                with contextlib.suppress(Exception):
+                    await self._drain
+            if self._stopping:
+                return
+            self._watchdog.release(proc.pid)
+            self.restarts += 1
+            if self.restarts > MAX_RESTARTS:
+                log.error("nats-server died %d times; giving up", self.restarts)
+                return
+            log.warning("nats-server exited with %s; restarting it on port %d", code, self.port)
+            try:
+                await self._spawn()
+            except Exception as exc:
+                log.error("could not restart nats-server: %s", exc)
+                return
+            self.restarted.set()
 
     async def _read_log(self, ready: asyncio.Future[None]) -> None:
         assert self._proc and self._proc.stderr
@@ -160,6 +200,12 @@ class EmbeddedServer:
                 )
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
         proc, self._proc = self._proc, None
         if proc and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):

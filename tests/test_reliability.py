@@ -1,0 +1,144 @@
+"""Faults and bad input: a dying NATS server, hostile wire messages, random specs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tricks_nats import statefile
+from tricks_nats.bus import Bus, Endpoint
+from tricks_nats.errors import NatsUnavailable
+
+from .conftest import ROOT, cli_env, exp_processes
+
+pytestmark = pytest.mark.slow
+TRICKS = [sys.executable, "-m", "tricks_nats.cli.app"]
+PY = "from tricks_nats.driver import SyncDriver as D; d = D(); "
+
+PHASES = f"""\
+name: phases
+experiment:
+- tag: worker
+  replicas: 4
+  command: >-
+    python -c "{PY}d.register_event('phase1'); d.wait_event('go', 1, timeout=120);
+    d.register_event('phase2'); d.close()"
+"""
+
+
+async def open_bus(experiment: str) -> Bus:
+    """Connect with the run's own credentials, retrying while its server restarts."""
+    state = statefile.lookup(experiment)
+    assert state is not None and state.nats_url
+    for _ in range(100):
+        try:
+            return await Bus.open(
+                Endpoint(state.nats_url, state.user, state.password), experiment, name="test"
+            )
+        except NatsUnavailable:
+            await asyncio.sleep(0.1)
+    raise AssertionError("the server never came back")
+
+
+async def test_the_run_survives_its_nats_server_being_killed(tmp_path: Path) -> None:
+    spec = tmp_path / "phases.yaml"
+    spec.write_text(PHASES)
+    up = await asyncio.create_subprocess_exec(
+        *TRICKS,
+        "up",
+        str(spec),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+        cwd=ROOT,
+    )
+    try:
+        assert up.stdout is not None
+        experiment = ""
+        while True:  # every worker registered phase1 and now waits for `go`
+            entry: dict[str, Any] = json.loads(await up.stdout.readline())
+            experiment = entry["experiment"]
+            if entry["kind"] == "event" and (entry["name"], entry["count"]) == ("phase1", 4):
+                break
+        (server,) = [
+            p for p in psutil.Process(up.pid).children(recursive=True) if p.name() == "nats-server"
+        ]
+        os.kill(server.pid, signal.SIGKILL)
+        bus = await open_bus(experiment)
+        try:
+            assert await bus.count("phase1") == 4  # the file store kept the counts
+            await bus.increment("go")
+        finally:
+            await bus.close()
+        _, err = await up.communicate()
+    finally:
+        if up.returncode is None:
+            up.kill()
+            await up.communicate()
+    assert up.returncode == 0, err.decode()
+    run = tmp_path / "runs" / experiment
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["verdict"] == "succeeded"
+    assert summary["events"] == {
+        "phase1": 4,
+        "go": 1,
+        "phase2": 4,
+        "worker_start": 4,
+        "worker_stop": 4,
+    }
+    assert not exp_processes(experiment)
+
+
+@pytest.mark.parametrize("when", ["server_start", "server-connected", "client_start"])
+async def test_the_ring_survives_a_server_kill_with_exact_counts(tmp_path: Path, when: str) -> None:
+    up = await asyncio.create_subprocess_exec(
+        *TRICKS,
+        "up",
+        "examples/ring/ring.yaml",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+        cwd=ROOT,
+    )
+    try:
+        assert up.stdout is not None
+        experiment = ""
+        while True:
+            entry: dict[str, Any] = json.loads(await up.stdout.readline())
+            experiment = entry["experiment"]
+            if entry["kind"] == "event" and entry["name"] == when:
+                break
+        (server,) = [
+            p for p in psutil.Process(up.pid).children(recursive=True) if p.name() == "nats-server"
+        ]
+        os.kill(server.pid, signal.SIGKILL)
+        _, err = await up.communicate()
+    finally:
+        if up.returncode is None:
+            up.kill()
+            await up.communicate()
+    assert up.returncode == 0, err.decode()
+    summary = json.loads((tmp_path / "runs" / experiment / "summary.json").read_text())
+    assert summary["verdict"] == "succeeded"
+    assert summary["events"] == {
+        "server_start": 6,
+        "server-connected": 6,
+        "client_start": 6,
+        "client_stop": 6,
+        "server_stop": 6,
+    }
+    assert not exp_processes(experiment)
