@@ -37,6 +37,12 @@ class UpOptions:
     timeout: float | None = None
     on_journal: Callable[[dict[str, Any]], None] | None = None
     on_start: Callable[[str, Path], None] | None = None
+    # kubernetes runtime
+    kubeconfig: str | None = None
+    context: str | None = None
+    namespace: str | None = None
+    pod_nats_url: str | None = None
+    concurrency: int = 20
 
 
 def split_url(url: str) -> tuple[str, str | None, str | None, str, int]:
@@ -57,24 +63,53 @@ def split_url(url: str) -> tuple[str, str | None, str | None, str, int]:
     return clean, user, password, host, port
 
 
-def make_runtime(name: str) -> Runtime:
+def make_runtime(name: str, **options: Any) -> Runtime:
+    """The runtime called `name`; `options` go to runtimes that take any (kubernetes)."""
     if name == "local":
         from tricks_nats.runtimes.local import LocalRuntime
 
         return LocalRuntime()
-    raise UsageError(f"runtime {name!r} is not available (known: local)")
+    if name == "kubernetes":
+        from tricks_nats.runtimes.kubernetes import KubernetesRuntime
+
+        return KubernetesRuntime(**options)
+    raise UsageError(f"runtime {name!r} is not available (known: local, kubernetes)")
+
+
+def _kube_options(opts: UpOptions, exp: Experiment, exp_id: str) -> dict[str, Any]:
+    return {
+        "experiment": exp_id,
+        "kubeconfig": opts.kubeconfig,
+        "context": opts.context,
+        "namespace": opts.namespace,
+        "concurrency": opts.concurrency,
+        "resources": {t.tag: t.resources for t in exp.tags if t.resources},
+    }
 
 
 @contextlib.asynccontextmanager
-async def _nats_for(exp_id: str, opts: UpOptions, records_root: Path) -> AsyncIterator[Any]:
+async def _nats_for(
+    exp_id: str, opts: UpOptions, records_root: Path, runtime: str = "local"
+) -> AsyncIterator[Any]:
     from tricks_nats.bus import Endpoint
     from tricks_nats.coordinator import PodEndpoint
     from tricks_nats.natsserver import EmbeddedServer, User
 
-    if opts.nats_url:
-        url, user, password, host, port = split_url(opts.nats_url)
+    nats_url = _kube_nats_url(opts) if runtime == "kubernetes" else opts.nats_url
+    if nats_url:
+        url, user, password, host, port = split_url(nats_url)
         ep = Endpoint(url, user, password)
-        yield ep, PodEndpoint(ep, host, port)
+        pod_url = opts.pod_nats_url
+        if pod_url is None and runtime == "kubernetes":
+            from tricks_nats.runtimes import kube_objects as ko
+
+            pod_url = ko.DEFAULT_POD_NATS_URL
+        if pod_url:
+            purl, puser, ppassword, phost, pport = split_url(pod_url)
+            pod_ep = Endpoint(purl, puser or user, ppassword if puser else password)
+            yield ep, PodEndpoint(pod_ep, phost, pport)
+        else:
+            yield ep, PodEndpoint(ep, host, port)
         return
     coordinator = User.random("coordinator")
     pod = User.random("pod", p.pod_permissions(exp_id))
@@ -94,18 +129,27 @@ async def up(exp: Experiment, opts: UpOptions) -> Outcome:
     from tricks_nats.journal import JournalPublisher
     from tricks_nats.records import RunRecords
 
-    runtime = make_runtime(opts.runtime or exp.runtime or "local")
     exp_id = p.new_experiment_id(exp.name)
+    runtime_name = opts.runtime or exp.runtime or "local"
+    runtime = make_runtime(
+        runtime_name,
+        **(_kube_options(opts, exp, exp_id) if runtime_name == "kubernetes" else {}),
+    )
     # Refuse a spec whose pods cannot start before anything is started or written.
     problems = runtime.check(_drafts(exp))
     if problems:
         raise UsageError(f"{exp.source}: " + "; ".join(problems))
+    if runtime_name == "kubernetes":
+        _kube_nats_url(opts)
+    prepare = getattr(runtime, "prepare", None)
+    if prepare is not None:  # kubernetes: reach the cluster (and fail) before anything starts
+        await prepare()
     opts.runs_dir.mkdir(parents=True, exist_ok=True)
     records = RunRecords.create(opts.runs_dir, exp_id, exp.text)
     if opts.on_journal:
         records.listeners.append(opts.on_journal)
     try:
-        async with _nats_for(exp_id, opts, records.root) as (endpoint, pods_nats):
+        async with _nats_for(exp_id, opts, records.root, runtime_name) as (endpoint, pods_nats):
             bus = await Bus.open(endpoint, exp_id, name=f"tricks-coordinator-{exp_id}")
             publisher = JournalPublisher(bus)
             state = statefile.RunState(
@@ -161,6 +205,26 @@ def _drafts(exp: Experiment) -> list[PodPlan]:
         )
         for t in exp.tags
     ]
+
+
+def _kube_nats_url(opts: UpOptions) -> str:
+    """Pods on a cluster cannot reach an embedded server on this machine: the coordinator uses
+    --nats-url, or inside the cluster the NATS service of manifests/."""
+    from tricks_nats.runtimes import kube_objects as ko
+
+    if opts.nats_url:
+        return opts.nats_url
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.isfile(
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )
+    if not in_cluster:
+        raise UsageError(
+            "the kubernetes runtime needs --nats-url: the NATS of manifests/ as this machine "
+            "reaches it (e.g. `kubectl -n tricks-nats port-forward svc/nats 4222` and "
+            "--nats-url nats://127.0.0.1:4222); pods use --pod-nats-url (default "
+            f"{ko.DEFAULT_POD_NATS_URL})"
+        )
+    return opts.pod_nats_url or ko.DEFAULT_POD_NATS_URL
 
 
 @contextlib.contextmanager

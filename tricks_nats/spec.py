@@ -41,6 +41,13 @@ class EnvVar(msgspec.Struct, forbid_unknown_fields=True):
     value: Scalar = ""
 
 
+class Resources(msgspec.Struct, forbid_unknown_fields=True):
+    """Kubernetes container resources, e.g. `{requests: {cpu: 100m}, limits: {memory: 1Gi}}`."""
+
+    requests: dict[str, str | int | float] | None = None
+    limits: dict[str, str | int | float] | None = None
+
+
 class TagSpec(msgspec.Struct, forbid_unknown_fields=True):
     tag: str
     image: str | None = None
@@ -48,6 +55,7 @@ class TagSpec(msgspec.Struct, forbid_unknown_fields=True):
     replicas: Annotated[int, msgspec.Meta(ge=1)] = 1
     env: list[EnvVar] | dict[str, Scalar] | None = None
     workflow: Workflow | None = None
+    resources: Resources | None = None  # kubernetes runtime only
 
 
 class Spec(msgspec.Struct, forbid_unknown_fields=True):
@@ -69,6 +77,7 @@ class Tag:
     env: dict[str, str]
     start: Condition | None
     stop: Condition | None
+    resources: dict[str, dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -380,6 +389,17 @@ def _env_dict(t: TagSpec) -> dict[str, str]:
     return {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in items}
 
 
+def _resources(t: TagSpec) -> dict[str, dict[str, str]] | None:
+    if t.resources is None:
+        return None
+    out = {
+        which: {k: str(v) for k, v in values.items()}
+        for which, values in (("requests", t.resources.requests), ("limits", t.resources.limits))
+        if values
+    }
+    return out or None
+
+
 def _command(t: TagSpec) -> tuple[str, ...] | None:
     if t.command is None:
         return None
@@ -418,6 +438,7 @@ def parse(
             env=_env_dict(t),
             start=t.workflow.start if t.workflow else None,
             stop=t.workflow.stop if t.workflow else None,
+            resources=_resources(t),
         )
         for t in spec.experiment
     )
