@@ -1,9 +1,152 @@
-"""`tricks-nats event/wait/discover`: the driver API for shell scripts (issue 5 fills this in)."""
+"""`tricks-nats event/wait/discover`: the driver API for shell scripts and any language that can
+run a command (drivers/PROTOCOL.md, section 10).
+
+Configured from the pod's environment alone. Exit codes: 0 ok, 1 timeout (or the experiment is
+not on this NATS), 2 usage or configuration error, 3 NATS unreachable; errors are one line on
+stderr. A pod may call these in a loop, so nats-py is imported only inside a command.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+
 import typer
+
+from tricks_nats.errors import TricksError, UsageError
+
+if TYPE_CHECKING:
+    from tricks_nats.driver import Driver
+
+T = TypeVar("T")
+
+#: What `event --id` accepts: it becomes the last token of the Nats-Msg-Id.
+ID_RE = re.compile(r"^[A-Za-z0-9_:-]{1,100}$")
+
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option("--timeout", min=0, help="Seconds to wait at most (default: forever); exit 1."),
+]
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"tricks-nats: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _check_name(name: str, what: str) -> None:
+    from tricks_nats.protocol import NAME_RE
+
+    if not NAME_RE.match(name):
+        raise UsageError(f"bad {what} {name!r}: letters, digits, '-' or '_' only")
+
+
+def _run(call: Callable[[Driver], Awaitable[T]]) -> T:
+    """Connect from the environment, make one call, close; our errors become an exit code."""
+    from tricks_nats.driver import Config, Driver
+
+    async def main() -> T:
+        config = Config.from_env()
+        if not config.nats_url.startswith(("ws://", "wss://")):
+            _skip_websocket_support()
+        async with Driver(config) as driver:
+            return await call(driver)
+
+    try:
+        return asyncio.run(main())
+    except TricksError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception as exc:  # a bug of ours: still one line for the script, details with -v
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (run with -v for details)", 1)
+
+
+def _skip_websocket_support() -> None:
+    """nats-py imports aiohttp (about 0.16 s here) only for ws:// URLs: not for a nats:// one."""
+    if "aiohttp" not in sys.modules and "nats" not in sys.modules:
+        sys.modules["aiohttp"] = None  # type: ignore[assignment]
+
+
+def event(
+    name: Annotated[str, typer.Argument(help="The event to register (+1).")],
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--id",
+            help="Registrations with the same id count once: pass one to retry safely.",
+        ),
+    ] = None,
+) -> None:
+    """Register event NAME once; print the count right after this registration."""
+    try:
+        _check_name(name, "event name")
+        if key is not None and not ID_RE.match(key):
+            raise UsageError(f"bad --id {key!r}: 1 to 100 letters, digits, '-', '_' or ':'")
+    except UsageError as exc:
+        _fail(str(exc), exc.exit_code)
+
+    async def call(driver: Driver) -> int:
+        if key is None:
+            return await driver.register_event(name)
+        from tricks_nats.protocol import event_msg_id
+
+        c = driver.config
+        value: int = await driver.bus.increment(
+            name, msg_id=event_msg_id(c.experiment, c.pod, name, key), pod=c.pod
+        )
+        return value
+
+    typer.echo(_run(call))
+
+
+def wait(
+    name: Annotated[str, typer.Argument(help="The event to wait for.")],
+    value: Annotated[int, typer.Argument(min=0, help="The count to reach.")],
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Block until event NAME has been registered VALUE times; print the count reached."""
+    try:
+        _check_name(name, "event name")
+    except UsageError as exc:
+        _fail(str(exc), exc.exit_code)
+    typer.echo(_run(lambda driver: driver.wait_event(name, value, timeout)))
+
+
+def discover(
+    tag: Annotated[str, typer.Argument(help="The tag whose running pods to list.")],
+    count: Annotated[
+        int | None,
+        typer.Option("--count", min=0, help="First wait until at least this many pods run."),
+    ] = None,
+    timeout: TimeoutOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help='A JSON list of {"tag","pod_id","ip","name"}.')
+    ] = False,
+) -> None:
+    """List the running pods of TAG, one `pod_id ip` line each (sorted by pod id)."""
+    try:
+        _check_name(tag, "tag")
+    except UsageError as exc:
+        _fail(str(exc), exc.exit_code)
+    peers = _run(lambda driver: driver.discover(tag, count, timeout))
+    if as_json:
+        rows = [{"tag": p.tag, "pod_id": p.pod_id, "ip": p.ip, "name": p.name} for p in peers]
+        typer.echo(json.dumps(rows))
+    else:
+        for p in peers:
+            typer.echo(f"{p.pod_id} {p.ip}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
+    app.command("event")(event)
+    app.command("wait")(wait)
+    app.command("discover")(discover)

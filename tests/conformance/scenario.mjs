@@ -1,0 +1,45 @@
+// The conformance scenario in JavaScript (same steps as scenario.py), on drivers/js.
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+
+import { Driver, names, WaitTimeout } from "../../drivers/js/src/index.js";
+
+const tricks = await Driver.connect();
+try {
+  const me = tricks.config;
+  assert.equal(me.tag, process.env.TAG);
+  assert.equal(me.experiment, process.env.EXP_ID);
+  assert.ok(me.podId >= 0 && me.podId < me.replicas);
+  assert.equal(me.podIp, process.env.POD_IP);
+  console.log(`config ${me.tag} ${me.podId}/${me.replicas} ${me.experiment} ${me.podIp}`);
+
+  const peers = await tricks.discover(me.tag, me.replicas, { timeout: 60 });
+  assert.deepEqual(
+    peers.map((p) => p.pod_id).slice(0, me.replicas),
+    [...Array(me.replicas).keys()],
+  );
+  assert.ok(peers.some((p) => p.pod_id === me.podId && p.ip === me.podIp));
+  console.log(`discovered ${peers.length}`);
+
+  const id = names.msgId(me.experiment, tricks.pod, "hello", randomBytes(8).toString("hex"));
+  const first = await tricks.increment("hello", id);
+  const again = await tricks.increment("hello", id);
+  assert.equal(again, first);
+  const plain = await tricks.registerEvent("hello");
+  assert.ok(plain > first);
+  console.log(`registered ${first} ${again} ${plain}`);
+
+  const total = Number(process.env.HELLO_TOTAL ?? 2 * me.replicas);
+  const reached = await tricks.waitEvent("hello", total, { timeout: 60 });
+  assert.ok(reached >= total);
+  console.log(`waited ${reached}`);
+
+  await assert.rejects(tricks.waitEvent("never", 1, { timeout: 0.5 }), (err) => {
+    assert.ok(err instanceof WaitTimeout);
+    console.log(`timed out as expected: ${err.message}`);
+    return true;
+  });
+  console.log("scenario ok");
+} finally {
+  await tricks.close();
+}

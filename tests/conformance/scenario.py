@@ -1,0 +1,55 @@
+"""The conformance scenario in Python (tests/test_conformance.py runs it as every pod of a tag).
+
+Each step prints one line; any failure exits non-zero, so the run's verdict tells it all:
+config from env, blocking discover of REPLICAS peers, an event whose publish is sent twice
+with the same Nats-Msg-Id (counted once) plus a plain one, a wait that resolves (for HELLO_TOTAL,
+default 2 x REPLICAS), a wait that
+times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+
+from tricks_nats.driver import Driver, WaitTimeout
+from tricks_nats.protocol import event_msg_id
+
+
+async def main() -> None:
+    async with Driver() as tricks:
+        me = tricks.config
+        assert me.tag == os.environ["TAG"] and me.experiment == os.environ["EXP_ID"]
+        assert 0 <= me.pod_id < me.replicas and me.pod_ip == os.environ["POD_IP"]
+        print(f"config {me.tag} {me.pod_id}/{me.replicas} {me.experiment} {me.pod_ip}", flush=True)
+
+        peers = await tricks.discover(me.tag, me.replicas, timeout=60)
+        assert [p.pod_id for p in peers][: me.replicas] == list(range(me.replicas)), peers
+        assert any(p.pod_id == me.pod_id and p.ip == me.pod_ip for p in peers), peers
+        print(f"discovered {len(peers)}", flush=True)
+
+        msg_id = event_msg_id(me.experiment, me.pod, "hello", secrets.token_hex(8))
+        first = await tricks.bus.increment("hello", msg_id=msg_id, pod=me.pod)
+        again = await tricks.bus.increment("hello", msg_id=msg_id, pod=me.pod)
+        assert first == again, (first, again)
+        plain = await tricks.register_event("hello")
+        assert plain > first, (first, plain)
+        print(f"registered {first} {again} {plain}", flush=True)
+
+        total = int(os.environ.get("HELLO_TOTAL", 2 * me.replicas))
+        reached = await tricks.wait_event("hello", total, timeout=60)
+        assert reached >= total, reached
+        print(f"waited {reached}", flush=True)
+
+        try:
+            await tricks.wait_event("never", 1, timeout=0.5)
+        except WaitTimeout as exc:
+            print(f"timed out as expected: {exc}", flush=True)
+        else:
+            raise SystemExit("wait for 'never' did not time out")
+        print("scenario ok", flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

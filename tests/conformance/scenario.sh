@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The conformance scenario as a shell script (same steps as scenario.py), on
+# `tricks-nats event/wait/discover` alone.
+set -euo pipefail
+
+[ -n "$TAG" ] && [ -n "$EXP_ID" ] && [ "$POD_ID" -ge 0 ] && [ "$POD_ID" -lt "$REPLICAS" ]
+echo "config $TAG $POD_ID/$REPLICAS $EXP_ID $POD_IP"
+
+peers=$(tricks-nats discover "$TAG" --count "$REPLICAS" --timeout 60)
+[ "$(echo "$peers" | wc -l)" -ge "$REPLICAS" ]
+echo "$peers" | grep -qx "$POD_ID $POD_IP"
+[ "$(echo "$peers" | head -n "$REPLICAS" | cut -d' ' -f1 | tr '\n' ' ')" = "$(seq -s' ' 0 $((REPLICAS - 1))) " ]
+echo "discovered $(echo "$peers" | wc -l)"
+
+id="try-$RANDOM$RANDOM"
+first=$(tricks-nats event hello --id "$id")
+again=$(tricks-nats event hello --id "$id")   # the retry of the same registration
+[ "$first" = "$again" ]
+plain=$(tricks-nats event hello)
+[ "$plain" -gt "$first" ]
+echo "registered $first $again $plain"
+
+total=${HELLO_TOTAL:-$((2 * REPLICAS))}
+reached=$(tricks-nats wait hello "$total" --timeout 60)
+[ "$reached" -ge "$total" ]
+echo "waited $reached"
+
+code=0
+tricks-nats wait never 1 --timeout 0.5 || code=$?
+[ "$code" -eq 1 ] || { echo "wait for 'never' exited $code, not 1 (timeout)"; exit 1; }
+echo "timed out as expected (exit 1)"
+echo "scenario ok"

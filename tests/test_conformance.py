@@ -1,0 +1,96 @@
+"""One scenario, every driver: Python, JavaScript and shell pods run the same steps
+(tests/conformance/scenario.*) in a real experiment (`tricks-nats up`: embedded nats-server
+with per-run pod credentials, the coordinator, the local runtime), and the run's records are
+checked. One language failing is one test failing.
+
+The scenario: config from the environment, a blocking discover of all REPLICAS peers, one
+registration published twice with the same Nats-Msg-Id (counted once) plus a plain one, a wait
+that resolves once every pod has registered, a wait that times out (expected).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import ROOT, cli_env, exp_processes
+
+pytestmark = pytest.mark.slow
+
+HERE = ROOT / "tests" / "conformance"
+COMMANDS = {
+    "python": [sys.executable, str(HERE / "scenario.py")],
+    "javascript": ["node", str(HERE / "scenario.mjs")],
+    "shell": ["bash", str(HERE / "scenario.sh")],
+}
+REPLICAS = 3
+
+
+def spec(tags: dict[str, str], total: int | None = None) -> str:
+    """A spec with one tag per (tag -> language), REPLICAS pods each."""
+    lines = ["apiVersion: v1", "name: conformance", "timeout: 120", "experiment:"]
+    for tag, language in tags.items():
+        lines += [
+            f"- tag: {tag}",
+            f"  command: {json.dumps(COMMANDS[language])}",
+            f"  replicas: {REPLICAS}",
+        ]
+        if total is not None:
+            lines += ["  env:", f"    HELLO_TOTAL: '{total}'"]
+    return "\n".join(lines) + "\n"
+
+
+def run(tmp_path: Path, text: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    runs = tmp_path / "runs"
+    result = subprocess.run(
+        [sys.executable, "-m", "tricks_nats.cli.app", "up", str(path), "--runs-dir", str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
+    (root,) = list(runs.iterdir())
+    return result, root
+
+
+def check_run(result: subprocess.CompletedProcess[str], root: Path, tags: list[str]) -> None:
+    logs = {p.stem: p.read_text() for p in (root / "logs").iterdir()}
+    assert result.returncode == 0, result.stderr + "\n".join(
+        f"--- {name}\n{text}" for name, text in sorted(logs.items())
+    )
+    summary: dict[str, Any] = json.loads((root / "summary.json").read_text())
+    assert summary["verdict"] == "succeeded"
+    pods = [(p["tag"], p["pod_id"], p["exit_code"]) for p in summary["pods"]]
+    assert sorted(pods) == sorted((t, i, 0) for t in tags for i in range(REPLICAS))
+    for name, text in logs.items():
+        assert f"discovered {REPLICAS}" in text, name
+        assert "timed out as expected" in text, name
+        assert text.rstrip().endswith("scenario ok"), name
+    # Every pod registered twice, one of them published twice: counted exactly once each.
+    assert summary["events"]["hello"] == 2 * REPLICAS * len(tags)
+    assert "never" not in summary["events"]
+    journal = [json.loads(line) for line in (root / "journal.jsonl").read_text().splitlines()]
+    hello = [e for e in journal if e["kind"] == "event" and e["name"] == "hello"]
+    assert {e.get("pod") for e in hello} <= {f"{t}-{i}" for t in tags for i in range(REPLICAS)}
+    assert not exp_processes(summary["experiment"])
+
+
+@pytest.mark.parametrize("language", sorted(COMMANDS))
+def test_scenario(language: str, tmp_path: Path) -> None:
+    result, root = run(tmp_path, spec({"peer": language}))
+    check_run(result, root, ["peer"])
+
+
+def test_all_languages_in_one_experiment(tmp_path: Path) -> None:
+    """Pods in three languages count one event together and wait for each other's total."""
+    tags = {f"{language[:2]}": language for language in sorted(COMMANDS)}
+    result, root = run(tmp_path, spec(tags, total=2 * REPLICAS * len(tags)))
+    check_run(result, root, list(tags))
