@@ -94,3 +94,47 @@ def test_all_languages_in_one_experiment(tmp_path: Path) -> None:
     tags = {f"{language[:2]}": language for language in sorted(COMMANDS)}
     result, root = run(tmp_path, spec(tags, total=2 * REPLICAS * len(tags)))
     check_run(result, root, list(tags))
+
+
+def test_polyglot_ring_example(tmp_path: Path) -> None:
+    """examples/ring-polyglot: JavaScript servers, shell clients, then Python clients."""
+    runs = tmp_path / "runs"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tricks_nats.cli.app",
+            "up",
+            "examples/ring-polyglot/ring.yaml",
+            "--runs-dir",
+            str(runs),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=cli_env(),
+        cwd=ROOT,
+    )
+    (root,) = list(runs.iterdir())
+    logs = {p.stem: p.read_text() for p in (root / "logs").iterdir()}
+    assert result.returncode == 0, result.stderr + "\n".join(
+        f"--- {name}\n{text}" for name, text in sorted(logs.items())
+    )
+    summary: dict[str, Any] = json.loads((root / "summary.json").read_text())
+    assert summary["verdict"] == "succeeded"
+    assert summary["events"]["server-connected"] == 4
+    assert summary["events"]["client_stop"] == 4 and summary["events"]["pyclient_stop"] == 2
+    for i in range(4):
+        assert "token went round the ring of 4" in logs[f"server-{i}"]
+        assert f"client {i} (shell) via server" in logs[f"client-{i}"]
+        assert "request 4 went 4 hops" in logs[f"client-{i}"]
+    for i in range(2):
+        assert "request 4 went 4 hops" in logs[f"pyclient-{i}"]
+    pods = {(p["tag"], p["pod_id"]): p for p in summary["pods"]}
+    assert all(pods[("client", i)]["exit_code"] == 0 for i in range(4))
+    assert all(pods[("server", i)]["stopped_by_workflow"] for i in range(4))
+    shells = [pods[("client", i)]["started_at"] for i in range(4)]
+    pythons = [pods[("pyclient", i)]["started_at"] for i in range(2)]
+    assert min(shells) > max(pods[("server", i)]["started_at"] for i in range(4))
+    assert min(pythons) > max(pods[("client", i)]["stopped_at"] for i in range(4))
+    assert not exp_processes(summary["experiment"])
