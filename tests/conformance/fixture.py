@@ -1,13 +1,13 @@
 """An experiment's NATS side for tests of drivers in other languages (the JavaScript tests).
 
-    python -m tests.conformance.fixture permissions EXP
-        print the pod permissions of experiment EXP as JSON (for a nats-server config)
-    python -m tests.conformance.fixture serve --url URL --exp EXP [--user U --password P]
-        create EXP's buckets, follow its counts like the coordinator (CountWatcher), print
-        `ready`, then answer one line per command read on stdin until EOF:
-          pod TAG ID IP  -> put a running pod         gone TAG ID -> delete it
-          count EVENT    -> the count                 incr EVENT  -> +1 as the coordinator
-        Each answer is one line: `ok [value]` or `error <message>`.
+python -m tests.conformance.fixture permissions EXP
+    print the pod permissions of experiment EXP as JSON (for a nats-server config)
+python -m tests.conformance.fixture serve --url URL --exp EXP [--user U --password P]
+    create EXP's buckets, follow its counts like the coordinator (CountWatcher), print
+    `ready`, then answer one line per command read on stdin until EOF:
+      pod TAG ID IP  -> put a running pod         gone TAG ID -> delete it
+      count EVENT    -> the count                 incr EVENT  -> +1 as the coordinator
+    Each answer is one line: `ok [value]` or `error <message>`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from tricks_nats.errors import TricksError
 async def _answer(bus: Bus, words: list[str]) -> str:
     match words:
         case ["pod", tag, pod_id, ip]:
-            await bus.put_pod(p.PodRecord(tag=tag, pod_id=int(pod_id), ip=ip, name=f"{tag}-{pod_id}"))
+            await bus.put_pod(
+                p.PodRecord(tag=tag, pod_id=int(pod_id), ip=ip, name=f"{tag}-{pod_id}")
+            )
             return "ok"
         case ["gone", tag, pod_id]:
             await bus.delete_pod(tag, int(pod_id))
