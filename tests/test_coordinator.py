@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,3 +291,56 @@ experiment:
     assert outcome.verdict == "succeeded", outcome.reason
     late = run.pod(outcome, "late", 0)
     assert (late.state, late.stopped_by_workflow, late.started_at) == ("stopped", True, None)
+
+
+async def test_garbage_on_the_wire_is_ignored_and_the_run_goes_on(make_run) -> None:
+    waiting = asyncio.Event()
+    ready: set[int] = set()
+
+    async def worker(d: Driver, plan: PodPlan, stop: asyncio.Event) -> int:
+        await d.register_event("ready")
+        ready.add(plan.pod_id)
+        if len(ready) == 3:
+            waiting.set()
+        await d.wait_event("go", 1, timeout=30)
+        peers = await d.discover("worker", 3, timeout=30)
+        return 0 if [x.pod_id for x in peers] == [0, 1, 2] else 1
+
+    run = await make_run(
+        "experiment:\n- {tag: worker, command: x, replicas: 3}\n", {"worker": driven(worker)}
+    )
+    task = asyncio.create_task(run.outcome())
+    await waiting.wait()
+    nc, exp = run.coordinator.bus.nc, run.coordinator.exp_id
+    counts, pods = f"$KV.{p.counts_bucket(exp)}", f"$KV.{p.pods_bucket(exp)}"
+    junk: list[tuple[str, bytes, dict[str, str]]] = [
+        (f"{counts}.ready", b"garbage", {}),  # not an increment
+        (f"{counts}.ready", b"", {"Nats-Incr": "abc"}),  # not a number
+        (f"{counts}.ready", b"x" * 100_000, {"Nats-Incr": "1"}),  # huge
+        (f"{counts}.ready", b"{", {"Nats-Incr": "1"}),  # a counter with a body
+        (f"{pods}.worker.7", b"{not json", {}),  # a bogus pod record
+        (f"{pods}.worker.8", b'{"tag": 5}', {}),  # wrong types
+        (p.journal_subject(exp, "pod"), b"\xff\xfe", {}),  # not even UTF-8
+    ]
+    rng = random.Random(7)  # and a few hundred random ones, the same every run
+    for _ in range(300):
+        subject = rng.choice(
+            [f"{counts}.ready", f"{counts}.go", f"{pods}.worker.9", p.journal_subject(exp, "event")]
+        )
+        body = rng.randbytes(rng.choice([0, 1, 10, 5000]))
+        headers = rng.choice(
+            [
+                {},
+                {"Nats-Incr": rng.choice(["", "x", "1.5", "+"])},
+                {"Nats-Msg-Id": "x"},
+                {"Tricks-Pod": "\x00" * 3},
+            ]
+        )
+        junk.append((subject, body, headers))
+    for subject, body, headers in junk:
+        await nc.publish(subject, body, headers=headers or None)
+    await nc.flush()
+    await run.coordinator.bus.increment("go")
+    outcome = await task
+    assert outcome.verdict == "succeeded", outcome.reason
+    assert outcome.summary.events == {"ready": 3, "go": 1, "worker_start": 3, "worker_stop": 3}

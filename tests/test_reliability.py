@@ -142,3 +142,85 @@ async def test_the_ring_survives_a_server_kill_with_exact_counts(tmp_path: Path,
         "server_stop": 6,
     }
     assert not exp_processes(experiment)
+
+
+async def test_secrets_never_reach_the_records(tmp_path: Path) -> None:
+    secret_file = tmp_path / "seen-by-the-pod"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"""\
+experiment:
+- tag: a
+  command: printf %s "$TRICKS_NATS_PASSWORD" > {secret_file}
+""")
+    up = await asyncio.create_subprocess_exec(
+        *TRICKS,
+        "--verbose",
+        "up",
+        str(spec),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+        cwd=ROOT,
+    )
+    out, err = await up.communicate()
+    assert up.returncode == 0, err.decode()
+    password = secret_file.read_text()
+    assert len(password) >= 20  # the pods got a real per-run password ...
+    records = [f for f in (tmp_path / "runs").rglob("*") if f.is_file()]
+    assert {f.name for f in records} >= {
+        "journal.jsonl",
+        "summary.json",
+        "spec.yaml",
+        "nats-server.log",
+        "a-0.log",
+    }
+    for f in records:  # ... and no record, not even the server's log, contains it
+        assert password.encode() not in f.read_bytes(), f
+    assert password.encode() not in out + err  # nor the console, even with --verbose
+    state = list((tmp_path / "state").glob("*.json"))
+    assert state and all(password.encode() not in f.read_bytes() for f in state)
+
+
+async def test_two_experiments_on_one_server_stay_isolated(tmp_path: Path, nats_server) -> None:
+    spec = tmp_path / "big.yaml"
+    spec.write_text("""\
+experiment:
+- tag: many
+  replicas: 200
+  command: [sleep, "300"]
+  workflow: {stop: {name: last_stop, value: 1}}
+- tag: last
+  command: "true"
+  workflow: {start: {name: many_start, value: 200}}
+""")
+    runs = [tmp_path / "runs-a", tmp_path / "runs-b"]
+    ups = [
+        await asyncio.create_subprocess_exec(
+            *TRICKS,
+            "up",
+            str(spec),
+            "--runs-dir",
+            str(r),
+            "--nats-url",
+            nats_server.url,
+            "-q",
+            "--grace",
+            "2",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli_env(),
+            cwd=ROOT,
+        )
+        for r in runs
+    ]
+    results = [await u.communicate() for u in ups]
+    for u, (_, err) in zip(ups, results, strict=True):
+        assert u.returncode == 0, err.decode()
+    summaries = [json.loads(next(r.iterdir()).joinpath("summary.json").read_text()) for r in runs]
+    assert summaries[0]["experiment"] != summaries[1]["experiment"]
+    for s in summaries:
+        assert s["verdict"] == "succeeded"
+        assert s["events"] == {"many_start": 200, "last_start": 1, "last_stop": 1, "many_stop": 200}
+        assert not exp_processes(s["experiment"])

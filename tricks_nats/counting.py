@@ -89,6 +89,10 @@ class CountWatcher:
     async def advance(self, event: str, value: int, pod: str | None = None) -> None:
         """Record that `event` reached `value` (from the stream or from an ack we got)."""
         previous = self.counts.get(event, 0)
+        if value < previous:
+            log.warning(
+                "count of %r went down to %d (a negative Nats-Incr?): ignored", event, value
+            )
         if value <= previous:
             return
         self.counts[event] = value
