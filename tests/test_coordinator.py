@@ -212,7 +212,7 @@ experiment:
   replicas: 2
 - tag: b
   command: x
-  workflow: {start: {name: a_stop, value: 3}}
+  workflow: {start: {name: never, value: 3}}
 """
 
     async def ok(plan: PodPlan, stop: asyncio.Event) -> int:
@@ -221,7 +221,7 @@ experiment:
     run = await make_run(spec, {"a": ok, "b": ok})
     outcome = await run.outcome()
     assert outcome.verdict == "failed"
-    assert "tag 'b' never started: 'a_stop' reached 2 of 3" in (outcome.reason or "")
+    assert "tag 'b' never started: 'never' reached 0 of 3" in (outcome.reason or "")
     assert run.pod(outcome, "b", 0).started_at is None
     assert [pl.tag for pl in run.runtime.launched] == ["a", "a"]
 
@@ -344,3 +344,59 @@ async def test_garbage_on_the_wire_is_ignored_and_the_run_goes_on(make_run) -> N
     outcome = await task
     assert outcome.verdict == "succeeded", outcome.reason
     assert outcome.summary.events == {"ready": 3, "go": 1, "worker_start": 3, "worker_stop": 3}
+
+
+async def test_first_failure_fails_the_run_and_stops_the_rest_after_the_grace(make_run) -> None:
+    spec = """
+experiment:
+- tag: server
+  command: x
+  replicas: 3
+- tag: client
+  command: x
+  workflow: {start: {name: server_start, value: 3}}
+"""
+
+    async def server(plan: PodPlan, stop: asyncio.Event) -> int:
+        if plan.pod_id == 1:
+            return 1
+        return await ignore_term(plan, stop)  # would wait forever for its peer
+
+    async def client(plan: PodPlan, stop: asyncio.Event) -> int:
+        return await exit_on_term(plan, stop)
+
+    run = await make_run(spec, {"server": server, "client": client}, grace=0.2)
+    (run.records.logs / "server-1.log").write_text("listening\nboom: port in use\n")
+    outcome = await run.outcome()
+    assert (outcome.verdict, outcome.reason) == (
+        "failed",
+        "server-1 failed (exit 1); stopped the rest",
+    )
+    failed = run.pod(outcome, "server", 1)
+    assert failed.state == "failed" and failed.last_log_lines == ["listening", "boom: port in use"]
+    assert {run.pod(outcome, "server", i).state for i in (0, 2)} == {"stopped"}
+    assert run.pod(outcome, "client", 0).state == "stopped"
+
+
+async def test_on_failure_continue_keeps_going(make_run) -> None:
+    spec = """
+experiment:
+- tag: flaky
+  command: x
+  on_failure: continue
+- tag: steady
+  command: x
+  workflow: {start: {name: flaky_stop, value: 1}}
+"""
+
+    async def flaky(plan: PodPlan, stop: asyncio.Event) -> int:
+        return 2
+
+    async def steady(plan: PodPlan, stop: asyncio.Event) -> int:
+        return 0
+
+    run = await make_run(spec, {"flaky": flaky, "steady": steady}, grace=0.1)
+    outcome = await run.outcome()
+    assert outcome.verdict == "failed"  # a failure is still a failure ...
+    assert run.pod(outcome, "steady", 0).exit_code == 0  # ... but the run went on
+    assert outcome.reason == "flaky-0 exited with 2"

@@ -34,6 +34,11 @@ class _Interrupt:
 
 
 @dataclass
+class _FailFast:
+    pass
+
+
+@dataclass
 class _Count:
     event: str
     value: int
@@ -92,7 +97,9 @@ class Coordinator:
         self.pods_nats = pods_nats
         self.grace = grace
         self.timeout = timeout if timeout is not None else exp.timeout
-        self.queue: asyncio.Queue[PodEvent | _Count | _Interrupt] = asyncio.Queue()
+        self.queue: asyncio.Queue[PodEvent | _Count | _Interrupt | _FailFast] = asyncio.Queue()
+        self._first_failure: str | None = None
+        self._fail_timer: asyncio.TimerHandle | None = None
         self.tags = {t.tag: _TagState(t) for t in exp.tags}
         self.pods: dict[tuple[str, int], PodSummary] = {
             (t.tag, i): PodSummary(tag=t.tag, pod_id=i) for t in exp.tags for i in range(t.replicas)
@@ -163,6 +170,8 @@ class Coordinator:
             if isinstance(item, _Interrupt):
                 self._forced = item.force
                 return "interrupted", "interrupted by a signal"
+            if isinstance(item, _FailFast):
+                return "failed", f"{self._first_failure}; stopped the rest"
             if isinstance(item, _Count):
                 await self._count_changed(item)
             else:
@@ -200,7 +209,7 @@ class Coordinator:
             item = self.queue.get_nowait()
             if isinstance(item, _Count):
                 await self._count_changed(item)
-            elif isinstance(item, _Interrupt):
+            elif isinstance(item, (_Interrupt, _FailFast)):
                 self.queue.put_nowait(item)
                 return
             else:
@@ -299,9 +308,35 @@ class Coordinator:
             exit_code=ev.exit_code,
             reason=ev.reason,
         )
+        if pod.state == "failed":
+            pod.last_log_lines = self._tail(ev.tag, ev.pod_id)
+            self._on_failure(pod)
         if pod.started_at is not None:
             await self.bus.delete_pod(ev.tag, ev.pod_id)
         await self._lifecycle(ev.tag, ev.pod_id, "stop")
+
+    def _on_failure(self, pod: PodSummary) -> None:
+        """The first failure of a tag with `on_failure: stop` fails the run; pods still running
+        get the grace period to finish on their own (pods failing at the same moment report
+        their own exit codes), then the rest are stopped."""
+        if self._tearing_down or self._first_failure is not None:
+            return
+        if self.exp.tag(pod.tag).on_failure != "stop":
+            return
+        self._first_failure = f"{pod.tag}-{pod.pod_id} failed (exit {pod.exit_code})"
+        self._fail_timer = asyncio.get_running_loop().call_later(
+            self.grace, self.queue.put_nowait, _FailFast()
+        )
+
+    def _tail(self, tag: str, pod_id: int, lines: int = 10) -> list[str]:
+        try:
+            with self.records.log_path(tag, pod_id).open("rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - 8192))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return []
+        return text.splitlines()[-lines:]
 
     async def _lifecycle(self, tag: str, pod_id: int, what: str) -> None:
         event = p.start_event(tag) if what == "start" else p.stop_event(tag)
@@ -342,6 +377,8 @@ class Coordinator:
     async def _teardown(self) -> None:
         """Stop every pod still alive, record how each ended, release everything."""
         self._tearing_down = True
+        if self._fail_timer is not None:
+            self._fail_timer.cancel()
         grace = 0.0 if self._forced else self.grace
         closing = asyncio.create_task(self.runtime.aclose(grace))
         while not closing.done() or not self.queue.empty():

@@ -27,6 +27,8 @@ class PodSummary(msgspec.Struct):
     state: str = "pending"
     ip: str | None = None
     reason: str | None = None
+    #: For a failed pod: the end of its log, so the summary alone explains the failure.
+    last_log_lines: list[str] | None = None
 
 
 class Summary(msgspec.Struct):

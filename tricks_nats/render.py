@@ -23,9 +23,9 @@ _VERDICT_COLOURS = {
 def _paint(text: str, colour: str | None, enabled: bool) -> str:
     if not enabled or colour is None:
         return text
-    import click
+    import typer
 
-    return click.style(text, fg=colour)
+    return typer.style(text, fg=colour)
 
 
 def describe(entry: dict[str, Any], *, colour: bool = False) -> str:

@@ -56,6 +56,9 @@ class TagSpec(msgspec.Struct, forbid_unknown_fields=True):
     env: list[EnvVar] | dict[str, Scalar] | None = None
     workflow: Workflow | None = None
     resources: Resources | None = None  # kubernetes runtime only
+    #: stop: the first failed pod fails the run and the rest are stopped after the grace
+    #: period; continue: a failure is recorded and the run goes on.
+    on_failure: Literal["stop", "continue"] = "stop"
 
 
 class Spec(msgspec.Struct, forbid_unknown_fields=True):
@@ -78,6 +81,7 @@ class Tag:
     start: Condition | None
     stop: Condition | None
     resources: dict[str, dict[str, str]] | None = None
+    on_failure: str = "stop"
 
 
 @dataclass(frozen=True)
@@ -313,6 +317,7 @@ def _check_semantics(data: Any, loc: _Located, runtime: str) -> None:
         return
     entries = [(i, t) for i, t in enumerate(data["experiment"]) if isinstance(t, dict)]
     tags = [t["tag"] for _, t in entries if isinstance(t.get("tag"), str)]
+    replicas = {t["tag"]: t.get("replicas", 1) for _, t in entries if isinstance(t.get("tag"), str)}
     seen: set[str] = set()
     for i, t in entries:
         p: PathT = ("experiment", i)
@@ -339,6 +344,7 @@ def _check_semantics(data: Any, loc: _Located, runtime: str) -> None:
             name = cond.get("name") if isinstance(cond, dict) else None
             if isinstance(name, str):
                 _check_condition(name, which, tag, tags, (*p, "workflow", which, "name"), loc)
+                _check_reachable(cond, replicas, (*p, "workflow", which, "value"), loc)
 
 
 def _check_env_names(env: Any, path: PathT, loc: _Located) -> None:
@@ -356,6 +362,22 @@ def _check_env_names(env: Any, path: PathT, loc: _Located) -> None:
         if name in envnames.RESERVED:
             loc.at(
                 where, f"env {name!r} is set by tricks-nats and may not be overridden", key=is_key
+            )
+
+
+def _check_reachable(cond: Any, replicas: dict[str, Any], path: PathT, loc: _Located) -> None:
+    """`<tag>_start`/`<tag>_stop` count pods: they can never exceed the tag's replicas."""
+    name, value = cond.get("name"), cond.get("value")
+    if not isinstance(name, str) or not isinstance(value, int) or isinstance(value, bool):
+        return
+    for suffix in ("_start", "_stop"):
+        owner = name[: -len(suffix)] if name.endswith(suffix) else None
+        have = replicas.get(owner) if owner else None
+        if isinstance(have, int) and not isinstance(have, bool) and value > have:
+            loc.at(
+                path,
+                f"{name!r} can never reach {value}: tag {owner!r} has {have} "
+                f"replica{'s' if have != 1 else ''}",
             )
 
 
@@ -439,6 +461,7 @@ def parse(
             start=t.workflow.start if t.workflow else None,
             stop=t.workflow.stop if t.workflow else None,
             resources=_resources(t),
+            on_failure=t.on_failure,
         )
         for t in spec.experiment
     )
