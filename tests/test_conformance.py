@@ -27,6 +27,8 @@ COMMANDS = {
     "python": [sys.executable, str(HERE / "scenario.py")],
     "javascript": ["node", str(HERE / "scenario.mjs")],
     "shell": ["bash", str(HERE / "scenario.sh")],
+    # A pod written from drivers/PROTOCOL.md alone, on core NATS (nats-py without JetStream).
+    "protocol": [sys.executable, str(HERE / "scenario_raw.py")],
 }
 REPLICAS = 3
 
