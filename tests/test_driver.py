@@ -60,6 +60,7 @@ def test_config_falls_back_to_tricks_ip_and_port() -> None:
         (E.EXP_ID, {}, "EXP_ID is not set"),
         (None, {E.POD_ID: "zero"}, "POD_ID must be an integer"),
         (E.NATS_URL, {}, "TRICKS_NATS_URL"),
+        (None, {E.PROTOCOL: "2"}, "this driver speaks protocol 1"),
     ],
 )
 def test_config_errors_name_the_variable(

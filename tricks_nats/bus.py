@@ -248,12 +248,18 @@ class Bus:
                 if self.nc.is_closed:
                     break
                 continue
-            ack = msgspec.json.decode(reply.data, type=p.PubAckOrError)
+            try:
+                ack = msgspec.json.decode(reply.data, type=p.PubAckOrError)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise TricksError(
+                    f"increment of {event!r}: the reply is not a JetStream "
+                    f"acknowledgement: {reply.data[:100]!r}"
+                ) from exc
             if ack.error:
                 raise TricksError(f"increment of {event!r} refused: {ack.error.description}")
             if ack.val is not None:
                 return int(ack.val)
-            return await self._value_at(ack.seq)
+            return await self._value_at(ack.seq, event)
         raise _unavailable(f"register event {event!r}", last)
 
     def _raise_if_denied(self, subject: str) -> None:
@@ -266,14 +272,25 @@ class Bus:
                     f"experiment {self.exp!r} (permissions violation)"
                 )
 
-    async def _value_at(self, seq: int) -> int:
+    async def _value_at(self, seq: int, event: str) -> int:
+        """The total right after the message at `seq` (the original of a duplicate publish)."""
         stream = p.stream_of(p.counts_bucket(self.exp))
-        reply = await self.nc.request(
-            f"$JS.API.DIRECT.GET.{stream}",
-            msgspec.json.encode({"seq": seq}),
-            timeout=PUBLISH_TIMEOUT_S,
-        )
-        return p.parse_count(reply.data) or 0
+        try:
+            reply = await self.nc.request(
+                f"$JS.API.DIRECT.GET.{stream}",
+                msgspec.json.encode({"seq": seq}),
+                timeout=PUBLISH_TIMEOUT_S,
+            )
+        except nats.errors.NoRespondersError as exc:
+            raise TricksError(f"experiment {self.exp!r} is not running on this NATS") from exc
+        except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
+            raise _unavailable("read back a duplicate increment", exc) from exc
+        value = p.parse_count(reply.data)
+        if value is None:
+            # The original is gone (a purged stream): the current total is the best answer.
+            log.warning("message %d of %s is gone; reporting the current count", seq, stream)
+            return await self.count(event)
+        return value
 
     async def count(self, event: str) -> int:
         """The current count of `event` (0 when never registered)."""

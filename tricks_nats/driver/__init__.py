@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from tricks_nats import env as E
 from tricks_nats.errors import ConfigError, NatsUnavailable, TricksError, WaitTimeout
 from tricks_nats.protocol import NAME_RE, PodRecord, event_msg_id
+from tricks_nats.protocol import VERSION as PROTOCOL_VERSION
 
 __all__ = [
     "Config",
@@ -78,6 +79,12 @@ class Config:
             except ValueError:
                 raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
 
+        version = env.get(E.PROTOCOL)
+        if version and version != PROTOCOL_VERSION:
+            raise ConfigError(
+                f"{E.PROTOCOL}={version!r}: this driver speaks protocol "
+                f"{PROTOCOL_VERSION} (upgrade tricks-nats in the pod)"
+            )
         url = env.get(E.NATS_URL)
         if not url:
             ip, port = env.get(E.TRICKS_IP), env.get(E.TRICKS_PORT)
