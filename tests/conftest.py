@@ -90,3 +90,21 @@ def cli_env() -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("EXP_ID", None)
     return env
+
+
+# -- opt-in tier: tests marked `k8s` need a real cluster and run only with `pytest --k8s` --------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--k8s", action="store_true", help="also run the tests that need a real Kubernetes"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--k8s"):
+        return
+    skip = pytest.mark.skip(reason="needs a real Kubernetes cluster: run with --k8s")
+    for item in items:
+        if "k8s" in item.keywords:
+            item.add_marker(skip)

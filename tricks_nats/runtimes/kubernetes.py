@@ -280,7 +280,7 @@ class KubernetesRuntime:
                     seen.reason,
                 )
         elif seen.kind == "exited" and not pod.ended.is_set():
-            reason = seen.reason
+            reason = None if pod.stopping else seen.reason  # we stopped it: no news
             if meta.get("deletionTimestamp") and not pod.stopping and seen.exit_code != 0:
                 reason = (
                     f"{reason or f'pod {pod.name} ended'} (the pod was deleted by someone else)"
@@ -410,7 +410,7 @@ class KubernetesRuntime:
         for _ in self._workers:
             self._queue.put_nowait(None)
         await asyncio.gather(*self._workers, return_exceptions=True)
-        known = [p.name for p in self._by_name.values() if p.created]
+        known = [p.name for p in self._by_name.values() if p.created and not p.gone.is_set()]
         try:
             await kapi.delete_experiment(
                 core,
