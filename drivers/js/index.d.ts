@@ -83,6 +83,11 @@ export declare class Driver {
   waitEvent(name: string, value: number, options?: WaitOptions): Promise<number>;
   /** The current count of event `name` (0 when never registered). */
   count(name: string): Promise<number>;
+  /**
+   * Call `listener` after every reconnect (the server may have restarted; waitEvent and
+   * discover catch up on their own). Returns a function that stops it.
+   */
+  onReconnect(listener: () => void): () => void;
   /** Drain and close the connection. */
   close(): Promise<void>;
 }

@@ -178,6 +178,22 @@ function isNoResponders(err) {
     (typeof check.isNoResponders === "function" && check.isNoResponders());
 }
 
+/** @param {unknown} err a request or flush that failed because the connection dropped */
+function isDisconnection(err) {
+  for (let e = err; e instanceof Error; e = e.cause) {
+    if (/disconnect/i.test(e.message)) return true;
+  }
+  return false;
+}
+
+/**
+ * Seconds left until `deadline` (a Date.now() value); undefined: no deadline.
+ * @param {number | undefined} deadline
+ */
+function remaining(deadline) {
+  return deadline === undefined ? undefined : Math.max(0, (deadline - Date.now()) / 1000);
+}
+
 /** @param {unknown} err */
 function describe(err) {
   if (!(err instanceof Error)) return String(err);
@@ -223,6 +239,73 @@ export class Driver {
     /** The NATS connection (for what the driver does not cover). */
     this.nc = nc;
     this.js = jetstream(nc, { timeout: REQUEST_TIMEOUT_MS });
+    this.#statusLoop = nc.isClosed() ? Promise.resolve() : this.#followStatus();
+  }
+
+  /** @type {Set<(status: import("@nats-io/transport-node").Status) => void>} */
+  #listeners = new Set();
+  /** How often the connection dropped so far. */
+  #disconnects = 0;
+  #connected = true;
+  /** @type {Promise<void>} */
+  #statusLoop;
+
+  /** The one loop over the connection's status events; ends when the connection closes. */
+  async #followStatus() {
+    try {
+      for await (const status of this.nc.status()) {
+        if (status.type === "disconnect") {
+          this.#disconnects++;
+          this.#connected = false;
+        } else if (status.type === "reconnect") {
+          this.#connected = true;
+        }
+        for (const listener of [...this.#listeners]) {
+          try {
+            listener(status);
+          } catch {
+            // a listener's failure is its own
+          }
+        }
+      }
+    } catch {
+      // the iterator failed: the connection is gone
+    }
+    this.#connected = false;
+  }
+
+  /**
+   * Follow the connection's status events until the returned function is called.
+   * @param {(status: import("@nats-io/transport-node").Status) => void} listener
+   */
+  #listen(listener) {
+    this.#listeners.add(listener);
+    return () => {
+      this.#listeners.delete(listener);
+    };
+  }
+
+  /**
+   * Call `listener` after every reconnect (the server may have restarted: PROTOCOL.md 6.3,
+   * 6.4), until the returned function is called.
+   * @param {() => void} listener
+   * @returns {() => void}
+   */
+  onReconnect(listener) {
+    return this.#listen((status) => {
+      if (status.type === "reconnect") listener();
+    });
+  }
+
+  /**
+   * Did `err` (of a call started when `#disconnects` was `seen`) come from a dropped
+   * connection that the client is re-establishing? Then a reconnect event will follow.
+   * @param {unknown} err
+   * @param {number} seen
+   */
+  #lostConnection(err, seen) {
+    if (this.nc.isClosed()) return false;
+    return this.#disconnects > seen || !this.#connected || isDisconnection(err);
   }
 
   /** The pod's name, `<tag>-<pod_id>`. */
@@ -243,6 +326,8 @@ export class Driver {
       name: `tricks-${c.experiment}-${c.tag}-${c.podId}`,
       inboxPrefix: names.inboxPrefix(c.experiment),
       timeout: REQUEST_TIMEOUT_MS,
+      // once connected, reconnect forever: a restarted server comes back on the same port
+      reconnect: true,
       maxReconnectAttempts: -1,
       reconnectTimeWait: 200,
     };
@@ -268,12 +353,15 @@ export class Driver {
 
   /** Drain and close the connection. */
   async close() {
-    if (this.nc.isClosed()) return;
-    try {
-      await this.nc.drain();
-    } catch {
-      await this.nc.close();
+    if (!this.nc.isClosed()) {
+      try {
+        await this.nc.drain();
+      } catch {
+        await this.nc.close();
+      }
     }
+    await this.#statusLoop;
+    this.#listeners.clear();
   }
 
   /**
@@ -409,7 +497,8 @@ export class Driver {
 
   /**
    * Block until event `name` has been registered at least `value` times.
-   * Subscribes to the coordinator's one notification first, then reads the count.
+   * Subscribes to the coordinator's one notification first, then reads the count; reads it
+   * again after every reconnect (a notification sent while we were away is lost).
    * @param {string} name
    * @param {number} value
    * @param {{timeout?: number}} [options] timeout in seconds (default: forever)
@@ -421,6 +510,7 @@ export class Driver {
       throw new TricksError(`value must be an integer, got ${value}`);
     }
     const timeout = checkTimeout(options.timeout);
+    const deadline = timeout === undefined ? undefined : Date.now() + timeout * 1000;
     const sub = this.nc.subscribe(
       names.reachedSubject(this.config.experiment, name, value),
       { max: 1 },
@@ -429,14 +519,42 @@ export class Driver {
       for await (const _ of sub) return true;
       return false;
     })();
+    let stale = true; // the count is to be (re)read
+    /** @type {() => void} */
+    let wake = () => {};
+    const unlisten = this.onReconnect(() => {
+      stale = true; // the client restored the subscription before telling us
+      wake();
+    });
+    let current = 0;
     try {
-      await this.nc.flush();
-      const current = await this.count(name);
-      if (current >= value) return current;
-      const got = await within(reached, timeout);
-      if (got !== null && got.value) return Math.max(value, current);
-      if (got !== null) {
-        throw new NatsUnavailable(`waiting for ${JSON.stringify(name)}: the connection closed`);
+      for (;;) {
+        if (stale) {
+          stale = false;
+          const seen = this.#disconnects;
+          try {
+            await this.nc.flush();
+            current = await this.count(name);
+            if (current >= value) return current;
+          } catch (err) {
+            if (!this.#lostConnection(err, seen)) throw err;
+            // the connection dropped: the reconnect reads the count again
+          }
+          if (stale) continue;
+        }
+        /** @type {Promise<"reconnect">} */
+        const woken = new Promise((resolve) => {
+          wake = () => resolve("reconnect");
+        });
+        const got = await within(
+          Promise.race([reached.then((ok) => (ok ? "reached" : "closed")), woken]),
+          remaining(deadline),
+        );
+        if (got === null) break;
+        if (got.value === "reached") return Math.max(value, current);
+        if (got.value === "closed") {
+          throw new NatsUnavailable(`waiting for ${JSON.stringify(name)}: the connection closed`);
+        }
       }
       const now = await this.count(name);
       if (now >= value) return now;
@@ -445,6 +563,7 @@ export class Driver {
           `(it is ${now})`,
       );
     } finally {
+      unlisten();
       sub.unsubscribe();
       await reached;
     }
@@ -452,7 +571,8 @@ export class Driver {
 
   /**
    * The running pods of `tag`; with `count`, first wait until at least that many run.
-   * A KV watch of `<tag>.*` on the pods bucket, until caught up (PROTOCOL.md 6.4).
+   * A KV watch of `<tag>.*` on the pods bucket, until caught up (PROTOCOL.md 6.4); after a
+   * reconnect the watch starts over (a restarted server may have lost its consumer).
    * @param {string} tag
    * @param {number | null} [count]
    * @param {{timeout?: number}} [options] timeout in seconds (default: forever)
@@ -464,35 +584,96 @@ export class Driver {
       throw new TricksError(`count must be an integer >= 0, got ${count}`);
     }
     const timeout = checkTimeout(options.timeout);
+    const deadline = timeout === undefined ? undefined : Date.now() + timeout * 1000;
+    let restart = false;
+    let closed = false;
+    /** @type {() => void} */
+    let wake = () => {};
+    const unlisten = this.#listen((status) => {
+      if (status.type === "reconnect") restart = true;
+      else if (status.type === "close") closed = true;
+      else return;
+      wake();
+    });
+    /** @type {Map<string, Peer>} */
+    let live = new Map();
+    try {
+      for (;;) {
+        if (closed || this.nc.isClosed()) {
+          throw new NatsUnavailable(`discovering ${JSON.stringify(tag)}: the connection closed`);
+        }
+        restart = false;
+        live = new Map();
+        /** @type {{peers: Promise<Peer[]>, stop: () => Promise<void>} | null} */
+        let watch = null;
+        const seen = this.#disconnects;
+        try {
+          watch = await this.#watchPods(tag, count ?? null, live);
+        } catch (err) {
+          if (!this.#lostConnection(err, seen)) {
+            throw this.#jsError(`discover ${JSON.stringify(tag)}`, err);
+          }
+          // the connection dropped: start over after the reconnect
+        }
+        try {
+          if (restart || closed) continue;
+          /** @type {Promise<null>} */
+          const woken = new Promise((resolve) => {
+            wake = () => resolve(null);
+          });
+          const got = await within(
+            watch ? Promise.race([watch.peers, woken]) : woken,
+            remaining(deadline),
+          );
+          if (got === null) {
+            throw new WaitTimeout(
+              `timed out after ${timeout}s discovering ${count} pods of ` +
+                `${JSON.stringify(tag)} (${live.size} running)`,
+            );
+          }
+          if (got.value !== null) return got.value;
+        } finally {
+          await watch?.stop();
+        }
+      }
+    } finally {
+      unlisten();
+    }
+  }
+
+  /**
+   * One KV watch of `<tag>.*` (PROTOCOL.md 6.4 steps 1-4) filling `live`; `peers` resolves
+   * once it has caught up with at least `count` pods.
+   * @param {string} tag
+   * @param {number | null} count
+   * @param {Map<string, Peer>} live
+   * @returns {Promise<{peers: Promise<Peer[]>, stop: () => Promise<void>}>}
+   */
+  async #watchPods(tag, count, live) {
     const exp = this.config.experiment;
     const prefix = `$KV.${names.podsBucket(exp)}.`;
-    /** @type {Map<string, Peer>} */
-    const live = new Map();
     /** @type {(peers: Peer[]) => void} */
     let done = () => {};
     /** @type {Promise<Peer[]>} */
-    const finished = new Promise((resolve) => {
+    const peers = new Promise((resolve) => {
       done = resolve;
     });
     let caughtUp = false;
     const check = () => {
-      if (caughtUp && (count === null || count === undefined || live.size >= count)) {
+      if (caughtUp && (count === null || live.size >= count)) {
         done([...live.values()].sort((a, b) => a.pod_id - b.pod_id));
       }
     };
-
-    /** @type {import("@nats-io/jetstream").PushConsumer} */
-    let consumer;
-    try {
-      consumer = await this.js.consumers.getPushConsumer(names.podsStream(exp), {
-        filter_subjects: `${prefix}${tag}.*`,
-        deliver_policy: DeliverPolicy.LastPerSubject,
-      });
-    } catch (err) {
-      throw this.#jsError(`discover ${JSON.stringify(tag)}`, err);
-    }
+    const consumer = await this.js.consumers.getPushConsumer(names.podsStream(exp), {
+      filter_subjects: `${prefix}${tag}.*`,
+      deliver_policy: DeliverPolicy.LastPerSubject,
+    });
     /** @type {import("@nats-io/jetstream").ConsumerMessages | undefined} */
     let messages;
+    const stop = async () => {
+      messages?.stop();
+      await consumer.delete().catch(() => false);
+    };
     try {
       const info = await consumer.info(true);
       messages = await consumer.consume({
@@ -515,18 +696,11 @@ export class Driver {
       });
       if (info.num_pending === 0) caughtUp = true;
       check();
-      const got = await within(finished, timeout);
-      if (got === null) {
-        throw new WaitTimeout(
-          `timed out after ${timeout}s discovering ${count} pods of ${JSON.stringify(tag)} ` +
-            `(${live.size} running)`,
-        );
-      }
-      return got.value;
-    } finally {
-      messages?.stop();
-      await consumer.delete().catch(() => false);
+    } catch (err) {
+      await stop();
+      throw err;
     }
+    return { peers, stop };
   }
 
   /**

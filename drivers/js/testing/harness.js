@@ -10,8 +10,11 @@ import { randomBytes } from "node:crypto";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
+import { createConnection as connectTcp, createServer } from "node:net";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
+
+import { configFromEnv, Driver } from "../src/index.js";
 
 export const ROOT = fileURLToPath(new URL("../../..", import.meta.url));
 
@@ -81,7 +84,9 @@ async function stop(child) {
 }
 
 /**
- * Start nats-server with an admin user and a pod user restricted to `exp`.
+ * Start nats-server with an admin user and a pod user restricted to `exp`. `kill()` ends it
+ * abruptly (SIGKILL) and `start()` brings it back on the same port with the same store, as the
+ * coordinator's supervisor does.
  * @param {string} exp
  */
 export async function startServer(exp) {
@@ -95,38 +100,103 @@ export async function startServer(exp) {
   const admin = { user: "admin", password: randomBytes(12).toString("hex") };
   const pod = { user: "pod", password: randomBytes(12).toString("hex") };
   const conf = join(dir, "server.conf");
-  writeFileSync(
-    conf,
-    JSON.stringify({
-      host: "127.0.0.1",
-      port: -1,
-      jetstream: { store_dir: join(dir, "js") },
-      authorization: { users: [admin, { ...pod, permissions }] },
-    }),
-  );
-  const child = spawn(natsServerBin(), ["-c", conf], { stdio: ["ignore", "ignore", "pipe"] });
-  const next = lines(/** @type {import("node:stream").Readable} */ (child.stderr));
-  let port = 0;
-  for (;;) {
-    const line = await next();
-    if (line === null) throw new Error("nats-server exited before it was ready");
-    const listening = line.match(/Listening for client connections on .*:(\d+)$/);
-    if (listening) port = Number(listening[1]);
-    if (line.includes("Server is ready")) break;
-  }
-  (async () => {
-    while ((await next()) !== null) {
-      // keep draining the log
+  /** @param {number} port -1: any free port */
+  const launch = async (port) => {
+    writeFileSync(
+      conf,
+      JSON.stringify({
+        host: "127.0.0.1",
+        port,
+        jetstream: { store_dir: join(dir, "js") },
+        authorization: { users: [admin, { ...pod, permissions }] },
+      }),
+    );
+    const child = spawn(natsServerBin(), ["-c", conf], { stdio: ["ignore", "ignore", "pipe"] });
+    const next = lines(/** @type {import("node:stream").Readable} */ (child.stderr));
+    let listening = 0;
+    for (;;) {
+      const line = await next();
+      if (line === null) throw new Error("nats-server exited before it was ready");
+      const match = line.match(/Listening for client connections on .*:(\d+)$/);
+      if (match) listening = Number(match[1]);
+      if (line.includes("Server is ready")) break;
     }
-  })();
+    (async () => {
+      while ((await next()) !== null) {
+        // keep draining the log
+      }
+    })();
+    return { child, listening };
+  };
+  let { child, listening: port } = await launch(-1);
   return {
     url: `nats://127.0.0.1:${port}`,
     port,
     admin,
     pod,
+    /** End the server abruptly, as a crash would. */
+    async kill() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      const exited = new Promise((resolve) => child.once("exit", resolve));
+      child.kill("SIGKILL");
+      await exited;
+    },
+    /** Start it again (after kill) on the same port and store; resolves once it is ready. */
+    async start() {
+      if (child.exitCode === null && child.signalCode === null) {
+        throw new Error("nats-server is still running");
+      }
+      const again = await launch(port);
+      if (again.listening !== port) throw new Error(`nats-server came back on ${again.listening}`);
+      child = again.child;
+    },
     async close() {
       await stop(child);
       rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/**
+ * A TCP relay to `port` that a test can cut: `hold()` drops the connections through it and
+ * refuses new ones until `release()`, so its clients stay away while others carry on.
+ * @param {number} port
+ */
+export async function startProxy(port) {
+  /** @type {Set<import("node:net").Socket>} */
+  const sockets = new Set();
+  let held = false;
+  const server = createServer((client) => {
+    if (held) {
+      client.destroy();
+      return;
+    }
+    const upstream = connectTcp(port, "127.0.0.1");
+    for (const [a, b] of [[client, upstream], [upstream, client]]) {
+      sockets.add(a);
+      a.on("close", () => {
+        sockets.delete(a);
+        b.destroy();
+      });
+      a.on("error", () => b.destroy());
+      a.pipe(b);
+    }
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(null)));
+  const address = /** @type {import("node:net").AddressInfo} */ (server.address());
+  return {
+    url: `nats://127.0.0.1:${address.port}`,
+    hold() {
+      held = true;
+      for (const socket of sockets) socket.destroy();
+    },
+    release() {
+      held = false;
+    },
+    async close() {
+      held = true;
+      for (const socket of sockets) socket.destroy();
+      await new Promise((resolve) => server.close(() => resolve(null)));
     },
   };
 }
@@ -190,6 +260,29 @@ export async function startExperiment(name = "js") {
     podGone: (tag, podId) => command(`gone ${tag} ${podId}`),
     /** @param {string} event */
     count: async (event) => Number(await command(`count ${event}`)),
+    /**
+     * Resolves once the fixture follows the counts again (after a server restart its
+     * connection comes back on its own): an increment made now is notified.
+     */
+    async caughtUp() {
+      const probe = await Driver.connect(configFromEnv(this.env("harness", 0)));
+      try {
+        const sub = probe.nc.subscribe(`tricks.${exp}.reached.harness-sync.*`);
+        await probe.nc.flush();
+        const value = await probe.registerEvent("harness-sync");
+        for await (const m of sub) {
+          if (m.subject.endsWith(`.${value}`)) break;
+        }
+      } finally {
+        await probe.close();
+      }
+    },
+    /** Kill the server (SIGKILL), start it again on the same port and store, catch up. */
+    async restartServer() {
+      await server.kill();
+      await server.start();
+      await this.caughtUp();
+    },
     async close() {
       /** @type {import("node:stream").Writable} */ (fixture.stdin).end();
       await new Promise((resolve) => {
