@@ -1,0 +1,259 @@
+"""Rows, the Markdown table, the side-by-side ratios and the verdict on each target."""
+
+from __future__ import annotations
+
+import math
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+NATS = "tricks-nats"
+FLOOR = "nats (raw)"
+ZK = "zookeeper"
+REDIS = "redis"
+
+
+@dataclass
+class Row:
+    system: str
+    measure: str
+    n: int
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    ops_per_s: float | None = None
+    deliveries: float | None = None  # server messages out per operation (barrier, fan-out, ...)
+    rss_mb: float | None = None
+    note: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    s = sorted(xs)
+    return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def latency_row(
+    system: str, measure: str, n: int, seconds: list[float], note: str = "", **extra: Any
+) -> Row:
+    return Row(
+        system,
+        measure,
+        n,
+        p50_ms=percentile(seconds, 50) * 1000,
+        p99_ms=percentile(seconds, 99) * 1000,
+        note=note,
+        **extra,
+    )
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}f}"
+
+
+def table(rows: list[Row]) -> str:
+    head = "| system | measure | n | p50 ms | p99 ms | ops/s | deliveries/op | RSS MB | note |"
+    lines = [head, "|---|---|--:|--:|--:|--:|--:|--:|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r.system} | {r.measure} | {r.n} | {_fmt(r.p50_ms, 2)} | {_fmt(r.p99_ms, 2)} "
+            f"| {_fmt(r.ops_per_s, 0)} | {_fmt(r.deliveries, 2)} | {_fmt(r.rss_mb)} "
+            f"| {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def find(rows: list[Row], system: str, measure: str, n: int) -> Row | None:
+    for r in rows:
+        if r.system == system and r.measure == measure and r.n == n:
+            return r
+    return None
+
+
+def side_by_side(rows: list[Row]) -> str:
+    """Barrier release p50 (p99) per system and N, with the ratio to tricks-nats."""
+    sizes = sorted({r.n for r in rows if r.measure == "barrier release"})
+    lines = [
+        "| N | raw NATS fan-out (floor) | tricks-nats | ZooKeeper | Redis | ZK / tricks-nats "
+        "| Redis / tricks-nats |",
+        "|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+
+    def cell(r: Row | None) -> str:
+        if r is None or r.p50_ms is None:
+            return "n/a"
+        return f"{_fmt(r.p50_ms, 2)} ({_fmt(r.p99_ms, 2)})"
+
+    def ratio(a: Row | None, b: Row | None) -> str:
+        if a is None or b is None or not a.p50_ms or not b.p50_ms:
+            return "n/a"
+        return f"{a.p50_ms / b.p50_ms:.1f}x"
+
+    for n in sizes:
+        ours = find(rows, NATS, "barrier release", n)
+        zk = find(rows, ZK, "barrier release", n)
+        redis = find(rows, REDIS, "barrier release", n)
+        floor = find(rows, FLOOR, "publish fan-out", n)
+        lines.append(
+            f"| {n} | {cell(floor)} | {cell(ours)} | {cell(zk)} | {cell(redis)} "
+            f"| {ratio(zk, ours)} | {ratio(redis, ours)} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class Verdict:
+    target: str
+    met: bool | None  # None: not measured
+    figure: str
+
+    def line(self) -> str:
+        mark = {True: "met", False: "MISSED", None: "not measured"}[self.met]
+        return f"- {mark}: {self.target}: {self.figure}"
+
+
+def targets(rows: list[Row]) -> list[Verdict]:
+    out: list[Verdict] = []
+
+    b1000 = find(rows, NATS, "barrier release", 1000)
+    if b1000 and b1000.p99_ms is not None:
+        out.append(
+            Verdict(
+                "barrier release p99 <= 50 ms at N = 1000",
+                b1000.p99_ms <= 50,
+                f"p99 {b1000.p99_ms:.1f} ms",
+            )
+        )
+    else:
+        out.append(Verdict("barrier release p99 <= 50 ms at N = 1000", None, "no row"))
+
+    ours, zk = find(rows, NATS, "barrier release", 100), find(rows, ZK, "barrier release", 100)
+    ours_t, zk_t = find(rows, NATS, "barrier total", 100), find(rows, ZK, "barrier total", 100)
+    if ours and zk and ours.p50_ms and zk.p50_ms:
+        r = zk.p50_ms / ours.p50_ms
+        extra = ""
+        if ours_t and zk_t and ours_t.p50_ms and zk_t.p50_ms:
+            extra = f"; whole barrier (all arrive at once): {zk_t.p50_ms / ours_t.p50_ms:.1f}x"
+        out.append(
+            Verdict(
+                ">= 5x faster than the ZooKeeper barrier at N = 100 (release p50)",
+                r >= 5,
+                f"{r:.1f}x ({zk.p50_ms:.2f} ms vs {ours.p50_ms:.2f} ms){extra}",
+            )
+        )
+    else:
+        why = zk.note if zk else "no row"
+        out.append(Verdict(">= 5x faster than the ZooKeeper barrier at N = 100", None, why))
+
+    if b1000 and b1000.deliveries is not None:
+        per_n = b1000.deliveries / 1000
+        out.append(
+            Verdict(
+                "server deliveries per barrier <= 4N at N = 1000",
+                per_n <= 4,
+                f"{b1000.deliveries:.0f} = {per_n:.2f} N",
+            )
+        )
+    else:
+        out.append(Verdict("server deliveries per barrier <= 4N", None, "no row"))
+    growth = [
+        (r.n, r.deliveries / r.n)
+        for r in rows
+        if r.system == NATS and r.measure == "barrier release" and r.deliveries
+    ]
+    if len(growth) >= 2:
+        per = [g for _, g in growth]
+        out.append(
+            Verdict(
+                "deliveries per barrier grow as O(N) (per participant flat within 1.5x)",
+                max(per) <= 1.5 * min(per),
+                ", ".join(f"N={n}: {g:.2f}/participant" for n, g in growth),
+            )
+        )
+
+    inc = find(rows, NATS, "event increments", 50)
+    if inc and inc.ops_per_s:
+        out.append(
+            Verdict(
+                ">= 10,000 increments/s with 50 writers",
+                inc.ops_per_s >= 10_000,
+                f"{inc.ops_per_s:,.0f}/s",
+            )
+        )
+    else:
+        out.append(Verdict(">= 10,000 increments/s with 50 writers", None, "no row"))
+
+    up = find(rows, NATS, "up overhead", 200)
+    if up and up.p50_ms is not None:
+        out.append(
+            Verdict(
+                "200-pod `up` overhead (total wall minus the pods' own work) <= 5 s",
+                up.p50_ms <= 5000,
+                f"{up.p50_ms / 1000:.2f} s",
+            )
+        )
+    else:
+        out.append(Verdict("200-pod `up` overhead <= 5 s", None, up.note if up else "no row"))
+
+    helped = find(rows, NATS, "cli --help", 1)
+    if helped and helped.p50_ms is not None:
+        out.append(
+            Verdict(
+                "`tricks-nats --help` <= 0.3 s (p50)",
+                helped.p50_ms <= 300,
+                f"p50 {helped.p50_ms / 1000:.3f} s, p99 {(helped.p99_ms or 0) / 1000:.3f} s",
+            )
+        )
+    else:
+        out.append(Verdict("`tricks-nats --help` <= 0.3 s", None, "no row"))
+    return out
+
+
+def machine(nats_version: str, zk_version: str, redis_version: str) -> dict[str, str]:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    try:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "?"
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cores": str(os.cpu_count()),
+        "cpu": cpu,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": sys.version.split()[0],
+        "nats-server": nats_version,
+        "zookeeper": zk_version,
+        "redis-server": redis_version,
+        "load average at start": load,
+    }
+
+
+def nats_server_version() -> str:
+    from tricks_nats.natsserver import find_binary
+
+    try:
+        out = subprocess.run([find_binary(), "--version"], capture_output=True, text=True)
+        return out.stdout.strip().split()[-1]
+    except Exception:
+        return "?"

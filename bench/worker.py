@@ -1,0 +1,388 @@
+"""A benchmark worker process: hosts some of a measure's participants, each with its own client.
+
+Real pods are separate processes with their own connections, so the benchmark never runs all
+participants in one event loop: the parent starts a few of these workers (multiprocessing,
+spawn) and sends each one command at a time over a pipe; a worker answers every command with
+`("ok", result)` or `("err", text)`. Times are `time.monotonic()` (CLOCK_MONOTONIC, the same
+clock in every process of the machine), so the parent can compare them across workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from typing import Any
+
+from bench.peers import die_with_parent
+
+now = time.monotonic
+
+#: Connections opened at once per worker (a burst of 250 connects is fine, 1000 is not).
+OPEN_CONCURRENCY = 32
+
+
+async def _bounded(coros: list[Awaitable[Any]], limit: int = OPEN_CONCURRENCY) -> list[Any]:
+    sem = asyncio.Semaphore(limit)
+
+    async def one(c: Awaitable[Any]) -> Any:
+        async with sem:
+            return await c
+
+    return await asyncio.gather(*(one(c) for c in coros))
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.drivers: list[Any] = []  # tricks_nats.driver.Driver
+        self.raw: list[Any] = []  # nats.aio.client.Client (fan-out subscribers, rtt)
+        self.fan_times: list[dict[int, float]] = []
+        self.redis: list[tuple[Any, Any]] = []  # (command client, pubsub)
+        self.zk: list[Any] = []  # kazoo.client.KazooClient
+        self.pending: list[asyncio.Task[Any]] = []
+        self.pool: ThreadPoolExecutor | None = None
+
+    # -- tricks-nats driver ---------------------------------------------------------------
+
+    async def nats_open(self, url: str, exp: str, ids: list[int]) -> int:
+        from tricks_nats.driver import Config, Driver
+
+        def config(i: int) -> Config:
+            return Config(
+                tag="bench", replicas=0, pod_id=i, experiment=exp, pod_ip="127.0.0.1", nats_url=url
+            )
+
+        self.drivers = await _bounded([Driver.connect(config(i)) for i in ids])
+        return len(self.drivers)
+
+    # -- barriers, the same shape for every system ----------------------------------------
+
+    def _members(self, system: str) -> int:
+        return len({"nats": self.drivers, "redis": self.redis, "zk": self.zk}[system])
+
+    async def _member(
+        self, system: str, i: int, name: str, n: int, timeout: float
+    ) -> tuple[float, float]:
+        """One participant: arrive (+1), then wait for n; (arrival acknowledged, released)."""
+        if system == "nats":
+            d = self.drivers[i]
+            await d.register_event(name)
+            t_incr = now()
+            await d.wait_event(name, n, timeout=timeout)
+            return t_incr, now()
+        if system == "redis":
+            r, ps = self.redis[i]
+            channel = f"{name}:go"
+            await ps.subscribe(channel)
+            # The server's confirmation: subscribed strictly before our INCR.
+            await _next_message(ps, "subscribe", channel.encode())
+            value = await r.incr(name)
+            t_incr = now()
+            if value >= n:
+                await r.publish(channel, b"go")
+            else:
+                await _next_message(ps, "message", channel.encode())
+            released = now()
+            await ps.unsubscribe(channel)
+            return t_incr, released
+        assert self.pool is not None
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.pool, _zk_enter, self.zk[i], f"/bench/{name}", n, i)
+        return await asyncio.wait_for(future, timeout)
+
+    async def barrier(
+        self, system: str, name: str, n: int, timeout: float
+    ) -> list[tuple[float, float]]:
+        """Every participant of this worker arrives at once."""
+        count = self._members(system)
+        async with asyncio.timeout(timeout):
+            return await asyncio.gather(
+                *(self._member(system, i, name, n, timeout) for i in range(count))
+            )
+
+    async def barrier_arm(
+        self, system: str, name: str, n: int, timeout: float, skip_last: bool
+    ) -> int:
+        """Start this worker's participants (all but its last with `skip_last`); `collect`."""
+        count = self._members(system) - (1 if skip_last else 0)
+        self.pending = [
+            asyncio.create_task(self._member(system, i, name, n, timeout)) for i in range(count)
+        ]
+        return count
+
+    async def barrier_last(
+        self, system: str, name: str, n: int, timeout: float
+    ) -> tuple[float, float]:
+        """The last participant arrives (after `barrier_arm(skip_last=True)`)."""
+        return await self._member(system, self._members(system) - 1, name, n, timeout)
+
+    async def nats_increments(self, event: str, writers: int, seconds: float) -> dict[str, Any]:
+        """`writers` of this worker's drivers increment `event` in a loop for `seconds`."""
+
+        async def one(d: Any, deadline: float) -> list[float]:
+            lat = []
+            while now() < deadline:
+                t = now()
+                await d.register_event(event)
+                lat.append(now() - t)
+            return lat
+
+        start = now()
+        deadline = start + seconds
+        lats = await asyncio.gather(*(one(d, deadline) for d in self.drivers[:writers]))
+        return {"start": start, "end": now(), "lat": [x for xs in lats for x in xs]}
+
+    async def nats_discover_arm(self, tag: str, n: int, timeout: float) -> int:
+        async def one(d: Any) -> float:
+            peers = await d.discover(tag, n, timeout=timeout)
+            assert len(peers) >= n, (len(peers), n)
+            return now()
+
+        self.pending = [asyncio.create_task(one(d)) for d in self.drivers]
+        return len(self.pending)
+
+    async def pending_failure(self) -> str | None:
+        """The first error among this worker's started participants, if any failed."""
+        for t in self.pending:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                return repr(t.exception())[:300]
+        return None
+
+    async def collect(self) -> list[Any]:
+        tasks, self.pending = self.pending, []
+        return list(await asyncio.gather(*tasks))
+
+    async def nats_close(self) -> None:
+        drivers, self.drivers = self.drivers, []
+        await _bounded([d.close() for d in drivers])
+
+    # -- raw NATS: fan-out subscribers and request/reply ----------------------------------
+
+    async def raw_open(self, url: str, k: int, subject: str) -> int:
+        import nats
+
+        async def one(i: int) -> Any:
+            nc = await nats.connect(url, name=f"bench-raw-{i}")
+            times: dict[int, float] = {}
+            self.fan_times.append(times)
+
+            async def on_msg(msg: Any, times: dict[int, float] = times) -> None:
+                times[int(msg.data)] = now()
+
+            await nc.subscribe(subject, cb=on_msg)
+            await nc.flush()
+            return nc
+
+        self.raw = await _bounded([one(i) for i in range(k)])
+        return len(self.raw)
+
+    async def fan_collect(self, seq: int, timeout: float) -> list[float]:
+        deadline = now() + timeout
+        while not all(seq in t for t in self.fan_times):
+            if now() > deadline:
+                raise TimeoutError(f"fan-out {seq} did not reach every subscriber")
+            await asyncio.sleep(0.002)
+        return [t.pop(seq) for t in self.fan_times]
+
+    async def rtt_serve(self, url: str, subject: str) -> None:
+        import nats
+
+        nc = await nats.connect(url, name="bench-rtt-server")
+
+        async def on_req(msg: Any) -> None:
+            await msg.respond(msg.data)
+
+        await nc.subscribe(subject, cb=on_req)
+        await nc.flush()
+        self.raw.append(nc)
+
+    async def rtt_run(self, url: str, subject: str, count: int) -> dict[str, Any]:
+        import nats
+
+        nc = await nats.connect(url, name="bench-rtt-client")
+        try:
+            for _ in range(20):  # warm up
+                await nc.request(subject, b"x", timeout=5)
+            lat = []
+            start = now()
+            for _ in range(count):
+                t = now()
+                await nc.request(subject, b"x", timeout=5)
+                lat.append(now() - t)
+            return {"start": start, "end": now(), "lat": lat}
+        finally:
+            await nc.close()
+
+    async def raw_close(self) -> None:
+        clients, self.raw, self.fan_times = self.raw, [], []
+        await _bounded([nc.close() for nc in clients])
+
+    # -- Redis: INCR + pub/sub barrier ----------------------------------------------------
+
+    async def redis_open(self, port: int, k: int) -> int:
+        import redis.asyncio as aioredis
+
+        async def one() -> tuple[Any, Any]:
+            r = aioredis.Redis(host="127.0.0.1", port=port)
+            await r.ping()
+            ps = r.pubsub()
+            await ps.subscribe("bench:hello")
+            await _next_message(ps, "subscribe", b"bench:hello")
+            return r, ps
+
+        self.redis = await _bounded([one() for _ in range(k)])
+        return len(self.redis)
+
+    async def redis_increments(self, key: str, writers: int, seconds: float) -> dict[str, Any]:
+        async def one(r: Any, deadline: float) -> list[float]:
+            lat = []
+            while now() < deadline:
+                t = now()
+                await r.incr(key)
+                lat.append(now() - t)
+            return lat
+
+        start = now()
+        deadline = start + seconds
+        lats = await asyncio.gather(*(one(r, deadline) for r, _ in self.redis[:writers]))
+        return {"start": start, "end": now(), "lat": [x for xs in lats for x in xs]}
+
+    async def redis_close(self) -> None:
+        clients, self.redis = self.redis, []
+        await _bounded([ps.aclose() for _, ps in clients])
+        await _bounded([r.aclose() for r, _ in clients])
+
+    # -- ZooKeeper: kazoo's DoubleBarrier (enter) -----------------------------------------
+
+    async def zk_open(self, hosts: str, k: int) -> int:
+        from kazoo.client import KazooClient
+
+        self.pool = ThreadPoolExecutor(max_workers=max(k, 4), thread_name_prefix="zk")
+
+        def one() -> Any:
+            client = KazooClient(hosts=hosts, timeout=30.0)
+            client.start(timeout=30)
+            return client
+
+        loop = asyncio.get_running_loop()
+        self.zk = await _bounded([loop.run_in_executor(self.pool, one) for _ in range(k)], 8)
+        return len(self.zk)
+
+    async def zk_increments(self, path: str, writers: int, seconds: float) -> dict[str, Any]:
+        """kazoo's Counter recipe (a get + versioned set, retried on conflict)."""
+
+        def one(client: Any, deadline: float) -> list[float]:
+            counter = client.Counter(path)
+            lat = []
+            while now() < deadline:
+                t = now()
+                counter += 1
+                lat.append(now() - t)
+            return lat
+
+        loop = asyncio.get_running_loop()
+        assert self.pool is not None
+        start = now()
+        deadline = start + seconds
+        futures = [loop.run_in_executor(self.pool, one, c, deadline) for c in self.zk[:writers]]
+        lats = await asyncio.gather(*futures)
+        return {"start": start, "end": now(), "lat": [x for xs in lats for x in xs]}
+
+    async def zk_close(self) -> None:
+        clients, self.zk = self.zk, []
+
+        def stop(c: Any) -> None:
+            with contextlib.suppress(Exception):
+                c.stop()
+                c.close()
+
+        if self.pool is not None:
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(loop.run_in_executor(self.pool, stop, c) for c in clients))
+            self.pool.shutdown(wait=False)
+            self.pool = None
+
+    async def close_all(self) -> None:
+        for t in self.pending:
+            t.cancel()
+        for close in (self.nats_close, self.raw_close, self.redis_close, self.zk_close):
+            with contextlib.suppress(Exception):
+                await close()
+
+
+async def _next_message(ps: Any, kind: str, channel: bytes) -> None:
+    while True:
+        msg = await ps.get_message(timeout=None)
+        if msg is not None and msg["type"] == kind and msg["channel"] == channel:
+            return
+
+
+def _zk_enter(client: Any, path: str, n: int, i: int) -> tuple[float, float]:
+    from kazoo.recipe.barrier import DoubleBarrier
+
+    timed = _TimedCreate(client)
+    barrier = DoubleBarrier(timed, path, n, identifier=f"bench-{i}")
+    barrier.enter()
+    if not barrier.participating:
+        raise RuntimeError("kazoo DoubleBarrier.enter failed")
+    return timed.created_at, now()
+
+
+class _TimedCreate:
+    """A KazooClient as DoubleBarrier sees it, noting when our node's create returned."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.created_at = 0.0
+
+    def create(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._client.create(*args, **kwargs)
+        self.created_at = now()
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+async def _serve(conn: Connection) -> None:
+    worker = Worker()
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+    loop.add_reader(conn.fileno(), ready.set)
+    try:
+        while True:
+            await ready.wait()
+            ready.clear()
+            while conn.poll():
+                try:
+                    op, kwargs = conn.recv()
+                except EOFError:
+                    return
+                if op == "exit":
+                    return
+                handler: Callable[..., Awaitable[Any]] = getattr(worker, op)
+                try:
+                    reply: tuple[str, Any] = ("ok", await handler(**kwargs))
+                except Exception:
+                    reply = ("err", traceback.format_exc(limit=6))
+                conn.send(reply)
+    finally:
+        loop.remove_reader(conn.fileno())
+        await worker.close_all()
+
+
+def main(conn: Connection) -> None:
+    """Entry point of a worker process (multiprocessing, spawn)."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and closes our pipe
+    import logging
+
+    logging.getLogger("kazoo").setLevel(logging.CRITICAL)
+    logging.getLogger("nats").setLevel(logging.CRITICAL)
+    with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):
+        asyncio.run(_serve(conn))
