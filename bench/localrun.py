@@ -63,16 +63,13 @@ def pod_command(n: int, shell: bool) -> list[str] | str:
     return ["python", "-c", PY_POD.format(n=n)]
 
 
-def spec_text(n: int, command: list[str] | str) -> str:
-    return json.dumps(
-        {
-            "apiVersion": "v1",
-            "name": "bench-up",
-            "timeout": 600,
-            "experiment": [{"tag": "pod", "command": command, "replicas": n}],
-        },
-        indent=2,
-    )
+def spec_text(n: int, command: list[str] | str, workflow: bool) -> str:
+    tags: list[dict[str, object]] = [{"tag": "pod", "command": command, "replicas": n}]
+    if workflow:  # the barrier is the coordinator's: `after` starts once all n pods ran
+        start = {"name": "pod_start", "value": n}
+        tags.append({"tag": "after", "command": ["true"], "workflow": {"start": start}})
+    spec = {"apiVersion": "v1", "name": "bench-up", "timeout": 600, "experiment": tags}
+    return json.dumps(spec, indent=2)
 
 
 async def baseline(n: int, command: list[str] | str) -> float:
@@ -138,10 +135,10 @@ async def baseline(n: int, command: list[str] | str) -> float:
             await bus.close()
 
 
-async def up_once(n: int, command: list[str] | str, work: Path) -> dict[str, float]:
+async def up_once(n: int, command: list[str] | str, work: Path, workflow: bool) -> dict[str, float]:
     """Run `tricks-nats up`; return total wall, time to all running, coordinator peak RSS."""
     spec = work / "bench-up.yaml"
-    spec.write_text(spec_text(n, command))
+    spec.write_text(spec_text(n, command, workflow))
     runs = work / "runs"
     wall_start = time.time()
     start = time.monotonic()
@@ -188,7 +185,7 @@ async def up_once(n: int, command: list[str] | str, work: Path) -> dict[str, flo
     running = [
         e["ts"]
         for e in map(json.loads, journal.read_text().splitlines())
-        if e.get("kind") == "pod" and e.get("state") == "running"
+        if e.get("kind") == "pod" and e.get("state") == "running" and e.get("tag") == "pod"
     ]
     if len(running) != n:
         raise RuntimeError(f"journal shows {len(running)} of {n} pods running")
@@ -196,29 +193,44 @@ async def up_once(n: int, command: list[str] | str, work: Path) -> dict[str, flo
 
 
 async def local_runtime(
-    n: int, runs: int, want_shell: bool, log: Callable[[str], None]
+    n: int, runs: int, kinds: list[str], log: Callable[[str], None]
 ) -> list[Row]:
-    shell = want_shell and shell_driver_available()
-    command = pod_command(n, shell)
-    kind = "shell driver: tricks-nats event && wait" if shell else "python -c SyncDriver"
-    base, totals, running, rss = [], [], [], []
-    for _ in range(runs):
-        base.append(await baseline(n, command))
-        log(f"pods alone: {base[-1]:.2f} s")
-        with tempfile.TemporaryDirectory(prefix="bench-up-") as tmp:
-            got = await up_once(n, command, Path(tmp))
-        totals.append(got["total"])
-        running.append(got["all_running"])
-        rss.append(got["rss"])
-        log(f"tricks-nats up: {got['total']:.2f} s total, all running at {got['all_running']:.2f}")
-    overhead = [t - b for t, b in zip(totals, base, strict=True)]
-    note = f"{kind}; {runs} run(s)"
-    return [
-        latency_row(NATS, "pods alone (baseline)", n, base, note + "; no coordinator"),
-        latency_row(NATS, "up all running", n, running, note + "; from launching the CLI"),
-        latency_row(NATS, "up total", n, totals, note, rss_mb=max(rss)),
-        latency_row(NATS, "up overhead", n, overhead, "up total - pods alone"),
-    ]
+    """`kinds`: "workflow" (n `true` pods, a workflow barrier on `pod_start` = n starts one
+    more pod: the pods' own work is nil, what is left is the tool) and/or "driver" (n pods
+    that register an event and wait for n, through the shell driver when it is installed,
+    else a `python -c` SyncDriver one-liner: their own work is most of the run here)."""
+    rows = []
+    for kind in kinds:
+        workflow = kind == "workflow"
+        if workflow:
+            command: list[str] | str = ["true"]
+            label, suffix = "true pods + workflow barrier on pod_start", " (workflow barrier)"
+        else:
+            shell = shell_driver_available()
+            command = pod_command(n, shell)
+            label = "shell driver: tricks-nats event && wait" if shell else "python -c SyncDriver"
+            suffix = " (driver barrier)"
+        base, totals, running, rss = [], [], [], []
+        for _ in range(runs):
+            base.append(await baseline(n + (1 if workflow else 0), command))
+            log(f"pods alone{suffix}: {base[-1]:.2f} s")
+            with tempfile.TemporaryDirectory(prefix="bench-up-") as tmp:
+                got = await up_once(n, command, Path(tmp), workflow)
+            totals.append(got["total"])
+            running.append(got["all_running"])
+            rss.append(got["rss"])
+            log(
+                f"tricks-nats up{suffix}: {got['total']:.2f} s, running at {got['all_running']:.2f}"
+            )
+        overhead = [t - b for t, b in zip(totals, base, strict=True)]
+        note = f"{label}; {runs} run(s)"
+        rows += [
+            latency_row(NATS, "pods alone" + suffix, n, base, note + "; no coordinator"),
+            latency_row(NATS, "up all running" + suffix, n, running, note + "; from CLI launch"),
+            latency_row(NATS, "up total" + suffix, n, totals, note, rss_mb=max(rss)),
+            latency_row(NATS, "up overhead" + suffix, n, overhead, "up total - pods alone"),
+        ]
+    return rows
 
 
 def cli_startup(runs: int) -> list[Row]:

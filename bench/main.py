@@ -30,7 +30,7 @@ from bench.report import (
 QUICK = Plan(
     procs=4,
     barrier_sizes=[10, 100, 1000],
-    barrier_repeats={10: 5, 100: 5, 1000: 3},
+    barrier_repeats={10: 5, 100: 5, 1000: 2},
     fanout_repeats=10,
     rtt_count=500,
     writers=[1, 50],
@@ -39,7 +39,7 @@ QUICK = Plan(
     discovery_repeats={100: 3, 1000: 1},
     up_pods=200,
     up_runs=1,
-    up_shell=False,
+    up_kinds=["workflow"],
     cli_runs=5,
 )
 
@@ -55,7 +55,7 @@ FULL = Plan(
     discovery_repeats={100: 5, 1000: 2},
     up_pods=200,
     up_runs=1,
-    up_shell=True,
+    up_kinds=["workflow", "driver"],
     cli_runs=20,
 )
 
@@ -110,7 +110,7 @@ async def run(plan: Plan, only: set[str]) -> list[Row]:
             "up",
             rows,
             NATS,
-            localrun.local_runtime(plan.up_pods, plan.up_runs, plan.up_shell, log),
+            localrun.local_runtime(plan.up_pods, plan.up_runs, plan.up_kinds, log),
             None,
         )
     if want("cli"):

@@ -49,7 +49,7 @@ class Plan:
     discovery_repeats: dict[int, int]
     up_pods: int
     up_runs: int
-    up_shell: bool  # pods use the shell driver (when installed), else a python -c one-liner
+    up_kinds: list[str]  # "workflow" and/or "driver" (see localrun.local_runtime)
     cli_runs: int
     warmup: int = 1
     systems: set[str] = field(default_factory=lambda: {NATS, FLOOR, ZK, REDIS})
