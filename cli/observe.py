@@ -21,19 +21,30 @@ def _fail(exc: TricksError) -> None:
 
 
 def watch(
-    experiment: Annotated[str | None, typer.Argument(
-        help="Experiment id (default: the one `up` is running here), or a run directory.")] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Argument(
+            help="Experiment id (default: the one `up` is running here), or a run directory."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
-    from_start: Annotated[bool, typer.Option(
-        "--from-start/--from-now",
-        help="Replay what already happened, then follow (default); or only what comes next.",
-    )] = True,
-    tag: Annotated[list[str] | None, typer.Option("--tag", help="Only this tag (repeatable).")
-                   ] = None,
-    kind: Annotated[list[str] | None, typer.Option(
-        "--kind", help=f"Only these kinds: {', '.join(KINDS)} (repeatable).")] = None,
-    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where finished runs are.")
-                        ] = Path("runs"),
+    from_start: Annotated[
+        bool,
+        typer.Option(
+            "--from-start/--from-now",
+            help="Replay what already happened, then follow (default); or only what comes next.",
+        ),
+    ] = True,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="Only this tag (repeatable).")
+    ] = None,
+    kind: Annotated[
+        list[str] | None,
+        typer.Option("--kind", help=f"Only these kinds: {', '.join(KINDS)} (repeatable)."),
+    ] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where finished runs are.")] = Path(
+        "runs"
+    ),
 ) -> None:
     """Stream an experiment's events as they happen; exit 0 when it ends (1 if it failed)."""
     from tricks_nats.render import describe, matches
@@ -42,8 +53,9 @@ def watch(
     kinds = list(kind or [])
     bad = [k for k in kinds if k not in KINDS]
     if bad:
-        typer.echo(f"tricks-nats: error: --kind {bad[0]!r}: expected one of {', '.join(KINDS)}",
-                   err=True)
+        typer.echo(
+            f"tricks-nats: error: --kind {bad[0]!r}: expected one of {', '.join(KINDS)}", err=True
+        )
         raise typer.Exit(2)
     colour = sys.stdout.isatty() and not as_json
 
@@ -62,15 +74,19 @@ def watch(
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     if verdict is None:
-        typer.echo(f"tricks-nats: {state.experiment} ended without a verdict (was `up` killed?)",
-                   err=True)
+        typer.echo(
+            f"tricks-nats: {state.experiment} ended without a verdict (was `up` killed?)", err=True
+        )
         raise typer.Exit(1)
     raise typer.Exit(0)
 
 
 def status(
-    nats_url: Annotated[str | None, typer.Option(
-        "--nats-url", help="Ask this NATS server (default: the runs `up` has going here).")
+    nats_url: Annotated[
+        str | None,
+        typer.Option(
+            "--nats-url", help="Ask this NATS server (default: the runs `up` has going here)."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -90,14 +106,19 @@ def status(
         return
     typer.echo(f"{'EXPERIMENT':40} {'AGE':>8} {'RUNNING':>8} {'STOPPED':>8}  VERDICT")
     for r in rows:
-        typer.echo(f"{r['experiment']:40} {r['age_s']:>7.0f}s {r['running']:>8} "
-                   f"{r['stopped']:>8}  {r['verdict'] or '-'}")
+        typer.echo(
+            f"{r['experiment']:40} {r['age_s']:>7.0f}s {r['running']:>8} "
+            f"{r['stopped']:>8}  {r['verdict'] or '-'}"
+        )
 
 
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run's records: runs/<experiment-id>.")],
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Write a timeline: .png (matplotlib) or .html (plotly).")
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write a timeline: .png (matplotlib) or .html (plotly)."
+        ),
     ] = None,
 ) -> None:
     """Summarise a finished run; with -o, draw its timeline (needs tricks-nats[report])."""

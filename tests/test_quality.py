@@ -1,4 +1,4 @@
-"""Lint and types are part of the suite: a red ruff or mypy is a red build."""
+"""Lint, formatting and types are part of the suite: a red ruff or mypy is a red build."""
 
 from __future__ import annotations
 
@@ -18,6 +18,17 @@ def tool(name: str) -> str:
 def test_ruff_is_clean() -> None:
     result = subprocess.run(
         [tool("ruff"), "check", "."], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format_is_clean() -> None:
+    result = subprocess.run(
+        [tool("ruff"), "format", "--check", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

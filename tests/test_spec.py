@@ -116,6 +116,8 @@ def test_workflow_conditions() -> None:
             "s.yaml:3:1: experiment: duplicate key 'experiment'",
         ),
         ("experiment:\n- {tag: a, command: [1, 2]}\n", "experiment[0].command"),
+        # found by hypothesis: a non-string env name crashed the reserved-name check
+        ("experiment:\n- {tag: a, command: x, env: [{name: []}]}\n", "s.yaml:2:37: "),
     ],
 )
 def test_errors_are_located(text: str, expected: str) -> None:

@@ -38,8 +38,9 @@ class LiveView:
         self._live: Live | None = None
 
     def __enter__(self) -> LiveView:
-        self._live = Live(get_renderable=self.render, console=self.console,
-                          refresh_per_second=4, transient=False)
+        self._live = Live(
+            get_renderable=self.render, console=self.console, refresh_per_second=4, transient=False
+        )
         self._live.__enter__()
         return self
 
@@ -63,7 +64,8 @@ class LiveView:
             self.counts[str(entry["name"])] = int(entry["count"])
         elif kind == "workflow":
             (self.launched if entry.get("action") == "start" else self.stopping).add(
-                str(entry.get("tag")))
+                str(entry.get("tag"))
+            )
         elif kind == "verdict":
             self.verdict = str(entry.get("verdict"))
 
@@ -71,12 +73,12 @@ class LiveView:
         parts = []
         if tag.start and tag.tag not in self.launched:
             have = self.counts.get(tag.start.name, 0)
-            parts.append(f"start when {tag.start.name} {min(have, tag.start.value)}/"
-                         f"{tag.start.value}")
+            parts.append(
+                f"start when {tag.start.name} {min(have, tag.start.value)}/{tag.start.value}"
+            )
         if tag.stop and tag.tag not in self.stopping:
             have = self.counts.get(tag.stop.name, 0)
-            parts.append(f"stop when {tag.stop.name} {min(have, tag.stop.value)}/"
-                         f"{tag.stop.value}")
+            parts.append(f"stop when {tag.stop.name} {min(have, tag.stop.value)}/{tag.stop.value}")
         return "; ".join(parts) or "-"
 
     def render(self) -> RenderableType:

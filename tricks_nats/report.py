@@ -14,8 +14,12 @@ from typing import Any
 
 from tricks_nats.errors import UsageError
 
-COLOURS = {"succeeded": "#2e9e44", "stopped by workflow": "#3a6fd8", "failed": "#d8413a",
-           "never started": "#9a9a9a"}
+COLOURS = {
+    "succeeded": "#2e9e44",
+    "stopped by workflow": "#3a6fd8",
+    "failed": "#d8413a",
+    "never started": "#9a9a9a",
+}
 DPI = 100
 WIDTH_IN = 11.0
 
@@ -65,10 +69,15 @@ def load_run(run_dir: Path) -> Run:
     for pod in summary["pods"]:
         start = pod.get("started_at")
         stop = pod.get("stopped_at") or end
-        bars.append(Bar(pod=f"{pod['tag']}-{pod['pod_id']}", tag=pod["tag"],
-                        start=(float(start) - t0) if start is not None else 0.0,
-                        stop=(float(stop) - t0) if start is not None else 0.0,
-                        outcome=outcome_of(pod)))
+        bars.append(
+            Bar(
+                pod=f"{pod['tag']}-{pod['pod_id']}",
+                tag=pod["tag"],
+                start=(float(start) - t0) if start is not None else 0.0,
+                stop=(float(stop) - t0) if start is not None else 0.0,
+                outcome=outcome_of(pod),
+            )
+        )
     markers = []
     journal = run_dir / "journal.jsonl"
     if journal.exists():
@@ -79,9 +88,13 @@ def load_run(run_dir: Path) -> Run:
                 continue
             if entry.get("kind") == "workflow":
                 c = entry.get("condition", {})
-                markers.append(Marker(at=float(entry["ts"]) - t0,
-                                      label=f"{c.get('name')} {c.get('value')} -> "
-                                            f"{entry.get('action')} {entry.get('tag')}"))
+                markers.append(
+                    Marker(
+                        at=float(entry["ts"]) - t0,
+                        label=f"{c.get('name')} {c.get('value')} -> "
+                        f"{entry.get('action')} {entry.get('tag')}",
+                    )
+                )
     return Run(summary["experiment"], summary["verdict"], t0, end, bars, markers, summary)
 
 
@@ -95,8 +108,11 @@ def text_summary(run: Run) -> str:
         for b in bars:
             outcomes[b.outcome] = outcomes.get(b.outcome, 0) + 1
         ran = [b for b in bars if b.outcome != "never started"]
-        span = (f"{min(b.start for b in ran):.2f}s -> {max(b.stop for b in ran):.2f}s"
-                if ran else "never ran")
+        span = (
+            f"{min(b.start for b in ran):.2f}s -> {max(b.stop for b in ran):.2f}s"
+            if ran
+            else "never ran"
+        )
         shown = ", ".join(f"{n} {o}" for o, n in outcomes.items())
         lines.append(f"  {tag}: {len(bars)} pods ({shown}), {span}")
     events = run.summary.get("events", {})
@@ -158,15 +174,26 @@ def _png(run: Run, output: Path) -> None:
         for i, m in enumerate(run.markers):
             ax.axvline(m.at, color="#444444", linestyle="--", linewidth=1)
             right_half = m.at > span / 2
-            ax.text(m.at, top + 0.45 * (i % 3), f" {m.label} " if right_half else f" {m.label}",
-                    fontsize=8, va="bottom", ha="right" if right_half else "left")
+            ax.text(
+                m.at,
+                top + 0.45 * (i % 3),
+                f" {m.label} " if right_half else f" {m.label}",
+                fontsize=8,
+                va="bottom",
+                ha="right" if right_half else "left",
+            )
         ax.set_xlim(0, span * 1.02)
         ax.set_ylim((rows[-1][0] - 1) if rows else -1, top + 1.6)
         ax.set_xlabel("seconds since the experiment started")
         ax.set_title(f"{run.experiment}: {run.verdict}", fontsize=10)
-        ax.legend(handles=[Patch(color=c, label=o) for o, c in COLOURS.items()],
-                  loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=4, fontsize=8,
-                  frameon=False)
+        ax.legend(
+            handles=[Patch(color=c, label=o) for o, c in COLOURS.items()],
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.09),
+            ncol=4,
+            fontsize=8,
+            frameon=False,
+        )
         ax.grid(axis="x", alpha=0.3)
         fig.subplots_adjust(left=0.12, right=0.98, top=0.93, bottom=0.16)
         fig.savefig(output, dpi=DPI)
@@ -185,18 +212,32 @@ def _html(run: Run, output: Path) -> None:
         mine = [(y, b) for y, b in rows if b.outcome == outcome]
         if not mine:
             continue
-        fig.add_trace(go.Bar(
-            orientation="h", name=outcome, marker_color=colour,
-            y=[b.pod for _, b in mine], base=[b.start for _, b in mine],
-            x=[max(b.stop - b.start, 0.002) for _, b in mine],
-            hovertemplate="%{y}: %{base:.3f}s + %{x:.3f}s<extra>" + outcome + "</extra>",
-        ))
+        fig.add_trace(
+            go.Bar(
+                orientation="h",
+                name=outcome,
+                marker_color=colour,
+                y=[b.pod for _, b in mine],
+                base=[b.start for _, b in mine],
+                x=[max(b.stop - b.start, 0.002) for _, b in mine],
+                hovertemplate="%{y}: %{base:.3f}s + %{x:.3f}s<extra>" + outcome + "</extra>",
+            )
+        )
     for m in run.markers:
-        fig.add_vline(x=m.at, line_dash="dash", line_color="#444444",
-                      annotation_text=m.label, annotation_position="top")
+        fig.add_vline(
+            x=m.at,
+            line_dash="dash",
+            line_color="#444444",
+            annotation_text=m.label,
+            annotation_position="top",
+        )
     order = [b.pod for _, b in rows]
-    fig.update_layout(title=f"{run.experiment}: {run.verdict}", barmode="overlay",
-                      xaxis_title="seconds since the experiment started",
-                      yaxis={"categoryorder": "array", "categoryarray": order[::-1]},
-                      height=int(figure_size(run)[1] * DPI), template="plotly_white")
+    fig.update_layout(
+        title=f"{run.experiment}: {run.verdict}",
+        barmode="overlay",
+        xaxis_title="seconds since the experiment started",
+        yaxis={"categoryorder": "array", "categoryarray": order[::-1]},
+        height=int(figure_size(run)[1] * DPI),
+        template="plotly_white",
+    )
     fig.write_html(output, include_plotlyjs=True, full_html=True)

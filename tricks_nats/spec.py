@@ -359,7 +359,8 @@ def _check_env_names(env: Any, path: PathT, loc: _Located) -> None:
     else:
         return
     for where, name, is_key in named:
-        if name in envnames.RESERVED:
+        # a non-string name is a type error msgspec reports; only strings can be reserved
+        if isinstance(name, str) and name in envnames.RESERVED:
             loc.at(
                 where, f"env {name!r} is set by tricks-nats and may not be overridden", key=is_key
             )

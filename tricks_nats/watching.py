@@ -187,9 +187,9 @@ async def _row(bus: Any, js: Any, exp: str, info: Any) -> Entry:
     prefix = f"$KV.{p.counts_bucket(exp)}."
     with contextlib.suppress(nats.js.errors.Error):
         detail = await js.stream_info(p.stream_of(p.counts_bucket(exp)), subjects_filter=">")
-        for subject in (detail.state.subjects or {}):
+        for subject in detail.state.subjects or {}:
             if subject.startswith(prefix):
-                key = subject[len(prefix):]
+                key = subject[len(prefix) :]
                 counts[key] = await bus.count(key)
     started = sum(v for k, v in counts.items() if k.endswith("_start"))
     stopped = sum(v for k, v in counts.items() if k.endswith("_stop"))
