@@ -12,7 +12,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -27,9 +27,11 @@ from tricks_nats import protocol as p
 from tricks_nats.errors import NatsUnavailable, TricksError, WaitTimeout
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PUBLISH_TIMEOUT_S = 2.0
-PUBLISH_ATTEMPTS = 5
+#: How long a request keeps retrying while NATS restarts before the caller gets an error.
+RECOVERY_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -231,36 +233,79 @@ class Bus:
         if pod:
             headers[p.POD_HEADER] = pod
         subject = p.count_subject(self.exp, event)
-        last: BaseException | None = None
-        for attempt in range(PUBLISH_ATTEMPTS):
+        reply = await self._request(subject, b"", f"register event {event!r}", headers)
+        try:
+            ack = msgspec.json.decode(reply.data, type=p.PubAckOrError)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise TricksError(
+                f"increment of {event!r}: the reply is not a JetStream "
+                f"acknowledgement: {reply.data[:100]!r}"
+            ) from exc
+        if ack.error:
+            raise TricksError(f"increment of {event!r} refused: {ack.error.description}")
+        if ack.val is not None:
+            return int(ack.val)
+        return await self._value_at(ack.seq, event)
+
+    async def _request(
+        self, subject: str, payload: bytes, what: str, headers: dict[str, str] | None = None
+    ) -> Msg:
+        """A request to JetStream that rides out a restarting server (see `ride_out`); the
+        same payload and headers every attempt, so a retried increment keeps its message id
+        and counts once."""
+
+        async def attempt() -> Msg:
             try:
-                reply = await self.nc.request(
-                    subject, b"", timeout=PUBLISH_TIMEOUT_S, headers=headers
+                return await self.nc.request(
+                    subject, payload, timeout=PUBLISH_TIMEOUT_S, headers=headers
                 )
-            except nats.errors.NoRespondersError as exc:
-                raise TricksError(
-                    f"experiment {self.exp!r} is not running on this NATS (no counts bucket)"
-                ) from exc
-            except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
-                last = exc
-                log.debug("increment %s: attempt %d: %s", event, attempt + 1, exc)
+            except nats.errors.TimeoutError:
                 self._raise_if_denied(subject)
-                if self.nc.is_closed:
-                    break
-                continue
+                raise
+
+        return await self.ride_out(what, attempt)
+
+    async def ride_out(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt` until it succeeds, retrying while the connection is re-established
+        and while a restarted server is still loading its streams (it answers "no responders"
+        for a moment). Only a stream that JetStream says does not exist, a closed connection,
+        or RECOVERY_S without an answer is final."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECOVERY_S
+        pause = 0.05
+        while True:
             try:
-                ack = msgspec.json.decode(reply.data, type=p.PubAckOrError)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise TricksError(
-                    f"increment of {event!r}: the reply is not a JetStream "
-                    f"acknowledgement: {reply.data[:100]!r}"
-                ) from exc
-            if ack.error:
-                raise TricksError(f"increment of {event!r} refused: {ack.error.description}")
-            if ack.val is not None:
-                return int(ack.val)
-            return await self._value_at(ack.seq, event)
-        raise _unavailable(f"register event {event!r}", last)
+                return await attempt()
+            except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as exc:
+                last: BaseException = exc
+                if await self._counts_stream_missing():
+                    raise TricksError(
+                        f"experiment {self.exp!r} is not running on this NATS (no counts bucket)"
+                    ) from exc
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                last = exc
+            except nats.errors.ConnectionClosedError as exc:
+                raise _unavailable(what, exc) from exc
+            if self.nc.is_closed or loop.time() + pause >= deadline:
+                raise _unavailable(what, last)
+            log.debug("%s: %s; retrying", what, last)
+            await asyncio.sleep(pause)  # a backoff between attempts, not a wait for an event
+            pause = min(pause * 2, 1.0)
+
+    async def _counts_stream_missing(self) -> bool:
+        """True only when JetStream answers that the counts stream does not exist."""
+        stream = p.stream_of(p.counts_bucket(self.exp))
+        try:
+            reply = await self.nc.request(
+                f"$JS.API.STREAM.INFO.{stream}", b"", timeout=PUBLISH_TIMEOUT_S
+            )
+        except nats.errors.Error:
+            return False  # JetStream itself is not answering yet: a restart in progress
+        try:
+            info = msgspec.json.decode(reply.data, type=p.PubAckOrError)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        return info.error is not None and info.error.code == 404
 
     def _raise_if_denied(self, subject: str) -> None:
         """The server refuses a forbidden publish with an async error, not a reply."""
@@ -275,16 +320,11 @@ class Bus:
     async def _value_at(self, seq: int, event: str) -> int:
         """The total right after the message at `seq` (the original of a duplicate publish)."""
         stream = p.stream_of(p.counts_bucket(self.exp))
-        try:
-            reply = await self.nc.request(
-                f"$JS.API.DIRECT.GET.{stream}",
-                msgspec.json.encode({"seq": seq}),
-                timeout=PUBLISH_TIMEOUT_S,
-            )
-        except nats.errors.NoRespondersError as exc:
-            raise TricksError(f"experiment {self.exp!r} is not running on this NATS") from exc
-        except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
-            raise _unavailable("read back a duplicate increment", exc) from exc
+        reply = await self._request(
+            f"$JS.API.DIRECT.GET.{stream}",
+            msgspec.json.encode({"seq": seq}),
+            "read back a duplicate increment",
+        )
         value = p.parse_count(reply.data)
         if value is None:
             # The original is gone (a purged stream): the current total is the best answer.
@@ -296,12 +336,7 @@ class Bus:
         """The current count of `event` (0 when never registered)."""
         stream = p.stream_of(p.counts_bucket(self.exp))
         subject = f"$JS.API.DIRECT.GET.{stream}.{p.count_subject(self.exp, event)}"
-        try:
-            reply = await self.nc.request(subject, b"", timeout=PUBLISH_TIMEOUT_S)
-        except nats.errors.NoRespondersError as exc:
-            raise TricksError(f"experiment {self.exp!r} is not running on this NATS") from exc
-        except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
-            raise _unavailable(f"read event {event!r}", exc) from exc
+        reply = await self._request(subject, b"", f"read event {event!r}")
         if reply.headers and reply.headers.get("Status") == "404":
             return 0
         value = p.parse_count(reply.data)
@@ -353,12 +388,18 @@ class Bus:
 
     async def put_pod(self, record: p.PodRecord) -> None:
         kv = await self.pods()
-        await kv.put(p.pod_key(record.tag, record.pod_id), msgspec.json.encode(record))
+        key, value = p.pod_key(record.tag, record.pod_id), msgspec.json.encode(record)
+        await self.ride_out(f"record pod {key}", lambda: kv.put(key, value))
 
     async def delete_pod(self, tag: str, pod_id: int) -> None:
         kv = await self.pods()
-        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-            await kv.delete(p.pod_key(tag, pod_id))
+        key = p.pod_key(tag, pod_id)
+
+        async def delete() -> None:
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                await kv.delete(key)
+
+        await self.ride_out(f"remove pod {key}", delete)
 
     async def discover(
         self, tag: str, count: int | None = None, timeout: float | None = None

@@ -63,7 +63,9 @@ class CountWatcher:
         if old is not None:
             with contextlib.suppress(Exception):
                 await old.unsubscribe()  # type: ignore[attr-defined]
-        await self._subscribe(self._last_seq + 1)
+        await self.bus.ride_out(
+            "follow the counts again", lambda: self._subscribe(self._last_seq + 1)
+        )
 
     async def stop(self) -> None:
         with contextlib.suppress(ValueError):

@@ -136,6 +136,12 @@ class ApiError(msgspec.Struct, forbid_unknown_fields=False):
     description: str = ""
 
 
+class ApiReply(msgspec.Struct, forbid_unknown_fields=False):
+    """Any JetStream API reply, read only for its error."""
+
+    error: ApiError | None = None
+
+
 class PubAckOrError(msgspec.Struct, forbid_unknown_fields=False):
     stream: str = ""
     seq: int = 0

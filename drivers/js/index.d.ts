@@ -66,7 +66,9 @@ export declare const names: {
 export declare class Driver {
   constructor(nc: NatsConnection, config: Config);
   /** Connect with `config`, by default read from the environment. */
-  static connect(config?: Config): Promise<Driver>;
+  static connect(config?: Config, tuning?: { requestTimeoutMs?: number }): Promise<Driver>;
+  /** One request's timeout in ms (default 2000); a call retries past it while NATS restarts. */
+  requestTimeoutMs: number;
   readonly config: Config;
   /** The NATS connection, for what the driver does not cover. */
   readonly nc: NatsConnection;

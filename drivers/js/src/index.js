@@ -24,7 +24,8 @@ export const PROTOCOL_VERSION = "1";
 export const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$/;
 
 const REQUEST_TIMEOUT_MS = 2000;
-const PUBLISH_ATTEMPTS = 5;
+/** How long a request keeps retrying while NATS restarts (PROTOCOL.md 6.0). */
+const RECOVERY_MS = 20000;
 const CONNECT_ATTEMPTS = 3;
 
 /** Base of every error this driver raises on purpose. */
@@ -239,6 +240,8 @@ export class Driver {
     /** The NATS connection (for what the driver does not cover). */
     this.nc = nc;
     this.js = jetstream(nc, { timeout: REQUEST_TIMEOUT_MS });
+    /** One request's timeout; a call retries past it while NATS restarts (RECOVERY_MS). */
+    this.requestTimeoutMs = REQUEST_TIMEOUT_MS;
     this.#statusLoop = nc.isClosed() ? Promise.resolve() : this.#followStatus();
   }
 
@@ -316,9 +319,10 @@ export class Driver {
   /**
    * Connect with `config` (default: from the environment).
    * @param {Config} [config]
+   * @param {{requestTimeoutMs?: number}} [tuning] one request's timeout (default 2000)
    * @returns {Promise<Driver>}
    */
-  static async connect(config) {
+  static async connect(config, tuning = {}) {
     const c = config ?? configFromEnv();
     /** @type {import("@nats-io/transport-node").NodeConnectionOptions} */
     const options = {
@@ -339,7 +343,9 @@ export class Driver {
     let last;
     for (let attempt = 0; attempt < CONNECT_ATTEMPTS; attempt++) {
       try {
-        return new Driver(await connect(options), c);
+        const driver = new Driver(await connect(options), c);
+        if (tuning.requestTimeoutMs !== undefined) driver.requestTimeoutMs = tuning.requestTimeoutMs;
+        return driver;
       } catch (err) {
         last = err;
         if (/authorization/i.test(describe(err))) break;
@@ -365,24 +371,61 @@ export class Driver {
   }
 
   /**
-   * A NATS request; our errors for no responders, timeouts and a closed connection.
+   * A NATS request that rides out a restarting server (PROTOCOL.md 6.0): retried while the
+   * connection is re-established and while a restarted server has not loaded its streams yet;
+   * the same body and headers every time, so a retried increment keeps its message id.
    * @param {string} subject
    * @param {string | Uint8Array} body
    * @param {string} what for the error message
    * @param {import("@nats-io/transport-node").MsgHdrs} [hdrs]
    */
   async #request(subject, body, what, hdrs) {
-    try {
-      return await this.nc.request(subject, body, { timeout: REQUEST_TIMEOUT_MS, headers: hdrs });
-    } catch (err) {
-      if (isNoResponders(err)) {
-        throw new TricksError(
-          `experiment ${JSON.stringify(this.config.experiment)} is not running on this NATS`,
-          { cause: err },
-        );
+    const deadline = Date.now() + RECOVERY_MS;
+    let pause = 50;
+    /** @type {unknown} */
+    let last;
+    for (;;) {
+      try {
+        return await this.nc.request(subject, body, {
+          timeout: this.requestTimeoutMs,
+          headers: hdrs,
+        });
+      } catch (err) {
+        last = err;
+        if (isNoResponders(err)) {
+          if (await this.#countsStreamMissing()) {
+            throw new TricksError(
+              `experiment ${JSON.stringify(this.config.experiment)} is not running on this NATS ` +
+                "(no counts bucket)",
+              { cause: err },
+            );
+          }
+        } else if (!isTimeout(err) && !isDisconnection(err)) {
+          throw new NatsUnavailable(`cannot ${what}: ${describe(err)}`, { cause: err });
+        }
       }
-      if (isTimeout(err)) throw err;
-      throw new NatsUnavailable(`cannot ${what}: ${describe(err)}`, { cause: err });
+      if (this.nc.isClosed() || Date.now() + pause >= deadline) {
+        throw new NatsUnavailable(`cannot ${what}: NATS did not answer (${describe(last)})`, {
+          cause: last,
+        });
+      }
+      await new Promise((resolve) => setTimeout(resolve, pause)); // backoff, not a wait
+      pause = Math.min(pause * 2, 1000);
+    }
+  }
+
+  /** True only when JetStream answers that the counts stream does not exist. */
+  async #countsStreamMissing() {
+    const stream = names.countsStream(this.config.experiment);
+    try {
+      const reply = await this.nc.request(`$JS.API.STREAM.INFO.${stream}`, Empty, {
+        timeout: REQUEST_TIMEOUT_MS,
+      });
+      /** @type {{error?: {code?: number}}} */
+      const info = reply.json();
+      return info.error?.code === 404;
+    } catch {
+      return false; // JetStream itself is not answering yet: a restart in progress
     }
   }
 
@@ -411,63 +454,39 @@ export class Driver {
     h.set("Nats-Incr", "1");
     h.set("Nats-Msg-Id", msgId);
     h.set("Tricks-Pod", this.pod);
-    /** @type {unknown} */
-    let last;
-    for (let attempt = 0; attempt < PUBLISH_ATTEMPTS; attempt++) {
-      let reply;
-      try {
-        reply = await this.#request(
-          names.countSubject(exp, name),
-          Empty,
-          `register event ${JSON.stringify(name)}`,
-          h,
-        );
-      } catch (err) {
-        if (isTimeout(err) && !this.nc.isClosed()) {
-          last = err;
-          continue;
-        }
-        throw err;
-      }
-      /** @type {{seq?: number, val?: string, duplicate?: boolean, error?: {description?: string}}} */
-      let ack;
-      try {
-        ack = reply.json();
-      } catch (err) {
-        throw new TricksError(`increment of ${JSON.stringify(name)}: malformed reply`, {
-          cause: err,
-        });
-      }
-      if (ack.error) {
-        throw new TricksError(
-          `increment of ${JSON.stringify(name)} refused: ${ack.error.description ?? "?"}`,
-        );
-      }
-      if (typeof ack.val === "string") return Number.parseInt(ack.val, 10);
-      return this.#valueAt(ack.seq ?? 0);
-    }
-    throw new NatsUnavailable(
-      `cannot register event ${JSON.stringify(name)}: NATS did not answer (${describe(last)})`,
-      { cause: last },
+    const reply = await this.#request(
+      names.countSubject(exp, name),
+      Empty,
+      `register event ${JSON.stringify(name)}`,
+      h,
     );
+    /** @type {{seq?: number, val?: string, duplicate?: boolean, error?: {description?: string}}} */
+    let ack;
+    try {
+      ack = reply.json();
+    } catch (err) {
+      throw new TricksError(`increment of ${JSON.stringify(name)}: malformed reply`, {
+        cause: err,
+      });
+    }
+    if (ack.error) {
+      throw new TricksError(
+        `increment of ${JSON.stringify(name)} refused: ${ack.error.description ?? "?"}`,
+      );
+    }
+    if (typeof ack.val === "string") return Number.parseInt(ack.val, 10);
+    return this.#valueAt(ack.seq ?? 0);
   }
 
   /** @param {number} seq */
   async #valueAt(seq) {
     const stream = names.countsStream(this.config.experiment);
-    try {
-      const reply = await this.#request(
-        `$JS.API.DIRECT.GET.${stream}`,
-        JSON.stringify({ seq }),
-        "read a count",
-      );
-      return parseCount(reply.data) ?? 0;
-    } catch (err) {
-      if (isTimeout(err)) {
-        throw new NatsUnavailable(`cannot read a count: NATS did not answer`, { cause: err });
-      }
-      throw err;
-    }
+    const reply = await this.#request(
+      `$JS.API.DIRECT.GET.${stream}`,
+      JSON.stringify({ seq }),
+      "read a count",
+    );
+    return parseCount(reply.data) ?? 0;
   }
 
   /**
@@ -479,18 +498,7 @@ export class Driver {
     checkName(name, "event name");
     const exp = this.config.experiment;
     const subject = `$JS.API.DIRECT.GET.${names.countsStream(exp)}.${names.countSubject(exp, name)}`;
-    let reply;
-    try {
-      reply = await this.#request(subject, Empty, `read event ${JSON.stringify(name)}`);
-    } catch (err) {
-      if (isTimeout(err)) {
-        throw new NatsUnavailable(
-          `cannot read event ${JSON.stringify(name)}: NATS did not answer`,
-          { cause: err },
-        );
-      }
-      throw err;
-    }
+    const reply = await this.#request(subject, Empty, `read event ${JSON.stringify(name)}`);
     if (reply.headers?.code === 404) return 0;
     return parseCount(reply.data) ?? 0;
   }

@@ -17,9 +17,9 @@ describe("after a server restart", () => {
   /** @type {Driver[]} */
   const open = [];
   /** @param {string} tag @param {number} podId @param {string} [url] another way to the server */
-  const driver = async (tag, podId, url) => {
+  const driver = async (tag, podId, url, tuning = {}) => {
     const config = configFromEnv(ex.env(tag, podId, 4));
-    const d = await Driver.connect(url ? { ...config, natsUrl: url } : config);
+    const d = await Driver.connect(url ? { ...config, natsUrl: url } : config, tuning);
     open.push(d);
     return d;
   };
@@ -72,6 +72,26 @@ describe("after a server restart", () => {
         await proxy.close();
       }
     });
+
+  test("calls made while the server is away complete once it is back", SAFETY, async () => {
+    const proxy = await startProxy(ex.server.port);
+    try {
+      // A request timeout far shorter than the outage, as on a loaded machine.
+      const d = await driver("e", 0, proxy.url, { requestTimeoutMs: 50 });
+      assert.equal(await d.registerEvent("away"), 1);
+      proxy.hold(); // the pod is cut off from here on
+      const calls = Promise.all([d.registerEvent("away"), d.count("away")]);
+      await ex.restartServer();
+      const back = reconnected(d);
+      proxy.release();
+      await back;
+      const [registered] = await calls;
+      assert.equal(registered, 2); // counted once, though earlier attempts went nowhere
+      assert.equal(await d.count("away"), 2);
+    } finally {
+      await proxy.close();
+    }
+  });
 
   test("a blocking discover starts its watch over after the restart", SAFETY, async () => {
     const d = await driver("c", 0);
