@@ -424,39 +424,52 @@ async def nats_floor(ctx: NatsCtx, pool: Pool, plan: Plan, log: Log) -> list[Row
     publisher = await nats.connect(ctx.url, name="bench-publisher")
     try:
         for n in plan.barrier_sizes:
-            groups = split(n, pool.size)
-            subject = f"bench.fan.{n}"
-            await pool.call(
-                "raw_open", [{"url": ctx.url, "k": len(g), "subject": subject} for g in groups]
-            )
-            lat, deliveries = [], []
-            for seq in range(plan.warmup + plan.fanout_repeats):
-                before = await ctx.out_msgs()
-                sent = now()
-                await publisher.publish(subject, str(seq).encode())
-                await publisher.flush()
-                got = _flat(
-                    await pool.call("fan_collect", [{"seq": seq, "timeout": 30}] * len(groups))
-                )
-                await asyncio.sleep(0.02)
-                if seq >= plan.warmup:
-                    lat.append(max(got) - sent)
-                    deliveries.append(await ctx.out_msgs() - before)
-            await pool.call("raw_close", [{}] * len(groups))
-            rows.append(
-                latency_row(
-                    FLOOR,
-                    "publish fan-out",
-                    n,
-                    lat,
-                    f"{len(groups)} procs; publish to the last of N subscribers",
-                    deliveries=statistics.median(deliveries),
-                )
-            )
-            log(f"raw NATS fan-out N={n}: {rows[-1].p50_ms:.2f} ms p50")
+            for oneshot in (False, True):
+                rows.append(await _fan_out(ctx, pool, plan, publisher, n, oneshot))
+                log(f"raw NATS {rows[-1].measure} N={n}: {rows[-1].p50_ms:.2f} ms p50")
     finally:
         await publisher.close()
     return rows
+
+
+async def _fan_out(
+    ctx: NatsCtx, pool: Pool, plan: Plan, publisher: Any, n: int, oneshot: bool
+) -> Row:
+    """One publish reaching N subscribers on N connections: persistent callback subscribers,
+    or (`oneshot`) one-shot future subscriptions armed before every round, the receive path a
+    waiting driver uses; from the publish to the last subscriber's receipt."""
+    groups = split(n, pool.size)
+    subject = f"bench.fan.{n}.{int(oneshot)}"
+    await pool.call(
+        "raw_open",
+        [{"url": ctx.url, "k": len(g), "subject": None if oneshot else subject} for g in groups],
+    )
+    lat, deliveries = [], []
+    try:
+        for seq in range(plan.warmup + plan.fanout_repeats):
+            target = f"{subject}.{seq}" if oneshot else subject
+            if oneshot:
+                await pool.call("fan_arm", [{"subject": target, "seq": seq}] * len(groups))
+            before = await ctx.out_msgs()
+            sent = now()
+            await publisher.publish(target, str(seq).encode())
+            await publisher.flush()
+            got = _flat(await pool.call("fan_collect", [{"seq": seq, "timeout": 30}] * len(groups)))
+            await asyncio.sleep(0.02)
+            if seq >= plan.warmup:
+                lat.append(max(got) - sent)
+                deliveries.append(await ctx.out_msgs() - before)
+    finally:
+        await pool.call("raw_close", [{}] * len(groups))
+    how = "one-shot future subscribers (the waiter's path)" if oneshot else "callback subscribers"
+    return latency_row(
+        FLOOR,
+        "one-shot fan-out" if oneshot else "publish fan-out",
+        n,
+        lat,
+        f"{len(groups)} procs; {how}; publish to the last of N",
+        deliveries=statistics.median(deliveries),
+    )
 
 
 # -- ZooKeeper ------------------------------------------------------------------------------

@@ -163,7 +163,9 @@ class Worker:
 
     # -- raw NATS: fan-out subscribers and request/reply ----------------------------------
 
-    async def raw_open(self, url: str, k: int, subject: str) -> int:
+    async def raw_open(self, url: str, k: int, subject: str | None) -> int:
+        """`k` connections; with `subject`, each subscribes to it with a callback (the usual
+        nats-py subscriber); without, `fan_arm` gives each a one-shot subscription per round."""
         import nats
 
         async def one(i: int) -> Any:
@@ -174,11 +176,28 @@ class Worker:
             async def on_msg(msg: Any, times: dict[int, float] = times) -> None:
                 times[int(msg.data)] = now()
 
-            await nc.subscribe(subject, cb=on_msg)
-            await nc.flush()
+            if subject is not None:
+                await nc.subscribe(subject, cb=on_msg)
+                await nc.flush()
             return nc
 
         self.raw = await _bounded([one(i) for i in range(k)])
+        return len(self.raw)
+
+    async def fan_arm(self, subject: str, seq: int) -> int:
+        """Every connection subscribes once to `subject` for message `seq`, the way a waiter of
+        the driver does: a future resolved by the connection's reader, auto-unsubscribed after
+        one message (no task, no callback coroutine)."""
+        loop = asyncio.get_running_loop()
+
+        async def one(nc: Any, times: dict[int, float]) -> None:
+            arrived = loop.create_future()
+            arrived.add_done_callback(lambda _f: times.__setitem__(seq, now()))
+            sub = await nc.subscribe(subject, future=arrived)
+            await sub.unsubscribe(limit=1)
+            await nc.flush()
+
+        await _bounded([one(nc, t) for nc, t in zip(self.raw, self.fan_times, strict=True)])
         return len(self.raw)
 
     async def fan_collect(self, seq: int, timeout: float) -> list[float]:

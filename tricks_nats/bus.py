@@ -350,26 +350,32 @@ class Bus:
 
         Subscribe to the coordinator's one-shot notification first, then read the count: an
         increment between the two is caught by the subscription, one before by the read.
-        """
-        got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        async def on_reached(_msg: Msg) -> None:
-            if not got.done():
-                got.set_result(None)
+        The release path is kept short, since a barrier releases all its waiters at once:
+        the notification resolves a future straight from the connection's reader (no task
+        per subscription, no callback), and the server drops the interest by itself after
+        that one message (UNSUB with a limit of 1, sent with the SUB), so nothing is sent
+        on release.
+        """
+        arrived: asyncio.Future[Msg | None] = asyncio.get_running_loop().create_future()
+        sub = await self.nc.subscribe(p.reached_subject(self.exp, event, value), future=arrived)
 
         async def recheck() -> None:  # a notification sent while we were away is lost
-            if not got.done() and await self.count(event) >= value and not got.done():
-                got.set_result(None)
+            if not arrived.done() and await self.count(event) >= value and not arrived.done():
+                await _unsubscribe(sub)  # first, so no message can reach the future after
+                if not arrived.done():
+                    arrived.set_result(None)
 
-        sub = await self.nc.subscribe(p.reached_subject(self.exp, event, value), cb=on_reached)
         self.reconnect_hooks.append(recheck)
         try:
+            await sub.unsubscribe(limit=1)
             await self.nc.flush()
             current = await self.count(event)
             if current >= value:
                 return current
             try:
-                await asyncio.wait_for(got, timeout)
+                async with asyncio.timeout(timeout):
+                    await arrived
             except TimeoutError as exc:
                 now = await self.count(event)
                 if now >= value:
@@ -381,8 +387,10 @@ class Bus:
             return max(value, current)
         finally:
             self.reconnect_hooks.remove(recheck)
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+            if not (arrived.done() and not arrived.cancelled() and arrived.result() is not None):
+                if not arrived.done():
+                    arrived.cancel()  # a message arriving now is dropped by nats-py
+                await _unsubscribe(sub)
 
     # -- pods -----------------------------------------------------------------------------
 
@@ -474,6 +482,12 @@ class Bus:
                 await restarting
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+async def _unsubscribe(sub: Any) -> None:
+    """Unsubscribe unless that already happened (or the connection is gone)."""
+    with contextlib.suppress(nats.errors.Error):
+        await sub.unsubscribe()
 
 
 def _unavailable(what: str, exc: BaseException | None) -> NatsUnavailable:
