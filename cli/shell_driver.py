@@ -81,7 +81,8 @@ def event(
         str | None,
         typer.Option(
             "--id",
-            help="Registrations with the same id count once: pass one to retry safely.",
+            help="Registrations with the same id (within 5 minutes) count once: "
+            "pass one to retry safely.",
         ),
     ] = None,
 ) -> None:
