@@ -8,6 +8,8 @@ patches, finalizer release), so the runtime sees the same stream of events as on
 - a created pod gets the kubelet's finalizer (so a delete is graceful: deletionTimestamp first,
   the object goes once the container has stopped), is scheduled, gets an IP, runs its tag's
   program (a coroutine; it can use the real driver over NATS) and ends with its exit code;
+- `processes(workdir)` is a program that runs the pod's container command as a real local
+  process (on a loopback pod IP, see `pod_ips`), so a whole example runs as on a node;
 - tags can instead fail to pull their image, fail their container config, stay unschedulable,
   or stay pending until the test moves them by hand (`set_running`, `set_status`);
 - `pods/<name>/log` serves what the program printed (`follow` waits for the container's end);
@@ -23,6 +25,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +51,7 @@ class PodContext:
     env: dict[str, str]
     stop: asyncio.Event
     lines: list[str] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)  # the container's command + args
 
     def print(self, line: str) -> None:
         self.lines.append(line)
@@ -61,11 +67,60 @@ async def until_stopped(ctx: PodContext) -> int:
     return 143
 
 
+def processes(workdir: Path, grace: float = 10.0) -> Program:
+    """A program that runs the container's command in `workdir` as a local process (the
+    image's WORKDIR, with this machine's Python for `python`), with the pod's environment on
+    top of ours; a pod deletion sends SIGTERM, then SIGKILL after `grace`, like a kubelet."""
+
+    async def run(ctx: PodContext) -> int:
+        argv = [sys.executable if a == "python" else a for a in ctx.argv]
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=workdir,
+            env={**os.environ, **ctx.env},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        assert proc.stdout is not None
+
+        async def pump() -> None:
+            assert proc.stdout is not None
+            async for raw in proc.stdout:
+                ctx.print(raw.decode(errors="replace").rstrip("\n"))
+
+        output = asyncio.create_task(pump())
+        stopping = asyncio.create_task(ctx.stop.wait())
+        try:
+            ended = asyncio.create_task(proc.wait())
+            await asyncio.wait({ended, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not ended.done():
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(asyncio.shield(ended), grace)
+                except TimeoutError:
+                    proc.kill()
+            code = await ended
+            await output
+            return code if code >= 0 else 128 - code
+        finally:
+            stopping.cancel()
+            if proc.returncode is None:  # cancelled: the emulator is shutting down
+                proc.kill()
+                await proc.wait()
+            output.cancel()
+            await asyncio.gather(output, stopping, return_exceptions=True)
+
+    return run
+
+
 @attrs.define(kw_only=True)
 class Cluster(kmock.KubernetesEmulator):
     programs: dict[str, Program] = attrs.field(factory=dict)
     failures: dict[str, tuple[str, str]] = attrs.field(factory=dict)
     manual: set[str] = attrs.field(factory=set)
+    #: Pod IPs, `{}` being 2, 3, ...; loopback ones let `processes` pods listen on them.
+    pod_ips: str = "10.244.0.{}"
     logs: dict[str, PodContext] = attrs.field(factory=dict)
     finished: dict[str, asyncio.Event] = attrs.field(factory=dict)
     stops: dict[str, asyncio.Event] = attrs.field(factory=dict)
@@ -116,7 +171,7 @@ class Cluster(kmock.KubernetesEmulator):
                 resp.raise_for_status()
 
     async def set_running(self, namespace: str, name: str) -> str:
-        ip = f"10.244.0.{next(self._ips)}"
+        ip = self.pod_ips.format(next(self._ips))
         await self.set_status(
             namespace,
             name,
@@ -284,7 +339,9 @@ class Cluster(kmock.KubernetesEmulator):
                     )
             elif tag not in self.manual:
                 ip = await self.set_running(ns, name)
-                ctx = PodContext(name, _environment(pod, ip), stop)
+                container = pod["spec"]["containers"][0]
+                argv = [*(container.get("command") or []), *(container.get("args") or [])]
+                ctx = PodContext(name, _environment(pod, ip), stop, argv=argv)
                 self.logs[name] = ctx
                 program = self.programs.get(tag, until_stopped)
                 try:

@@ -8,6 +8,8 @@ import asyncio
 import collections
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from tricks_nats.runtimes.kubernetes import KubernetesRuntime
 from tricks_nats.spec import parse
 
 from .conftest import BIN, ROOT, cli_env
-from .kube_cluster import Cluster, PodContext, kubeconfig
+from .kube_cluster import Cluster, PodContext, kubeconfig, processes
 
 NS = "trials"
 EXP = "kexp-20260101-000000-abcd"
@@ -554,6 +556,89 @@ async def test_an_unpullable_image_fails_the_run_with_its_reason(
     assert server.reason and "ErrImagePull" in server.reason
     assert f"{outcome.summary.experiment}-server-0" in server.reason
     assert "never started" in (outcome.reason or "") or "127" in (outcome.reason or "")
+    assert cluster.pods() == {}
+
+
+async def _up_ring_on_the_emulator(
+    cluster: Cluster, kubecfg: Path, server: EmbeddedServer, tmp_path: Path
+) -> tuple[int, str, str]:
+    """`tricks-nats up examples/ring/ring.yaml` on kubernetes, typed as a user would, against
+    an API whose kubelet runs each container's command as a real process in the image's
+    WORKDIR (examples/ring) on its own loopback pod IP."""
+    cluster.pod_ips = f"127.0.{random.randint(100, 250)}.{{}}"
+    program = processes(ROOT / "examples" / "ring")
+    cluster.programs.update(server=program, client=program)
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "tricks-nats"),
+        "up",
+        "examples/ring/ring.yaml",
+        "--runtime",
+        "kubernetes",
+        "--kubeconfig",
+        str(kubecfg),
+        "--context",
+        "emulator",
+        "--namespace",
+        NS,
+        "--nats-url",
+        server.url,
+        "--pod-nats-url",
+        server.url,
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 180)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _only_run(tmp_path: Path) -> tuple[dict[str, Any], Path]:
+    (run,) = (tmp_path / "runs").iterdir()
+    return json.loads((run / "summary.json").read_text()), run
+
+
+async def test_the_ring_example_runs_on_the_emulator_through_the_cli(
+    cluster: Cluster, kubecfg: Path, nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    code, out, err = await _up_ring_on_the_emulator(cluster, kubecfg, nats_server, tmp_path)
+    assert code == 0, out[-3000:] + err
+    summary, run = _only_run(tmp_path)
+    assert summary["verdict"] == "succeeded"
+    assert summary["events"]["server-connected"] == 6
+    assert summary["events"]["client_stop"] == 6
+    pods = {(p["tag"], p["pod_id"]): p for p in summary["pods"]}
+    assert len(pods) == 12
+    assert all(pods[("client", i)]["exit_code"] == 0 for i in range(6))
+    assert all(pods[("server", i)]["stopped_by_workflow"] for i in range(6))
+    server_log = (run / "logs" / "server-0.log").read_text()
+    assert "token went round the ring of 6" in server_log  # the container's own output
+    assert "median round trip" in (run / "logs" / "client-5.log").read_text()
+    assert f"succeeded: {summary['experiment']}" in out
+    assert cluster.pods() == {}, "every pod is deleted at the end"
+
+
+async def test_the_ring_on_the_emulator_with_an_unpullable_image_fails_clearly(
+    cluster: Cluster, kubecfg: Path, nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    cluster.failures["server"] = ("ErrImagePull", "pull access denied for tricks-nats/ring")
+    code, out, err = await _up_ring_on_the_emulator(cluster, kubecfg, nats_server, tmp_path)
+    assert code == 1, out[-3000:] + err
+    assert "Traceback" not in out + err
+    summary, _ = _only_run(tmp_path)
+    assert summary["verdict"] == "failed"
+    # The cause reaches the user in the verdict line, not just an exit code.
+    (verdict,) = [line for line in (out + err).splitlines() if line.startswith("failed: ")]
+    assert re.search(r"server-\d failed \(exit 127\): .*ErrImagePull", verdict), verdict
+    assert not any(p["tag"] == "client" and p["exit_code"] is not None for p in summary["pods"])
     assert cluster.pods() == {}
 
 

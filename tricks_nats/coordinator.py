@@ -98,7 +98,8 @@ class Coordinator:
         self.grace = grace
         self.timeout = timeout if timeout is not None else exp.timeout
         self.queue: asyncio.Queue[PodEvent | _Count | _Interrupt | _FailFast] = asyncio.Queue()
-        self._first_failure: str | None = None
+        self._first_failure: str | None = None  # the one that fails the run (on_failure: stop)
+        self._first_failed: str | None = None  # the first pod failure of any tag, explained
         self._fail_timer: asyncio.TimerHandle | None = None
         self.tags = {t.tag: _TagState(t) for t in exp.tags}
         self.pods: dict[tuple[str, int], PodSummary] = {
@@ -186,7 +187,7 @@ class Coordinator:
         waiting = [s for s in self.tags.values() if not s.started and not s.stop_requested]
         if not waiting:
             return "succeeded", None
-        notes = []
+        notes = [self._first_failed] if self._first_failed else []  # the likely cause first
         for s in waiting:
             cond = s.tag.start
             assert cond is not None
@@ -310,6 +311,8 @@ class Coordinator:
         )
         if pod.state == "failed":
             pod.last_log_lines = self._tail(ev.tag, ev.pod_id)
+            if self._first_failed is None:
+                self._first_failed = _explain(pod)
             self._on_failure(pod)
         if pod.started_at is not None:
             await self.bus.delete_pod(ev.tag, ev.pod_id)
@@ -323,7 +326,7 @@ class Coordinator:
             return
         if self.exp.tag(pod.tag).on_failure != "stop":
             return
-        self._first_failure = f"{pod.tag}-{pod.pod_id} failed (exit {pod.exit_code})"
+        self._first_failure = _explain(pod)
         self._fail_timer = asyncio.get_running_loop().call_later(
             self.grace, self.queue.put_nowait, _FailFast()
         )
@@ -428,3 +431,9 @@ class Coordinator:
                 log.warning("could not record the stop of %s: %s", ev.name, exc)
         elif ev.kind == "running":
             pod.state, pod.started_at, pod.ip = "running", time.time(), ev.ip
+
+
+def _explain(pod: PodSummary) -> str:
+    """`server-0 failed (exit 127): <why>`, the why when the runtime knows one."""
+    what = f"{pod.tag}-{pod.pod_id} failed (exit {pod.exit_code})"
+    return f"{what}: {pod.reason}" if pod.reason else what
