@@ -42,6 +42,8 @@ class Worker:
         self.drivers: list[Any] = []  # tricks_nats.driver.Driver
         self.raw: list[Any] = []  # nats.aio.client.Client (fan-out subscribers, rtt)
         self.fan_times: list[dict[int, float]] = []
+        self.fan_arrived: dict[int, int] = {}  # seq -> subscribers that have it
+        self.fan_all: dict[int, asyncio.Event] = {}  # seq -> set once all have it
         self.redis: list[tuple[Any, Any]] = []  # (command client, pubsub)
         self.zk: list[Any] = []  # kazoo.client.KazooClient
         self.pending: list[asyncio.Task[Any]] = []
@@ -174,7 +176,7 @@ class Worker:
             self.fan_times.append(times)
 
             async def on_msg(msg: Any, times: dict[int, float] = times) -> None:
-                times[int(msg.data)] = now()
+                self._fan_got(times, int(msg.data))
 
             if subject is not None:
                 await nc.subscribe(subject, cb=on_msg)
@@ -192,7 +194,7 @@ class Worker:
 
         async def one(nc: Any, times: dict[int, float]) -> None:
             arrived = loop.create_future()
-            arrived.add_done_callback(lambda _f: times.__setitem__(seq, now()))
+            arrived.add_done_callback(lambda _f: self._fan_got(times, seq))
             sub = await nc.subscribe(subject, future=arrived)
             await sub.unsubscribe(limit=1)
             await nc.flush()
@@ -200,12 +202,21 @@ class Worker:
         await _bounded([one(nc, t) for nc, t in zip(self.raw, self.fan_times, strict=True)])
         return len(self.raw)
 
+    def _fan_got(self, times: dict[int, float], seq: int) -> None:
+        times[seq] = now()
+        self.fan_arrived[seq] = self.fan_arrived.get(seq, 0) + 1
+        if self.fan_arrived[seq] == len(self.fan_times):
+            self.fan_all.setdefault(seq, asyncio.Event()).set()
+
     async def fan_collect(self, seq: int, timeout: float) -> list[float]:
-        deadline = now() + timeout
-        while not all(seq in t for t in self.fan_times):
-            if now() > deadline:
-                raise TimeoutError(f"fan-out {seq} did not reach every subscriber")
-            await asyncio.sleep(0.002)
+        """Wait (by event, not by polling: the measure must not compete for the CPU) until
+        every subscriber of this worker has message `seq`; their receipt times."""
+        done = self.fan_all.setdefault(seq, asyncio.Event())
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        except TimeoutError as exc:
+            raise TimeoutError(f"fan-out {seq} did not reach every subscriber") from exc
+        del self.fan_all[seq], self.fan_arrived[seq]
         return [t.pop(seq) for t in self.fan_times]
 
     async def rtt_serve(self, url: str, subject: str) -> None:
@@ -239,6 +250,8 @@ class Worker:
 
     async def raw_close(self) -> None:
         clients, self.raw, self.fan_times = self.raw, [], []
+        self.fan_arrived.clear()
+        self.fan_all.clear()
         await _bounded([nc.close() for nc in clients])
 
     # -- Redis: INCR + pub/sub barrier ----------------------------------------------------

@@ -178,6 +178,58 @@ async def test_the_ring_survives_a_server_kill_with_exact_counts(tmp_path: Path,
     assert not exp_processes(experiment)
 
 
+async def test_with_nats_url_the_ring_survives_that_server_restarting(tmp_path: Path) -> None:
+    """The user's own server (--nats-url) crashes and its operator starts it again on the same
+    port and store: coordinator and pods reconnect, the run completes with exact counts."""
+    server = EmbeddedServer(store_dir=tmp_path / "js", supervise=False)
+    await server.start()
+    try:
+        up = await asyncio.create_subprocess_exec(
+            *TRICKS,
+            "up",
+            "examples/ring/ring.yaml",
+            "--nats-url",
+            server.url,
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--json",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli_env(),
+            cwd=ROOT,
+        )
+        try:
+            assert up.stdout is not None
+            experiment = ""
+            while True:
+                entry: dict[str, Any] = json.loads(await up.stdout.readline())
+                experiment = entry["experiment"]
+                if entry["kind"] == "event" and entry["name"] == "server-connected":
+                    break
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGKILL)
+            await server.stop()
+            await server.start()
+            out, err = await up.communicate()
+        finally:
+            if up.returncode is None:
+                up.kill()
+                await up.communicate()
+    finally:
+        await server.stop()
+    assert up.returncode == 0, (out.decode()[-3000:], err.decode())
+    summary = json.loads((tmp_path / "runs" / experiment / "summary.json").read_text())
+    assert summary["verdict"] == "succeeded"
+    assert summary["events"] == {
+        "server_start": 6,
+        "server-connected": 6,
+        "client_start": 6,
+        "client_stop": 6,
+        "server_stop": 6,
+    }
+    assert not exp_processes(experiment)
+
+
 async def test_secrets_never_reach_the_records(tmp_path: Path) -> None:
     secret_file = tmp_path / "seen-by-the-pod"
     spec = tmp_path / "s.yaml"

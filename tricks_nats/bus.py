@@ -203,8 +203,11 @@ class Bus:
 
     async def pods(self) -> KeyValue:
         if self._pods is None:
+            bucket = p.pods_bucket(self.exp)
             try:
-                self._pods = await self.js.key_value(p.pods_bucket(self.exp))
+                self._pods = await self.ride_out(
+                    "open the pods bucket", lambda: self.js.key_value(bucket)
+                )
             except nats.js.errors.NotFoundError as exc:
                 raise TricksError(
                     f"experiment {self.exp!r} is not running on this NATS (no pods bucket)"
@@ -369,7 +372,12 @@ class Bus:
         self.reconnect_hooks.append(recheck)
         try:
             await sub.unsubscribe(limit=1)
-            await self.nc.flush()
+            # The server has our interest before we read (retried across a reconnect, whose
+            # resubscription nats-py sends ahead of anything else).
+            await self.ride_out(
+                f"wait for {event!r}",
+                lambda: self.nc.flush(timeout=max(1, round(PUBLISH_TIMEOUT_S))),
+            )
             current = await self.count(event)
             if current >= value:
                 return current
@@ -450,7 +458,7 @@ class Bus:
     ) -> bool:
         """True once caught up with at least `count` pods; False when asked to restart."""
         try:
-            watcher = await kv.watch(f"{tag}.*")
+            watcher = await self.ride_out(f"discover {tag!r}", lambda: kv.watch(f"{tag}.*"))
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             raise _unavailable(f"discover {tag!r}", exc) from exc
         restarting = asyncio.ensure_future(restart.wait())
