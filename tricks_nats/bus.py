@@ -305,7 +305,7 @@ class Bus:
         except nats.errors.Error:
             return False  # JetStream itself is not answering yet: a restart in progress
         try:
-            info = msgspec.json.decode(reply.data, type=p.PubAckOrError)
+            info = msgspec.json.decode(reply.data, type=p.ApiReply)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return False
         return info.error is not None and info.error.code == 404
