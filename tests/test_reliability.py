@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,12 +135,16 @@ async def test_the_run_survives_its_nats_server_being_killed(tmp_path: Path) -> 
     assert not exp_processes(experiment)
 
 
-@pytest.mark.parametrize("when", ["server_start", "server-connected", "client_start"])
-async def test_the_ring_survives_a_server_kill_with_exact_counts(tmp_path: Path, when: str) -> None:
+async def ring_through_a_server_kill(
+    tmp_path: Path, when: str, kill: Callable[[int], Awaitable[None]], *options: str
+) -> None:
+    """Run the ring; once event `when` happens, `kill(pid of up)`; the run must still succeed
+    with exact counts and leave no pod behind."""
     up = await asyncio.create_subprocess_exec(
         *TRICKS,
         "up",
         "examples/ring/ring.yaml",
+        *options,
         "--runs-dir",
         str(tmp_path / "runs"),
         "--json",
@@ -156,67 +161,12 @@ async def test_the_ring_survives_a_server_kill_with_exact_counts(tmp_path: Path,
             experiment = entry["experiment"]
             if entry["kind"] == "event" and entry["name"] == when:
                 break
-        (server,) = [
-            p for p in psutil.Process(up.pid).children(recursive=True) if p.name() == "nats-server"
-        ]
-        os.kill(server.pid, signal.SIGKILL)
-        _, err = await up.communicate()
+        await kill(up.pid)
+        out, err = await up.communicate()
     finally:
         if up.returncode is None:
             up.kill()
             await up.communicate()
-    assert up.returncode == 0, err.decode()
-    summary = json.loads((tmp_path / "runs" / experiment / "summary.json").read_text())
-    assert summary["verdict"] == "succeeded"
-    assert summary["events"] == {
-        "server_start": 6,
-        "server-connected": 6,
-        "client_start": 6,
-        "client_stop": 6,
-        "server_stop": 6,
-    }
-    assert not exp_processes(experiment)
-
-
-async def test_with_nats_url_the_ring_survives_that_server_restarting(tmp_path: Path) -> None:
-    """The user's own server (--nats-url) crashes and its operator starts it again on the same
-    port and store: coordinator and pods reconnect, the run completes with exact counts."""
-    server = EmbeddedServer(store_dir=tmp_path / "js", supervise=False)
-    await server.start()
-    try:
-        up = await asyncio.create_subprocess_exec(
-            *TRICKS,
-            "up",
-            "examples/ring/ring.yaml",
-            "--nats-url",
-            server.url,
-            "--runs-dir",
-            str(tmp_path / "runs"),
-            "--json",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=cli_env(),
-            cwd=ROOT,
-        )
-        try:
-            assert up.stdout is not None
-            experiment = ""
-            while True:
-                entry: dict[str, Any] = json.loads(await up.stdout.readline())
-                experiment = entry["experiment"]
-                if entry["kind"] == "event" and entry["name"] == "server-connected":
-                    break
-            assert server.pid is not None
-            os.kill(server.pid, signal.SIGKILL)
-            await server.stop()
-            await server.start()
-            out, err = await up.communicate()
-        finally:
-            if up.returncode is None:
-                up.kill()
-                await up.communicate()
-    finally:
-        await server.stop()
     assert up.returncode == 0, (out.decode()[-3000:], err.decode())
     summary = json.loads((tmp_path / "runs" / experiment / "summary.json").read_text())
     assert summary["verdict"] == "succeeded"
@@ -228,6 +178,37 @@ async def test_with_nats_url_the_ring_survives_that_server_restarting(tmp_path: 
         "server_stop": 6,
     }
     assert not exp_processes(experiment)
+
+
+@pytest.mark.parametrize("when", ["server_start", "server-connected", "client_start"])
+async def test_the_ring_survives_a_server_kill_with_exact_counts(tmp_path: Path, when: str) -> None:
+    async def kill_the_embedded_server(up: int) -> None:
+        (server,) = [
+            p for p in psutil.Process(up).children(recursive=True) if p.name() == "nats-server"
+        ]
+        os.kill(server.pid, signal.SIGKILL)
+
+    await ring_through_a_server_kill(tmp_path, when, kill_the_embedded_server)
+
+
+async def test_with_nats_url_the_ring_survives_that_server_restarting(tmp_path: Path) -> None:
+    """The user's own server (--nats-url) crashes and its operator starts it again on the same
+    port and store: coordinator and pods reconnect, the run completes with exact counts."""
+    server = EmbeddedServer(store_dir=tmp_path / "js", supervise=False)
+
+    async def crash_and_restart(_up: int) -> None:
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)
+        await server.stop()
+        await server.start()
+
+    await server.start()
+    try:
+        await ring_through_a_server_kill(
+            tmp_path, "server-connected", crash_and_restart, "--nats-url", server.url
+        )
+    finally:
+        await server.stop()
 
 
 async def test_secrets_never_reach_the_records(tmp_path: Path) -> None:
