@@ -91,8 +91,8 @@ def processes(workdir: Path, grace: float = 10.0) -> Program:
 
         output = asyncio.create_task(pump())
         stopping = asyncio.create_task(ctx.stop.wait())
+        ended = asyncio.create_task(proc.wait())
         try:
-            ended = asyncio.create_task(proc.wait())
             await asyncio.wait({ended, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not ended.done():
                 proc.send_signal(signal.SIGTERM)
@@ -109,7 +109,7 @@ def processes(workdir: Path, grace: float = 10.0) -> Program:
                 proc.kill()
                 await proc.wait()
             output.cancel()
-            await asyncio.gather(output, stopping, return_exceptions=True)
+            await asyncio.gather(output, stopping, ended, return_exceptions=True)
 
     return run
 

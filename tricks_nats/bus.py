@@ -395,9 +395,9 @@ class Bus:
             return max(value, current)
         finally:
             self.reconnect_hooks.remove(recheck)
-            if not (arrived.done() and not arrived.cancelled() and arrived.result() is not None):
-                if not arrived.done():
-                    arrived.cancel()  # a message arriving now is dropped by nats-py
+            delivered = arrived.done() and not arrived.cancelled() and arrived.result() is not None
+            if not delivered:  # the server still holds our interest: drop it
+                arrived.cancel()  # no-op when done; a message arriving now is dropped by nats-py
                 await _unsubscribe(sub)
 
     # -- pods -----------------------------------------------------------------------------
