@@ -44,6 +44,50 @@ def test_env_list_and_mapping_forms_are_equivalent() -> None:
     assert a.tags[0].env == b.tags[0].env == {"N": "6", "B": "true"}
 
 
+@pytest.mark.parametrize(
+    ("written", "taken"),
+    [("7000", "7000"), ("true", "true"), ("0o17", "0o17"), ("1e3", "1e3"), ("'010'", "010")],
+)
+def test_env_values_keep_their_text(written: str, taken: str) -> None:
+    exp = parse(f"experiment:\n- {{tag: a, command: x, env: {{V: {written}}}}}\n")
+    assert exp.tags[0].env == {"V": taken}
+
+
+def test_anchors_aliases_and_merge_keys() -> None:
+    exp = parse(
+        """\
+        experiment:
+        - tag: a
+          command: &cmd [python, pod.py]
+          env: &common {A: '1', B: '2'}
+        - tag: b
+          command: *cmd
+          env: {<<: *common, B: '3'}
+        - tag: c
+          command: *cmd
+          env: {<<: [{B: '4', C: '5'}, *common], A: '6'}
+        """.replace("        ", "")
+    )
+    assert [t.command for t in exp.tags] == [("python", "pod.py")] * 3
+    assert [t.env for t in exp.tags] == [
+        {"A": "1", "B": "2"},
+        {"A": "1", "B": "3"},
+        {"A": "6", "B": "4", "C": "5"},
+    ]
+
+
+def test_an_error_inside_an_aliased_value_points_where_it_is_written() -> None:
+    found = errors("""\
+        experiment:
+        - {tag: a, command: x, workflow: &w {start: {name: go, value: zero}}}
+        - {tag: b, command: x, workflow: *w}
+        """)
+    assert found == [
+        "s.yaml:2:63: experiment[0].workflow.start.value: expected int, got 'zero'",
+        "s.yaml:2:63: experiment[1].workflow.start.value: expected int, got 'zero'",
+    ]
+
+
 def test_workflow_conditions() -> None:
     exp = parse(
         OK + "  workflow: {start: {name: go, value: 3}, stop: {name: server_stop, value: 1}}\n"
@@ -116,6 +160,26 @@ def test_workflow_conditions() -> None:
             "s.yaml:3:1: experiment: duplicate key 'experiment'",
         ),
         ("experiment:\n- {tag: a, command: [1, 2]}\n", "experiment[0].command"),
+        (
+            "experiment:\n- {tag: a, command: x}\ntimeout: .nan\n",
+            "s.yaml:3:10: timeout: expected float > 0.0, got nan",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x}\ntimeout: -1\n",
+            "s.yaml:3:10: timeout: expected float > 0.0, got -1",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x, env: {A: ~}}\n",
+            "s.yaml:2:33: experiment[0].env.A: expected bool | int | float | str, got None",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x}\n---\nexperiment: []\n",
+            "s.yaml:3:1: a spec is one YAML document, and another one starts here",
+        ),
+        (
+            "experiment:\n- {tag: a, command: x, env: {<<: 3}}\n",
+            "s.yaml:2:34: experiment[0].env.<<: merges a mapping or a list of mappings, not an",
+        ),
         # found by hypothesis: a non-string env name crashed the reserved-name check
         ("experiment:\n- {tag: a, command: x, env: [{name: []}]}\n", "s.yaml:2:37: "),
     ],
@@ -148,7 +212,7 @@ def test_kubernetes_runtime_needs_an_image_not_a_command() -> None:
 
 def test_garbage_is_an_error_not_a_crash() -> None:
     assert errors("\x00\x01")[0].startswith("s.yaml:1:1: YAML error")
-    assert errors("[" * 10000)[0] == "s.yaml:1:1: the spec is nested too deeply"
+    assert errors("[" * 10000) == ["s.yaml:1:65: the spec is nested too deeply (at most 64 levels)"]
     assert "undefined alias" in errors("a: *nope\n")[0]
 
 

@@ -1,27 +1,52 @@
 """The experiment spec (Tricks format): parse, default and validate. Pure, no I/O but reading text.
 
 msgspec stops at the first error and reports a path, not a line. Users want every mistake at once,
-each pointing into their file, so we compose the YAML ourselves (keeping each node's position),
-walk the msgspec types collecting every error, and only then convert.
+each pointing into their file, so we build the data from the YAML parser's events ourselves
+(keeping each value's position), walk the msgspec types collecting every error, and only then
+convert. No spec can exhaust the machine: reading and checking are linear in the spec, and the
+MAX_* bounds below (size, nesting, aliases, pods, tag length) are located errors like any other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
+import gc
+import re
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
-import yaml
 
 from tricks_nats import env as envnames
 from tricks_nats.errors import SpecError
+from tricks_nats.located_yaml import (
+    _UNFIT,
+    MAX_SPEC_BYTES,
+    PathT,
+    _compose,
+    _Located,
+    _shown,
+    _too_big,
+    _TooMany,
+    _type_name,
+)
 from tricks_nats.protocol import NAME_RE, start_event, stop_event
 
+#: Bounds on a spec (with those on its YAML, in located_yaml): each is a located error.
+#: Pods of one run (the sum of every tag's replicas).
+MAX_PODS = 100_000
+#: A tag names events (`<tag>_start`, `<tag>_stop`: at most 100) and Kubernetes labels (63).
+MAX_TAG_LENGTH = 63
+
+#: Tags: letters, digits, `-` and `_`, starting with a letter or digit, at most MAX_TAG_LENGTH.
+TAG_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_-]{{0,{MAX_TAG_LENGTH - 1}}}$")
+
 Scalar = str | int | float | bool
-PathT = tuple[str | int, ...]
 
 
 class Condition(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,7 +77,7 @@ class TagSpec(msgspec.Struct, forbid_unknown_fields=True):
     tag: str
     image: str | None = None
     command: list[str] | str | None = None
-    replicas: Annotated[int, msgspec.Meta(ge=1)] = 1
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=MAX_PODS)] = 1
     env: list[EnvVar] | dict[str, Scalar] | None = None
     workflow: Workflow | None = None
     resources: Resources | None = None  # kubernetes runtime only
@@ -97,124 +122,40 @@ class Experiment:
     base_dir: Path = field(default=Path("."))
 
     def tag(self, name: str) -> Tag:
-        return next(t for t in self.tags if t.tag == name)
+        return self._by_tag[name]
+
+    @functools.cached_property
+    def _by_tag(self) -> dict[str, Tag]:
+        """Found once: a run asks for a tag at every pod's exit (thousands of tags, of pods)."""
+        return {t.tag: t for t in self.tags}
 
     @property
     def pod_count(self) -> int:
         return sum(t.replicas for t in self.tags)
 
 
-# --- YAML with positions -------------------------------------------------------------------
-
-
-class _Located:
-    """Python data built from YAML nodes, plus the (line, col) of every value and every key."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.values: dict[PathT, tuple[int, int]] = {}
-        self.keys: dict[PathT, tuple[int, int]] = {}
-        self.found: list[tuple[int, int, str]] = []
-
-    @property
-    def errors(self) -> list[str]:
-        """Every problem as `FILE:LINE:COL: message`, in file order."""
-        return [f"{self.source}:{ln}:{col}: {msg}" for ln, col, msg in sorted(self.found)]
-
-    def add(self, line: int, col: int, message: str) -> None:
-        self.found.append((line, col, message))
-
-    def at(self, path: PathT, message: str, *, key: bool = False) -> None:
-        where = (self.keys.get(path) if key else None) or self.values.get(path)
-        probe = path
-        while where is None and probe:
-            probe = probe[:-1]
-            where = self.values.get(probe)
-        line, col = where or (1, 1)
-        shown = _dotted(path)
-        prefix = f"{shown}: " if shown else ""
-        self.add(line, col, f"{prefix}{message}")
-
-
-def _dotted(path: PathT) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
-
-
-def _mark(node: yaml.Node) -> tuple[int, int]:
-    return node.start_mark.line + 1, node.start_mark.column + 1
-
-
-def _build(loader: yaml.SafeLoader, node: yaml.Node, path: PathT, loc: _Located) -> Any:
-    loc.values[path] = _mark(node)
-    if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            if not isinstance(key, str):
-                loc.values[(*path, str(key))] = _mark(key_node)
-                loc.at((*path, str(key)), f"keys must be strings, got {key!r}")
-                continue
-            child = (*path, key)
-            loc.keys[child] = _mark(key_node)
-            if key in out:
-                loc.at(child, f"duplicate key {key!r}", key=True)
-                continue
-            out[key] = _build(loader, value_node, child, loc)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_build(loader, item, (*path, i), loc) for i, item in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
-
-
-def _compose(text: str, source: str) -> tuple[Any, _Located]:
-    loc = _Located(source)
-    try:
-        loader = yaml.SafeLoader(text)
-    except yaml.reader.ReaderError as exc:
-        loc.add(1, 1, f"YAML error: {exc.reason if hasattr(exc, 'reason') else exc}")
-        return None, loc
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            loc.add(1, 1, "the spec is empty")
-            return None, loc
-        return _build(loader, node, (), loc), loc
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        what = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
-        loc.add(line, col, f"YAML syntax error: {what}")
-    except yaml.YAMLError as exc:
-        loc.add(1, 1, f"YAML error: {exc}")
-    except RecursionError:
-        loc.add(1, 1, "the spec is nested too deeply")
-    finally:
-        loader.dispose()
-    return None, loc
-
-
 # --- schema walk ---------------------------------------------------------------------------
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "a mapping",
-    }.get(type(value), type(value).__name__)
+@functools.cache
+def _type_info(typ: Any) -> msgspec.inspect.Type:
+    """Computed once per type, not once per value (it walks the whole type)."""
+    return msgspec.inspect.type_info(typ)
+
+
+@functools.cache
+def _fields(cls: type) -> dict[str, tuple[msgspec.inspect.Field, Any]]:
+    """A struct's fields by their name in the spec, each with its (annotated) type."""
+    info = _type_info(cls)
+    assert isinstance(info, msgspec.inspect.StructType)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.encode_name: (f, hints[f.name]) for f in info.fields}
 
 
 def _check(value: Any, typ: Any, path: PathT, loc: _Located) -> None:
-    info = msgspec.inspect.type_info(typ)
+    if typ is str and type(value) is str:  # most values: no need to ask msgspec
+        return
+    info = _type_info(typ)
     if isinstance(info, msgspec.inspect.StructType):
         _check_struct(value, info, path, loc)
     elif isinstance(info, msgspec.inspect.ListType):
@@ -242,24 +183,25 @@ def _check_struct(value: Any, info: msgspec.inspect.StructType, path: PathT, loc
     if not isinstance(value, dict):
         loc.at(path, f"expected a mapping, got {_type_name(value)}")
         return
-    names = {f.encode_name: f for f in info.fields}
+    names = _fields(info.cls)
     for key in value:
         if key not in names:
-            hint = difflib.get_close_matches(key, list(names), n=1)
+            # a hint for a typo, not for a novel (difflib is quadratic in the key's length)
+            hint = [] if len(key) > 40 else difflib.get_close_matches(key, names, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             known = ", ".join(names)
-            loc.at((*path, key), f"unknown key {key!r}{suggestion}; known keys: {known}", key=True)
-    for name, f in names.items():
+            loc.at(
+                (*path, key),
+                f"unknown key {_shown(key)}{suggestion}; known keys: {known}",
+                key=True,
+            )
+    for name, (f, typ) in names.items():
         if name in value:
             if value[name] is None and f.default is None:
                 continue
-            _check(value[name], _field_type(info.cls, f.name), (*path, name), loc)
+            _check(value[name], typ, (*path, name), loc)
         elif f.required:
             loc.at(path, f"missing required key {name!r}")
-
-
-def _field_type(cls: type, attr: str) -> Any:
-    return typing.get_type_hints(cls, include_extras=True)[attr]
 
 
 def _check_union(
@@ -305,7 +247,9 @@ def _check_leaf(value: Any, typ: Any, path: PathT, loc: _Located) -> None:
             allowed = ", ".join(map(str, literals))
             message = f"expected one of {allowed}"
         message = message[0].lower() + message[1:] if message else "invalid value"
-        loc.at(path, f"{message}, got {value!r}")
+        if path[-1:] == ("replicas",) and "<=" in message:
+            message += f" (a run has at most {MAX_PODS} pods)"
+        loc.at(path, f"{message}, got {_shown(value)}")
 
 
 # --- cross-field checks ------------------------------------------------------------------
@@ -316,28 +260,30 @@ def _check_semantics(data: Any, loc: _Located, runtime: str) -> None:
     if not isinstance(data, dict) or not isinstance(data.get("experiment"), list):
         return
     entries = [(i, t) for i, t in enumerate(data["experiment"]) if isinstance(t, dict)]
-    tags = [t["tag"] for _, t in entries if isinstance(t.get("tag"), str)]
+    tags = {t["tag"] for _, t in entries if isinstance(t.get("tag"), str)}
     replicas = {t["tag"]: t.get("replicas", 1) for _, t in entries if isinstance(t.get("tag"), str)}
     seen: set[str] = set()
     for i, t in entries:
         p: PathT = ("experiment", i)
         tag = t.get("tag")
         if isinstance(tag, str):
-            if not NAME_RE.match(tag):
+            if not TAG_RE.match(tag):
                 loc.at(
                     (*p, "tag"),
-                    f"tag {tag!r} must be letters, digits, '-' or '_' "
-                    "(starting with a letter or digit, at most 100)",
+                    f"tag {_shown(tag)} must be 1 to {MAX_TAG_LENGTH} letters, digits, '-' or "
+                    "'_', starting with a letter or digit (it names the events <tag>_start and "
+                    "<tag>_stop, and Kubernetes labels)",
                 )
             elif tag in seen:
                 loc.at((*p, "tag"), f"duplicate tag {tag!r}")
             seen.add(tag)
-        shown = repr(tag) if isinstance(tag, str) else f"#{i}"
+        shown = _shown(tag) if isinstance(tag, str) else f"#{i}"
         if runtime == "local" and not t.get("command"):
             loc.at(p, f"tag {shown} has no 'command': the local runtime needs one")
         if runtime == "kubernetes" and not t.get("image"):
             loc.at(p, f"tag {shown} has no 'image': the kubernetes runtime needs one")
-        _check_env_names(t.get("env"), (*p, "env"), loc)
+        _check_env(t.get("env"), (*p, "env"), loc)
+        _check_command(t.get("command"), (*p, "command"), loc)
         workflow = t.get("workflow")
         for which in ("start", "stop"):
             cond = workflow.get(which) if isinstance(workflow, dict) else None
@@ -345,25 +291,90 @@ def _check_semantics(data: Any, loc: _Located, runtime: str) -> None:
             if isinstance(name, str):
                 _check_condition(name, which, tag, tags, (*p, "workflow", which, "name"), loc)
                 _check_reachable(cond, replicas, (*p, "workflow", which, "value"), loc)
+    _check_pods(entries, loc)
 
 
-def _check_env_names(env: Any, path: PathT, loc: _Located) -> None:
+def _pods(t: dict[str, Any]) -> int:
+    """A tag's replicas when valid (an invalid count has its own error), else 0."""
+    n = t.get("replicas", 1)
+    return n if type(n) is int and 1 <= n <= MAX_PODS else 0
+
+
+def _check_pods(entries: list[tuple[int, dict[str, Any]]], loc: _Located) -> None:
+    """Every pod is a process or a Kubernetes pod, and `up` plans them all at once."""
+    total = sum(_pods(t) for _, t in entries)
+    if total <= MAX_PODS:
+        return
+    running = 0
+    for i, t in entries:
+        running += _pods(t)
+        if running > MAX_PODS:
+            where: PathT = ("experiment", i, "replicas") if "replicas" in t else ("experiment", i)
+            loc.at(where, f"the run would have {total} pods; a run has at most {MAX_PODS} pods")
+            return
+
+
+def _bad_text(value: str) -> str | None:
+    """Why a process cannot be given `value` (in its environment or arguments), if it cannot."""
+    bad = _UNFIT.search(value)
+    if bad is None:
+        return None
+    return "a NUL character" if bad.group() == "\0" else "a lone surrogate (not UTF-8)"
+
+
+def _check_env(env: Any, path: PathT, loc: _Located) -> None:
+    """Reserved names, and what `execve` refuses: `=` or NUL in a name, NUL in a value."""
     if isinstance(env, list):
-        named = [
-            ((*path, j, "name"), e.get("name"), False)
+        items = [
+            ((*path, j, "name"), e.get("name"), False, (*path, j, "value"), e.get("value"))
             for j, e in enumerate(env)
             if isinstance(e, dict)
         ]
     elif isinstance(env, dict):
-        named = [((*path, k), k, True) for k in env]
+        items = [((*path, k), k, True, (*path, k), v) for k, v in env.items()]
     else:
         return
-    for where, name, is_key in named:
+    for where, name, is_key, value_at, value in items:
         # a non-string name is a type error msgspec reports; only strings can be reserved
-        if isinstance(name, str) and name in envnames.RESERVED:
-            loc.at(
-                where, f"env {name!r} is set by tricks-nats and may not be overridden", key=is_key
-            )
+        if isinstance(name, str):
+            if name in envnames.RESERVED:
+                message = f"env {name!r} is set by tricks-nats and may not be overridden"
+            elif not name:
+                message = "an env name may not be empty"
+            elif "=" in name:
+                message = f"env name {_shown(name)} may not contain '='"
+            elif (bad := _bad_text(name)) is not None:
+                message = f"env name {_shown(name)} may not contain {bad}"
+            else:
+                message = ""
+            if message:
+                loc.at(where, message, key=is_key)
+        if isinstance(value, str) and (bad := _bad_text(value)) is not None:
+            loc.at(value_at, f"an env value may not contain {bad}")
+
+
+def _check_command(command: Any, path: PathT, loc: _Located) -> None:
+    items = [(path, command)] if isinstance(command, str) else []
+    if isinstance(command, list):
+        items = [((*path, j), c) for j, c in enumerate(command) if isinstance(c, str)]
+    for where, text in items:
+        if (bad := _bad_text(text)) is not None:
+            loc.at(where, f"a command may not contain {bad}")
+
+
+def _env_as_written(data: Any, loc: _Located) -> None:
+    """Env values are text, exactly as written: YAML 1.1 reads `010` as 8, `0x1F` as 31, `1_000`
+    as 1000, `yes` and `on` as true and `12:30` as 750; a plain env value keeps its source text.
+    """
+    tags = data.get("experiment") if isinstance(data, dict) else None
+    for t in tags if isinstance(tags, list) else []:
+        env = t.get("env") if isinstance(t, dict) else None
+        mappings = [env] if isinstance(env, dict) else env if isinstance(env, list) else []
+        for m in mappings:
+            raw = loc.raw.get(id(m), {}) if isinstance(m, dict) else {}
+            for key, text in raw.items():
+                if m is env or key == "value":
+                    m[key] = text
 
 
 def _check_reachable(cond: Any, replicas: dict[str, Any], path: PathT, loc: _Located) -> None:
@@ -383,12 +394,12 @@ def _check_reachable(cond: Any, replicas: dict[str, Any], path: PathT, loc: _Loc
 
 
 def _check_condition(
-    name: str, which: str, tag: Any, tags: list[str], path: PathT, loc: _Located
+    name: str, which: str, tag: Any, tags: set[str], path: PathT, loc: _Located
 ) -> None:
     if not NAME_RE.match(name):
         loc.at(
             path,
-            f"event name {name!r} must be letters, digits, '-' or '_' "
+            f"event name {_shown(name)} must be letters, digits, '-' or '_' "
             "(starting with a letter or digit, at most 100)",
         )
         return
@@ -441,16 +452,41 @@ def parse(
 
     `runtime` (e.g. from `--runtime`) wins over the spec's own `runtime:`; default local.
     """
+    with _collector_paused():
+        return _parse(text, source, runtime, base_dir)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """A spec builds many containers and no cycle: the cyclic garbage collector would walk them
+    again and again as they pile up (a third of the time of a large spec), for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _parse(text: str, source: str, runtime: str | None, base_dir: Path | None) -> Experiment:
     data, loc = _compose(text, source)
     if loc.errors:
         raise SpecError(loc.errors)
-    _check(data, Spec, (), loc)
+    _env_as_written(data, loc)
     declared = data.get("runtime") if isinstance(data, dict) else None
     chosen = runtime or (declared if declared in ("local", "kubernetes") else None) or "local"
-    _check_semantics(data, loc, chosen)
-    if loc.errors:
+    spec: Spec | None = None
+    with contextlib.suppress(_TooMany):
+        try:  # fast, and enough for a valid spec; the walk finds (and places) every error
+            spec = msgspec.convert(data, Spec)
+        except msgspec.ValidationError as exc:
+            _check(data, Spec, (), loc)
+            if not loc.found:  # the walk should find what msgspec found; never hide it
+                loc.add(1, 1, f"invalid spec: {exc}")
+        _check_semantics(data, loc, chosen)
+    if loc.found or spec is None:
         raise SpecError(loc.errors)
-    spec = msgspec.convert(data, Spec)
     stem = Path(source).stem if source and not source.startswith("<") else "experiment"
     tags = tuple(
         Tag(
@@ -481,9 +517,12 @@ def load(path: str | Path, *, runtime: str | None = None) -> Experiment:
     """Read and validate a spec file; a missing or unreadable file is a SpecError too."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        with p.open("rb") as f:  # not read_bytes: /dev/zero must not fill the memory
+            raw = f.read(MAX_SPEC_BYTES + 1)
     except OSError as exc:
         raise SpecError([f"{path}: cannot read the spec: {exc.strerror or exc}"]) from exc
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError([f"{path}:1:1: {_too_big()}"])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -508,6 +547,9 @@ def conditions(exp: Experiment) -> list[tuple[Tag, str, Condition]]:
 
 
 __all__ = [
+    "MAX_PODS",
+    "MAX_TAG_LENGTH",
+    "TAG_RE",
     "Condition",
     "Experiment",
     "Spec",
