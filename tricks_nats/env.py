@@ -17,6 +17,8 @@ NATS_URL = "TRICKS_NATS_URL"
 NATS_USER = "TRICKS_NATS_USER"
 NATS_PASSWORD = "TRICKS_NATS_PASSWORD"
 PROTOCOL = "TRICKS_PROTOCOL"
+#: Marks every process of a run (local runtime), so nothing of it outlives the run.
+RUN_TOKEN = "TRICKS_RUN_TOKEN"
 
 #: Names a spec's `env` may not set: the coordinator owns them.
 RESERVED = frozenset(
@@ -32,6 +34,7 @@ RESERVED = frozenset(
         NATS_USER,
         NATS_PASSWORD,
         PROTOCOL,
+        RUN_TOKEN,
     }
 )
 #: Names that carry secrets: never written to logs, journal or summary.

@@ -36,7 +36,11 @@ class PodPlan:
 
 @dataclass(frozen=True)
 class PodEvent:
-    """`running` once the pod's program runs (with its IP); `exited` once it has ended."""
+    """`running` once the pod's program runs (with its IP); `exited` once it has ended.
+
+    `log_bytes_lost`: output the pod wrote that its log could not keep (a full disk): the
+    log is truncated by that much.
+    """
 
     kind: Literal["running", "exited"]
     tag: str
@@ -44,6 +48,10 @@ class PodEvent:
     ip: str | None = None
     exit_code: int | None = None
     reason: str | None = None
+    log_bytes_lost: int = 0
+    #: `exited` only: why the pod's log file may lack part of its output, if it may (a log
+    #: stream broke and could not be read again); the file's last line says so too.
+    log_incomplete: str | None = None
 
     @property
     def name(self) -> str:
