@@ -1,4 +1,5 @@
-"""`tricks-nats down EXPERIMENT`: remove the pods a killed `up --runtime kubernetes` left behind.
+"""`tricks-nats down EXPERIMENT`: remove the pods a killed `up --runtime kubernetes` left behind;
+and the Kubernetes options that `up` and `down` share.
 
 kubernetes_asyncio is imported inside the command only, so `tricks-nats --help` stays fast.
 """
@@ -12,18 +13,37 @@ import typer
 
 from tricks_nats.errors import TricksError
 
+# -- options shared by the commands that use a cluster ----------------------------------------
+
+KubeconfigOpt = Annotated[
+    str | None, typer.Option("--kubeconfig", help="kubernetes: the kubeconfig file.")
+]
+ContextOpt = Annotated[
+    str | None, typer.Option("--context", help="kubernetes: the kubeconfig context.")
+]
+NamespaceOpt = Annotated[
+    str | None,
+    typer.Option("--namespace", "-n", help="kubernetes: namespace of the pods (tricks-nats)."),
+]
+ScheduleTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--schedule-timeout",
+        min=0,
+        metavar="SECONDS",
+        help="kubernetes: a pod the scheduler cannot place for this long fails, with the "
+        "scheduler's message (e.g. '0/3 nodes are available: insufficient cpu').",
+    ),
+]
+#: The default of --schedule-timeout (UpOptions.schedule_timeout).
+SCHEDULE_TIMEOUT = 300.0
+
 
 def down(
     experiment: Annotated[str, typer.Argument(help="The experiment id (as `up` printed it).")],
-    kubeconfig: Annotated[
-        str | None, typer.Option("--kubeconfig", help="The kubeconfig file.")
-    ] = None,
-    context: Annotated[
-        str | None, typer.Option("--context", help="The kubeconfig context.")
-    ] = None,
-    namespace: Annotated[
-        str | None, typer.Option("--namespace", "-n", help="Namespace of the pods (tricks-nats).")
-    ] = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    namespace: NamespaceOpt = None,
     grace: Annotated[
         float, typer.Option("--grace", min=0, help="Seconds the pods get to stop.")
     ] = 5.0,

@@ -12,9 +12,17 @@ patches, finalizer release), so the runtime sees the same stream of events as on
   process (on a loopback pod IP, see `pod_ips`), so a whole example runs as on a node;
 - tags can instead fail to pull their image, fail their container config, stay unschedulable,
   or stay pending until the test moves them by hand (`set_running`, `set_status`);
-- `pods/<name>/log` serves what the program printed (`follow` waits for the container's end);
+- `pods/<name>/log` serves what the program printed; `follow` streams it line by line as it
+  is printed, to the container's end;
 - `drop_watches()` cuts every open watch; `expire_next_watch()` answers the next watch with
-  410 Gone; `watch_gate` holds new watches back until it is set.
+  410 Gone (in the stream, or as the answer); `watch_gate` holds new watches back until set;
+- like an API server that restarts or a proxy that drops connections: `drop_logs()` cuts every
+  open log stream, `logs_down` answers log reads 503, `lose_creates(n)` drops the connection of
+  the next n pod creations (`after=True`: once the pod exists, so the reply is lost),
+  `delete_errors` answers the next deletions with these statuses (429, 500, ...);
+- `node_down` tags run on a node that goes away: their pods stay Terminating when deleted;
+- `restart_policy` plays an admission webhook that changes a tag's restartPolicy: the kubelet
+  then reports an exit as CrashLoopBackOff (`lastState.terminated`, `restartCount`).
 
 Requests are recorded by kmock; `runtime_requests()` keeps those of tricks-nats (by User-Agent).
 """
@@ -52,9 +60,12 @@ class PodContext:
     stop: asyncio.Event
     lines: list[str] = field(default_factory=list)
     argv: list[str] = field(default_factory=list)  # the container's command + args
+    printed: Callable[[], None] | None = None  # called at each line (wakes log streams)
 
     def print(self, line: str) -> None:
         self.lines.append(line)
+        if self.printed is not None:
+            self.printed()
 
 
 Program = Callable[[PodContext], Awaitable[int]]
@@ -119,6 +130,8 @@ class Cluster(kmock.KubernetesEmulator):
     programs: dict[str, Program] = attrs.field(factory=dict)
     failures: dict[str, tuple[str, str]] = attrs.field(factory=dict)
     manual: set[str] = attrs.field(factory=set)
+    #: Tags whose pods run on a node that then goes down: nothing reports on them any more.
+    node_down: set[str] = attrs.field(factory=set)
     #: Pod IPs, `{}` being 2, 3, ...; loopback ones let `processes` pods listen on them.
     pod_ips: str = "10.244.0.{}"
     logs: dict[str, PodContext] = attrs.field(factory=dict)
@@ -127,8 +140,22 @@ class Cluster(kmock.KubernetesEmulator):
     created: asyncio.Queue[str] = attrs.field(factory=asyncio.Queue)
     watch_gate: asyncio.Event = attrs.field(factory=asyncio.Event)
     watches: asyncio.Queue[int] = attrs.field(factory=asyncio.Queue)
+    #: How each pod creation was answered, in order: its status, or 0 for a dropped connection.
+    create_answers: asyncio.Queue[int] = attrs.field(factory=asyncio.Queue)
+    #: Names of pods whose log stream (follow) opened, as they open.
+    log_streams: asyncio.Queue[str] = attrs.field(factory=asyncio.Queue)
+    #: (name, lines) each time a log stream has sent a pod's lines up to `lines`.
+    log_sent: asyncio.Queue[tuple[str, int]] = attrs.field(factory=asyncio.Queue)
+    logs_down: bool = False
+    #: Names of pods whose log was asked for while `logs_down`, as they are refused.
+    log_refusals: asyncio.Queue[str] = attrs.field(factory=asyncio.Queue)
+    restart_policy: dict[str, str] = attrs.field(factory=dict)
+    delete_errors: list[int] = attrs.field(factory=list)
+    _lost_creates: list[bool] = attrs.field(factory=list)
+    _log_wakers: set[asyncio.Event] = attrs.field(factory=set)
+    _drop_logs: asyncio.Event = attrs.field(factory=asyncio.Event)
     _drop: asyncio.Event = attrs.field(factory=asyncio.Event)
-    _expire: bool = False
+    _expire: str | None = None
     _lives: set[asyncio.Task[None]] = attrs.field(factory=set)
     _ips: Any = attrs.field(factory=lambda: itertools.count(2))
     _watch_count: int = 0
@@ -144,8 +171,17 @@ class Cluster(kmock.KubernetesEmulator):
         self._drop.set()
         self._drop = asyncio.Event()
 
-    def expire_next_watch(self) -> None:
-        self._expire = True
+    def expire_next_watch(self, *, http: bool = False) -> None:
+        """The next watch is told its resource version is too old: by an ERROR event in the
+        stream, or (`http`) by answering 410 Gone before it starts."""
+        self._expire = "http" if http else "event"
+
+    def drop_logs(self) -> None:
+        self._drop_logs.set()
+        self._drop_logs = asyncio.Event()
+
+    def lose_creates(self, n: int, *, after: bool = False) -> None:
+        self._lost_creates.extend([after] * n)
 
     def pods(self, namespace: str | None = None) -> dict[str, dict[str, Any]]:
         """Pods that exist now, by name."""
@@ -169,6 +205,8 @@ class Cluster(kmock.KubernetesEmulator):
         ) as resp:
             if resp.status != 404:  # gone already: nothing to report on
                 resp.raise_for_status()
+        if status.get("phase") in ("Succeeded", "Failed") and name in self.finished:
+            self.finished[name].set()  # the container has ended: so do its log streams
 
     async def set_running(self, namespace: str, name: str) -> str:
         ip = self.pod_ips.format(next(self._ips))
@@ -212,6 +250,37 @@ class Cluster(kmock.KubernetesEmulator):
             },
         )
 
+    async def set_crash_looping(self, namespace: str, name: str, code: int, ip: str) -> None:
+        """What a kubelet reports once it restarted a container that exited (restartPolicy
+        Always, or OnFailure and a failure) and now backs off before the next try."""
+        ended = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "startedAt": "2026-01-01T00:00:00Z",
+            "finishedAt": "2026-01-01T00:00:01Z",
+        }
+        waiting = {
+            "reason": "CrashLoopBackOff",
+            "message": f"back-off 10s restarting failed container={ko.CONTAINER} pod={name}",
+        }
+        await self.set_status(
+            namespace,
+            name,
+            {
+                "phase": "Running",
+                "podIP": ip,
+                "containerStatuses": [
+                    {
+                        "name": ko.CONTAINER,
+                        "ready": False,
+                        "restartCount": 1,
+                        "state": {"waiting": waiting},
+                        "lastState": {"terminated": ended},
+                    }
+                ],
+            },
+        )
+
     async def release(self, namespace: str, name: str) -> None:
         """The kubelet is done with the pod: drop its finalizer so a deletion completes."""
         async with self.patch(
@@ -226,10 +295,36 @@ class Cluster(kmock.KubernetesEmulator):
         pods = request.resource is not None and request.resource.plural == "pods"
         if pods and request.subresource == "log":
             return await self._serve_log(request)
+        if pods and request.action == kmock.action.WATCH:
+            self._watch_count += 1
+            self.watches.put_nowait(self._watch_count)
+            await self.watch_gate.wait()
+            if self._expire == "http":
+                self._expire = None
+                return _status(410, "too old resource version")
         creating = pods and request.action == kmock.action.CREATE
+        lost: bool | None = None
+        if creating and self._lost_creates:
+            lost = self._lost_creates.pop(0)
+            if not lost:  # the connection drops before the API server saw the request
+                self.create_answers.put_nowait(0)
+                return self._hang_up(request)
+        deleting = pods and request.action == kmock.action.DELETE
+        if deleting and self.delete_errors:
+            return _status(self.delete_errors.pop(0), "try again later")
         if creating and isinstance(request.data, dict):
             request.data.setdefault("metadata", {})["finalizers"] = [FINALIZER]
-        response = await super()._handle(request)
+            tag = (request.data["metadata"].get("labels") or {}).get(ko.TAG, "")
+            if tag in self.restart_policy:  # an admission webhook at work
+                request.data.setdefault("spec", {})["restartPolicy"] = self.restart_policy[tag]
+        try:
+            response = await super()._handle(request)
+        except kmock.KubernetesError as exc:  # e.g. 409: it exists
+            if creating:
+                self.create_answers.put_nowait(exc.status)
+            raise
+        if creating:
+            self.create_answers.put_nowait(0 if lost else response.status)
         if response.status >= 300:
             return response
         if creating:
@@ -241,29 +336,67 @@ class Cluster(kmock.KubernetesEmulator):
             self._lives.add(task)
             task.add_done_callback(self._lives.discard)
             self.created.put_nowait(name)
-        elif pods and request.action == kmock.action.DELETE and request.name in self.stops:
+            if lost:  # the pod exists, the reply is lost
+                return self._hang_up(request)
+        elif deleting and request.name in self.stops:
             self.stops[request.name].set()
         return response
 
+    @staticmethod
+    def _hang_up(request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """Drop the connection without an answer (the client sees a disconnection)."""
+        assert request._raw_request is not None
+        transport = request._raw_request.transport
+        if transport is not None:
+            transport.close()
+        return aiohttp.web.Response(status=503)
+
     async def _serve_log(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         name = request.name or ""
+        if self.logs_down:
+            self.log_refusals.put_nowait(name)
+            return _status(503, "the API server is restarting")
         if name not in self.pods(request.namespace):
-            return aiohttp.web.json_response(
-                {"kind": "Status", "code": 404, "reason": "NotFound", "message": f"{name} gone"},
-                status=404,
-            )
-        if request.params.get("follow") in ("true", "True", "1"):
-            await self.finished[name].wait()
-        ctx = self.logs.get(name)
-        text = "".join(f"{line}\n" for line in ctx.lines) if ctx else ""
-        return aiohttp.web.Response(text=text)
+            return _status(404, f"{name} gone")
+        if request.params.get("follow") not in ("true", "True", "1"):
+            ctx = self.logs.get(name)
+            text = "".join(f"{line}\n" for line in ctx.lines) if ctx else ""
+            return aiohttp.web.Response(text=text)
+        assert request._raw_request is not None
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request._raw_request)
+        self.log_streams.put_nowait(name)
+        drop, finished, sent = self._drop_logs, self.finished[name], 0
+        news = asyncio.Event()
+        self._log_wakers.add(news)
+        try:
+            while True:
+                news.clear()
+                ctx = self.logs.get(name)
+                lines = ctx.lines if ctx else []
+                if len(lines) > sent:
+                    await response.write("".join(f"{x}\n" for x in lines[sent:]).encode())
+                    sent = len(lines)
+                    self.log_sent.put_nowait((name, sent))
+                    continue
+                if finished.is_set():
+                    await response.write_eof()
+                    return response
+                if drop.is_set():  # cut: what was written arrives, then the connection ends
+                    return self._hang_up(request)
+                await _first(news, finished, drop)
+        except (ConnectionError, aiohttp.ClientConnectionResetError):  # the reader left
+            return response
+        finally:
+            self._log_wakers.discard(news)
+
+    def _printed(self) -> None:
+        for news in self._log_wakers:
+            news.set()
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
-        self._watch_count += 1
-        self.watches.put_nowait(self._watch_count)
-        await self.watch_gate.wait()
-        if self._expire:
-            self._expire = False
+        if self._expire == "event":
+            self._expire = None
             yield b""
             yield {
                 "type": "ERROR",
@@ -337,11 +470,15 @@ class Cluster(kmock.KubernetesEmulator):
                             "containerStatuses": [{"name": ko.CONTAINER, "state": waiting}],
                         },
                     )
+            elif tag in self.node_down:
+                await self.set_running(ns, name)
+                await asyncio.Event().wait()  # the node is gone: no status, no finalizer release
             elif tag not in self.manual:
                 ip = await self.set_running(ns, name)
                 container = pod["spec"]["containers"][0]
                 argv = [*(container.get("command") or []), *(container.get("args") or [])]
                 ctx = PodContext(name, _environment(pod, ip), stop, argv=argv)
+                ctx.printed = self._printed
                 self.logs[name] = ctx
                 program = self.programs.get(tag, until_stopped)
                 try:
@@ -349,13 +486,36 @@ class Cluster(kmock.KubernetesEmulator):
                 except Exception as exc:
                     ctx.print(f"crashed: {exc!r}")
                     code = 1
-                await self.set_terminated(ns, name, code)
+                policy = pod["spec"].get("restartPolicy", "Always")
+                if policy == "Always" or (policy == "OnFailure" and code != 0):
+                    await self.set_crash_looping(ns, name, code, ip)
+                else:
+                    await self.set_terminated(ns, name, code)
                 self.finished[name].set()
             await stop.wait()
             self.finished[name].set()
             await self.release(ns, name)
         except aiohttp.ClientError:  # the emulator is shutting down
             pass
+
+
+def _status(code: int, message: str) -> aiohttp.web.Response:
+    reason = {404: "NotFound", 410: "Expired", 429: "TooManyRequests", 500: "InternalError"}.get(
+        code, "ServiceUnavailable"
+    )
+    body = {"kind": "Status", "code": code, "reason": reason, "message": message}
+    return aiohttp.web.json_response(body, status=code)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until one of `events` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
 
 
 def _environment(pod: dict[str, Any], ip: str) -> dict[str, str]:

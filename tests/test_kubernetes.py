@@ -60,7 +60,7 @@ async def runtime(kubecfg: Path) -> AsyncIterator[KubernetesRuntime]:
         context="emulator",
         namespace=NS,
         concurrency=4,
-        unschedulable_timeout=0.0,
+        schedule_timeout=0.0,
         settle_timeout=10.0,
     )
     await rt.prepare()
@@ -395,6 +395,7 @@ async def test_an_expired_watch_relists_and_notices_pods_that_vanished(
     cluster.drop_watches()
     gone = name_of("m", 1)
     del cluster.objects[kmock.resource("v1/pods"), NS, gone]  # vanished without an event
+    cluster.finished[gone].set()  # and its container with it (its log stream ends)
     await cluster.set_terminated(NS, name_of("m", 0), 0)
     cluster.watch_gate.set()
     got = {(ev := await next_event(runtime)).pod_id: ev for _ in range(2)}

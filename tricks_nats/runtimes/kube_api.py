@@ -12,7 +12,8 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Iterable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -46,9 +47,19 @@ STATUS_NAMES = {
 GONE = 410
 NOT_FOUND = 404
 CONFLICT = 409
+#: Answers that say "not now" (throttled, restarting, overloaded): worth asking again.
+RETRYABLE = frozenset({429, 500, 502, 503, 504})
+#: Answers after which deleting pod by pod may still work (RBAC without deletecollection, an
+#: API that lacks it).
+_REFUSED = frozenset(range(400, 500)) - RETRYABLE
 
 #: Transport failures: the API server is unreachable or the connection broke.
 NETWORK_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+
+#: How long one call (a create, a delete, a list) keeps being retried through an API outage.
+RETRY_BUDGET = 30.0
+#: Seconds one plain request may take (log streams and watches set their own).
+REQUEST_TIMEOUT = 60
 
 
 async def raw(call: Awaitable[Any]) -> aiohttp.ClientResponse:
@@ -135,6 +146,59 @@ def status_of(exc: BaseException) -> int:
     return int(getattr(exc, "status", 0) or 0)
 
 
+def _retry_after(resp: aiohttp.ClientResponse) -> float:
+    try:
+        return max(0.0, float(resp.headers.get("Retry-After", "")))
+    except ValueError:
+        return 0.0
+
+
+async def call(
+    make: Callable[[], Awaitable[Any]],
+    doing: str,
+    *,
+    budget: float = RETRY_BUDGET,
+    accept: Container[int] = (),
+    give_up: Callable[[], bool] = lambda: False,
+) -> aiohttp.ClientResponse:
+    """One API call with a raw response (`make` starts one attempt), retried with backoff on a
+    connection error or a "not now" answer (429, 5xx; Retry-After honoured) for up to `budget`
+    seconds, or until `give_up()`. Returns the response, unread, when it succeeded or its status
+    is in `accept` (the caller releases it); otherwise raises RuntimeFailure saying why and,
+    after retries, how long it tried."""
+    started = time.monotonic()
+    attempts = 0
+    delay = 0.2
+    while True:
+        attempts += 1
+        wait = delay
+        try:
+            resp = await raw(make())
+            if resp.status < 400 or resp.status in accept:
+                return resp
+            if resp.status in RETRYABLE:
+                wait = max(delay, _retry_after(resp))
+            await checked(resp, doing)  # raises: the status and the server's message
+        except NETWORK_ERRORS as exc:
+            failure = api_failure(exc, doing)
+        except RuntimeFailure as exc:
+            if status_of(exc) not in RETRYABLE:
+                raise
+            failure = exc
+        spent = time.monotonic() - started
+        left = budget - spent
+        if left <= 0 or give_up():
+            if attempts > 1:
+                last = failure
+                failure = RuntimeFailure(
+                    f"{last} (gave up after {attempts} attempts in {spent:.0f}s)"
+                )
+                failure.status = status_of(last)  # type: ignore[attr-defined]
+            raise failure
+        await asyncio.sleep(min(wait, left))
+        delay = min(5.0, delay * 2)
+
+
 async def checked(resp: aiohttp.ClientResponse, doing: str) -> aiohttp.ClientResponse:
     """Raise for a raw (not preloaded) response that failed; return it otherwise."""
     if resp.status >= 400:
@@ -146,21 +210,31 @@ async def checked(resp: aiohttp.ClientResponse, doing: str) -> aiohttp.ClientRes
     return resp
 
 
-async def list_pods(core: client.CoreV1Api, namespace: str, exp_id: str) -> tuple[list[Any], str]:
-    """The experiment's pods as plain dicts, and the list's resourceVersion."""
+async def list_pods(
+    core: client.CoreV1Api, namespace: str, exp_id: str, *, budget: float = 0.0
+) -> tuple[list[Any], str]:
+    """The experiment's pods as plain dicts, and the list's resourceVersion (retried through
+    an outage for up to `budget` seconds)."""
+    doing = f"listing pods in namespace {namespace}"
     try:
-        resp = await raw(
-            core.list_namespaced_pod(
-                namespace, label_selector=ko.selector(exp_id), _preload_content=False
-            )
+        resp = await call(
+            lambda: core.list_namespaced_pod(
+                namespace,
+                label_selector=ko.selector(exp_id),
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            ),
+            doing,
+            budget=budget,
         )
-        await checked(resp, f"listing pods in namespace {namespace}")
-        data = await resp.json(content_type=None)
-        resp.release()
+        try:
+            data = await resp.json(content_type=None)
+        finally:
+            resp.release()
     except ApiException as exc:
-        raise api_failure(exc, f"listing pods in namespace {namespace}") from exc
+        raise api_failure(exc, doing) from exc
     except NETWORK_ERRORS as exc:
-        raise api_failure(exc, f"listing pods in namespace {namespace}") from exc
+        raise api_failure(exc, doing) from exc
     items = [i for i in data.get("items") or [] if ko.is_ours(i, exp_id)]
     return items, str((data.get("metadata") or {}).get("resourceVersion") or "")
 
@@ -169,22 +243,34 @@ def _seconds(grace: float) -> int:
     return max(0, math.ceil(grace))
 
 
-async def delete_pod(core: client.CoreV1Api, namespace: str, name: str, grace: float) -> bool:
-    """Delete one pod; False if it was already gone."""
+async def delete_pod(
+    core: client.CoreV1Api,
+    namespace: str,
+    name: str,
+    grace: float,
+    *,
+    budget: float = RETRY_BUDGET,
+) -> bool:
+    """Delete one pod, retried through an outage or throttling (429, 5xx) for up to `budget`
+    seconds; False if it was already gone."""
+    doing = f"deleting pod {name}"
     try:
-        resp = await raw(
-            core.delete_namespaced_pod(
-                name, namespace, grace_period_seconds=_seconds(grace), _preload_content=False
-            )
+        resp = await call(
+            lambda: core.delete_namespaced_pod(
+                name,
+                namespace,
+                grace_period_seconds=_seconds(grace),
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            ),
+            doing,
+            budget=budget,
+            accept={NOT_FOUND},
         )
-        if resp.status == NOT_FOUND:
-            resp.release()
-            return False
-        await checked(resp, f"deleting pod {name}")
-        resp.release()
-        return True
-    except NETWORK_ERRORS as exc:
-        raise api_failure(exc, f"deleting pod {name}") from exc
+    except ApiException as exc:
+        raise api_failure(exc, doing) from exc
+    resp.release()
+    return resp.status != NOT_FOUND
 
 
 async def delete_experiment(
@@ -195,36 +281,46 @@ async def delete_experiment(
     *,
     known: Iterable[str] = (),
     concurrency: int = 20,
+    budget: float = RETRY_BUDGET,
 ) -> list[str]:
     """Delete every pod of the experiment: one deletecollection by label, or, where the server
-    (or RBAC) does not allow that, a list by label and one delete per pod. Returns the names."""
+    (or RBAC) does not allow that, a list by label and one delete per pod. Each call is retried
+    through an outage or throttling for up to `budget` seconds. Returns the names."""
     doing = f"deleting the pods of {exp_id}"
     try:
-        resp = await raw(
-            core.delete_collection_namespaced_pod(
+        resp = await call(
+            lambda: core.delete_collection_namespaced_pod(
                 namespace,
                 label_selector=ko.selector(exp_id),
                 grace_period_seconds=_seconds(grace),
                 _preload_content=False,
-            )
+                _request_timeout=REQUEST_TIMEOUT,
+            ),
+            doing,
+            budget=budget,
+            accept=_REFUSED,
         )
-    except NETWORK_ERRORS as exc:
+    except ApiException as exc:
         raise api_failure(exc, doing) from exc
     if resp.status < 400:
-        data = await resp.json(content_type=None)
-        resp.release()
+        try:
+            data = await resp.json(content_type=None)
+        except (*NETWORK_ERRORS, ValueError):
+            data = None
+        finally:
+            resp.release()
         items = data.get("items") if isinstance(data, dict) else None
         if isinstance(items, list):
             return [i["metadata"]["name"] for i in items if ko.is_ours(i, exp_id)]
         return sorted(set(known))
     resp.release()
-    items, _ = await list_pods(core, namespace, exp_id)
+    items, _ = await list_pods(core, namespace, exp_id, budget=budget)
     names = sorted({i["metadata"]["name"] for i in items} | set(known))
     gate = asyncio.Semaphore(concurrency)
 
     async def one(name: str) -> bool:
         async with gate:
-            return await delete_pod(core, namespace, name, grace)
+            return await delete_pod(core, namespace, name, grace, budget=budget)
 
     done = await asyncio.gather(*(one(n) for n in names))
     return [n for n, ok in zip(names, done, strict=True) if ok]

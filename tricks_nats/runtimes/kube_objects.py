@@ -132,6 +132,8 @@ class Seen:
     exit_code: int | None = None
     reason: str | None = None
     ran: bool = False
+    #: The cluster restarted the container (its restartPolicy is not Never): delete the pod.
+    restarted: bool = False
 
 
 def _container(status: dict[str, Any]) -> dict[str, Any]:
@@ -146,15 +148,42 @@ def _join(*parts: str | None) -> str:
     return ": ".join(p for p in parts if p)
 
 
+def _restarted(pod: dict[str, Any], container: dict[str, Any], ip: str | None) -> Seen:
+    """Our pods run once (restartPolicy Never); an admission webhook may have made it Always
+    or OnFailure, and then a crash shows as Running, then CrashLoopBackOff. The program's first
+    end is what counts: its exit code is in lastState (or in state, before the restart)."""
+    name = (pod.get("metadata") or {}).get("name", "?")
+    state = container.get("state") or {}
+    ended = (container.get("lastState") or {}).get("terminated") or state.get("terminated") or {}
+    code = int(ended.get("exitCode", KILLED))
+    why = _join(ended.get("reason"), ended.get("message"))
+    now = (state.get("waiting") or {}).get("reason")
+    restarts = int(container.get("restartCount") or 0)
+    policy = (pod.get("spec") or {}).get("restartPolicy")
+    reason = (
+        f"pod {name} exited with {code}"
+        + (f" ({why})" if why else "")
+        + f" and the cluster restarted it ({restarts} restart(s)"
+        + (f", now {now}" if now else "")
+        + "): its restartPolicy is "
+        + (f"{policy}, not Never" if policy else "not Never")
+        + " (an admission webhook may have changed it)"
+    )
+    return Seen("exited", ip, code, reason, ran=True, restarted=True)
+
+
 def interpret(pod: dict[str, Any]) -> Seen:
     """Turn one pod object (as the API serves it) into a lifecycle observation."""
     meta = pod.get("metadata") or {}
     name = meta.get("name", "?")
     status = pod.get("status") or {}
     phase = status.get("phase")
-    state = _container(status).get("state") or {}
+    container = _container(status)
+    state = container.get("state") or {}
     ip = status.get("podIP") or None
     pod_reason = _join(status.get("reason"), status.get("message")) or None
+    if container.get("restartCount") or (container.get("lastState") or {}).get("terminated"):
+        return _restarted(pod, container, ip)
     terminated = state.get("terminated")
     if terminated:
         code = int(terminated.get("exitCode", KILLED))

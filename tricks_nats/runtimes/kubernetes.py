@@ -1,14 +1,24 @@
 """Pods on Kubernetes: one pod per replica, one label-selected watch for all of them.
 
-Costs per pod: one create, one log read (a follow stream while it runs, or one read when it
-ends), one delete (or a share of one deletecollection at the end). Nothing polls: a single
-watch turns phases into `running`/`exited` events, resumes from the last resource version when
-the connection drops, and relists when the server says the version is gone (410).
+Costs per pod: one create, one log stream (followed while the pod runs; once it has ended, the
+same request returns its whole log), one delete (or a share of one deletecollection at the
+end). Nothing polls: a single watch turns phases into `running`/`exited` events, resumes from
+the last resource version when the connection drops, and relists when the server says the
+version is gone (410).
 
 Unlike Tricks, nothing hangs on a broken pod: an image that cannot be pulled, a bad container
-config, a pod that stays unschedulable past a deadline, an eviction or a deletion by someone
-else all end as `exited` with a reason naming the pod and the cause. Every pod of the experiment
-is deleted by label at the end; `tricks-nats down EXPERIMENT` does the same after a killed run.
+config, a pod that stays unschedulable past `schedule_timeout` (with the scheduler's message),
+a container the cluster restarts (its restartPolicy changed by an admission webhook:
+CrashLoopBackOff), an eviction or a deletion by someone else (whatever the exit code) all end
+as `exited` with a reason naming the pod and the cause.
+
+A real cluster is not always there. Creates and deletes are retried through an API outage or
+throttling (429, 5xx) for `api_retry_budget` seconds; pod names are deterministic, so a create
+whose reply was lost answers 409 when retried: the pod exists. A log stream that breaks is
+attached again (skipping what was copied), and always before tricks-nats deletes the pod, since
+deleting a pod deletes its log; a copy that may lack part of the log says so in its last line
+and in the pod's `exited` event (`log_incomplete`). Every pod of the experiment is deleted by
+label at the end; `tricks-nats down EXPERIMENT` does the same after a killed run.
 """
 
 from __future__ import annotations
@@ -20,8 +30,9 @@ import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
+import aiohttp
 from kubernetes_asyncio import client
 
 from tricks_nats import env as E
@@ -34,6 +45,16 @@ log = logging.getLogger(__name__)
 
 #: Exit code for a pod stopped before its pod object existed (it never ran).
 NOT_CREATED: int | None = None
+#: Seconds a deletion waits for a broken log stream to be attached again.
+REATTACH_TIMEOUT = 10.0
+#: Log streams: a bounded connect; no read timeout (a program may be quiet for hours).
+LOG_TIMEOUT = aiohttp.ClientTimeout(sock_connect=15)
+#: Answers after which reading a log again is pointless (gone, refused, never started).
+_LOG_FINAL = frozenset({400, 401, 403, 404})
+
+
+class _SinkError(Exception):
+    """The log file cannot be written (a local problem, not the cluster's)."""
 
 
 class _Pod:
@@ -41,13 +62,27 @@ class _Pod:
         self.plan = plan
         self.name = name
         self.created = False
-        self.stopping = False
+        self.stopping = False  # tricks-nats asked for its end (a stop, the teardown)
         self.announced = False
-        self.ended = asyncio.Event()
+        self.restarted = False  # the cluster restarted its container
+        self.ended = asyncio.Event()  # how it ended is known (exit_code, reason)
+        self.reported = asyncio.Event()  # its `exited` event is on the queue
         self.gone = asyncio.Event()
-        self.log_task: asyncio.Task[None] | None = None
-        self.log_ok = False
+        self.exit_code: int | None = None
+        self.reason: str | None = None
         self.deadline: asyncio.TimerHandle | None = None
+        self.scheduler: str | None = None  # the scheduler's latest word, while unschedulable
+        # Its log: one task copies the container's log into the pod's log file.
+        self.log_task: asyncio.Task[None] | None = None
+        self.log_attached = False  # a stream is open: it carries the log to the container's end
+        self.log_done = False  # the copy reached the end of the container's log
+        self.log_written = 0  # bytes copied
+        self.log_newline = True  # the copy ends with a whole line
+        self.log_failures = 0  # log requests that failed or broke
+        self.log_broke: str | None = None  # how the first of them failed
+        self.log_problem: str | None = None  # why the copy may lack part of the log
+        self.log_changed = asyncio.Event()  # any of the above changed
+        self.log_retry = asyncio.Event()  # try again now (a deletion is coming, or it is gone)
 
 
 class KubernetesRuntime:
@@ -62,10 +97,11 @@ class KubernetesRuntime:
         namespace: str | None = None,
         concurrency: int = 20,
         resources: dict[str, dict[str, dict[str, str]]] | None = None,
-        unschedulable_timeout: float = 300.0,
+        schedule_timeout: float = 300.0,
         log_streams: int = 100,
         settle_timeout: float = 30.0,
         watch_give_up: float = 120.0,
+        api_retry_budget: float = kapi.RETRY_BUDGET,
     ) -> None:
         self.events: asyncio.Queue[PodEvent] = asyncio.Queue()
         self.experiment = experiment
@@ -75,10 +111,11 @@ class KubernetesRuntime:
         self._namespace_given = namespace
         self.concurrency = max(1, concurrency)
         self.resources = resources or {}
-        self.unschedulable_timeout = unschedulable_timeout
+        self.schedule_timeout = schedule_timeout
         self.log_streams = log_streams
         self.settle_timeout = settle_timeout
         self.watch_give_up = watch_give_up
+        self.api_retry_budget = api_retry_budget
         self._api: client.ApiClient | None = None
         self._core: client.CoreV1Api | None = None
         self._pods: dict[tuple[str, int], _Pod] = {}
@@ -91,6 +128,7 @@ class KubernetesRuntime:
         self._streams = 0
         self._rv = ""
         self._closing = False
+        self._told: set[str] = set()  # warnings given once per run
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -125,7 +163,9 @@ class KubernetesRuntime:
             core = client.CoreV1Api(api)
             self.namespace = self._namespace_given or hinted or ko.DEFAULT_NAMESPACE
             try:
-                _, self._rv = await kapi.list_pods(core, self.namespace, exp_id)
+                _, self._rv = await kapi.list_pods(
+                    core, self.namespace, exp_id, budget=self.api_retry_budget
+                )
             except BaseException:
                 await api.close()
                 raise
@@ -158,28 +198,54 @@ class KubernetesRuntime:
             await self._create(pod)
 
     async def _create(self, pod: _Pod) -> None:
+        """Create the pod, retried through an outage or throttling: the name is deterministic,
+        so a 409 after a lost reply means the pod exists (ours)."""
         assert self._core is not None
+        core = self._core
         body = ko.pod_manifest(
             pod.plan, namespace=self.namespace, resources=self.resources.get(pod.plan.tag)
         )
         try:
-            resp = await kapi.raw(
-                self._core.create_namespaced_pod(
-                    self.namespace, cast(Any, body), _preload_content=False, _request_timeout=60
-                )
+            resp = await kapi.call(
+                lambda: core.create_namespaced_pod(
+                    self.namespace,
+                    cast(Any, body),
+                    _preload_content=False,
+                    _request_timeout=kapi.REQUEST_TIMEOUT,
+                ),
+                f"creating pod {pod.name}",
+                budget=self.api_retry_budget,
+                accept={kapi.CONFLICT},
+                give_up=lambda: pod.stopping or self._closing,
             )
-            if resp.status != kapi.CONFLICT:  # a retried create that had gone through
-                await kapi.checked(resp, f"creating pod {pod.name}")
-            resp.release()
-        except kapi.NETWORK_ERRORS as exc:
-            self._never_ran(pod, str(kapi.api_failure(exc, f"creating pod {pod.name}")))
-            return
         except RuntimeFailure as exc:
-            self._never_ran(pod, str(exc))
+            if pod.stopping or self._closing:
+                self._exit(pod, NOT_CREATED, None)
+            else:
+                self._never_ran(pod, str(exc))
             return
+        try:
+            if resp.status != kapi.CONFLICT:
+                self._check_restart_policy(pod, await resp.json(content_type=None))
+        except (*kapi.NETWORK_ERRORS, ValueError):
+            pass  # the pod exists; what the cluster made of it, the watch tells
+        finally:
+            resp.release()
         pod.created = True
         if pod.stopping:
             self._spawn(self._delete(pod, 0.0))
+
+    def _check_restart_policy(self, pod: _Pod, created: Any) -> None:
+        spec = (created.get("spec") if isinstance(created, dict) else None) or {}
+        policy = spec.get("restartPolicy")
+        if policy and policy != "Never" and "restart-policy" not in self._told:
+            self._told.add("restart-policy")
+            log.warning(
+                "pod %s: the cluster changed its restartPolicy to %s (an admission webhook?); "
+                "a pod whose container is restarted is reported at its first exit and deleted",
+                pod.name,
+                policy,
+            )
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -261,49 +327,73 @@ class KubernetesRuntime:
         if pod is None:
             return
         seen = ko.interpret(obj)
+        deleted = kind == "DELETED" or bool(meta.get("deletionTimestamp"))
         if kind == "DELETED":
             pod.gone.set()
+            pod.log_retry.set()  # its log went with it: a broken stream stops trying
             if seen.kind != "exited":
-                why = None if pod.stopping else f"pod {pod.name} was deleted before it ended"
-                seen = ko.Seen("exited", seen.ip, ko.KILLED, why, ran=pod.announced)
+                seen = ko.Seen("exited", seen.ip, ko.KILLED, None, ran=pod.announced)
         if seen.kind != "unschedulable" and pod.deadline is not None:
             pod.deadline.cancel()
             pod.deadline = None
         if seen.kind == "running":
             self._running(pod, seen.ip)
         elif seen.kind == "unschedulable":
-            if pod.deadline is None and not pod.ended.is_set():
-                pod.deadline = asyncio.get_running_loop().call_later(
-                    max(0.0, self.unschedulable_timeout),
-                    self._unschedulable,
-                    pod,
-                    seen.reason,
-                )
+            self._unschedulable(pod, seen.reason)
         elif seen.kind == "exited" and not pod.ended.is_set():
-            reason = None if pod.stopping else seen.reason  # we stopped it: no news
-            if meta.get("deletionTimestamp") and not pod.stopping and seen.exit_code != 0:
-                reason = (
-                    f"{reason or f'pod {pod.name} ended'} (the pod was deleted by someone else)"
-                )
+            code, reason = seen.exit_code, seen.reason
+            if pod.stopping:
+                reason = None  # we stopped it: no news
+            elif deleted:
+                # A deletion tricks-nats did not ask for fails the pod whatever its program
+                # says: a program that exits 0 on SIGTERM would pass for a success.
+                if code == 0:
+                    code = ko.KILLED
+                    reason = f"pod {pod.name} was deleted by someone else (its program exited 0)"
+                elif reason:
+                    reason = f"{reason} (the pod was deleted by someone else)"
+                else:
+                    reason = f"pod {pod.name} was deleted by someone else before it ended"
+            pod.restarted = seen.restarted
             if seen.ran:
                 self._running(pod, seen.ip)
             if seen.exit_code == ko.NEVER_RAN and not seen.ran:
                 self._never_ran(pod, reason or f"pod {pod.name} cannot start")
             else:
-                self._exit(pod, seen.exit_code, reason)
+                self._exit(pod, code, reason)
+        if seen.restarted and not pod.stopping and not pod.gone.is_set():
+            # The cluster runs the program again and again: its first end was reported.
+            pod.restarted = pod.stopping = True
+            self._spawn(self._delete(pod, 0.0))
 
     def _unschedulable(self, pod: _Pod, message: str | None) -> None:
+        pod.scheduler = message or pod.scheduler
+        if pod.deadline is not None or pod.ended.is_set():
+            return
+        if f"unschedulable:{pod.plan.tag}" not in self._told:
+            self._told.add(f"unschedulable:{pod.plan.tag}")
+            log.warning(
+                "pod %s cannot be scheduled yet: %s (it fails after %gs: --schedule-timeout)",
+                pod.name,
+                pod.scheduler or "Unschedulable",
+                self.schedule_timeout,
+            )
+        pod.deadline = asyncio.get_running_loop().call_later(
+            max(0.0, self.schedule_timeout), self._not_scheduled, pod
+        )
+
+    def _not_scheduled(self, pod: _Pod) -> None:
         pod.deadline = None
         self._never_ran(
             pod,
-            f"pod {pod.name} could not be scheduled within {self.unschedulable_timeout:g}s: "
-            f"{message or 'Unschedulable'}",
+            f"pod {pod.name} could not be scheduled within {self.schedule_timeout:g}s: "
+            f"{pod.scheduler or 'Unschedulable'}",
         )
 
     def _lost(self, reason: str) -> None:
         for pod in self._by_name.values():
             if not pod.ended.is_set():
-                self._exit(pod, ko.KILLED, f"pod {pod.name}: {reason}")
+                self._exit(pod, ko.KILLED, f"pod {pod.name}: {reason}", wait_log=False)
 
     # -- lifecycle events -----------------------------------------------------------------
 
@@ -312,22 +402,65 @@ class KubernetesRuntime:
             return
         pod.announced = True
         self.events.put_nowait(PodEvent("running", pod.plan.tag, pod.plan.pod_id, ip=ip))
-        if self._streams < self.log_streams and pod.log_task is None:
-            self._streams += 1
-            pod.log_task = self._spawn(self._read_log(pod, follow=True))
+        if self._streams < self.log_streams:
+            self._follow(pod, counted=True)
 
-    def _exit(self, pod: _Pod, code: int | None, reason: str | None) -> None:
+    def _exit(
+        self, pod: _Pod, code: int | None, reason: str | None, *, wait_log: bool = True
+    ) -> None:
+        """The pod has ended: its `exited` event follows once its log is copied (bounded by
+        `settle_timeout`), so the event can say whether the log is whole (`log_incomplete`)."""
         if pod.ended.is_set():
             return
         pod.ended.set()
         if pod.deadline is not None:
             pod.deadline.cancel()
             pod.deadline = None
+        pod.exit_code, pod.reason = code, reason
+        if pod.announced:
+            task = self._follow(pod)  # an ended container: one request returns its whole log
+            if not task.done():
+                self._spawn(
+                    self._report_after_log(pod, task, self.settle_timeout if wait_log else 0.0)
+                )
+                return
+        self._report(pod)
+
+    async def _report_after_log(self, pod: _Pod, task: asyncio.Task[None], timeout: float) -> None:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if pod.log_problem is None:
+                still = (
+                    f"{timeout:g}s after the pod ended" if timeout else "when its pod was given up"
+                )
+                pod.log_problem = (
+                    f"{pod.log_broke}; still unreadable {still}"
+                    if pod.log_broke
+                    else f"the log stream of pod {pod.name} had not ended {still}"
+                )
+        self._report(pod)
+
+    def _report(self, pod: _Pod) -> None:
+        if pod.reported.is_set():
+            return
+        pod.reported.set()
+        why = None
+        if pod.announced and (not pod.log_done or pod.log_problem is not None):
+            why = pod.log_problem or f"the log of pod {pod.name} could not be read"
+            note = f"tricks-nats: log may be incomplete: {why}\n"
+            _append(pod.plan.log_path, (note if pod.log_newline else f"\n{note}").encode())
         self.events.put_nowait(
-            PodEvent("exited", pod.plan.tag, pod.plan.pod_id, exit_code=code, reason=reason)
+            PodEvent(
+                "exited",
+                pod.plan.tag,
+                pod.plan.pod_id,
+                exit_code=pod.exit_code,
+                reason=pod.reason,
+                log_incomplete=why,
+            )
         )
-        if pod.announced and pod.log_task is None:
-            pod.log_task = self._spawn(self._read_log(pod, follow=False))
 
     def _never_ran(self, pod: _Pod, reason: str) -> None:
         """A pod that will never run: say why in its log, report it, and delete it now so the
@@ -341,62 +474,155 @@ class KubernetesRuntime:
 
     # -- logs -------------------------------------------------------------------------------
 
-    async def _read_log(self, pod: _Pod, *, follow: bool) -> None:
-        """Copy the pod's log into its log file: a follow stream while it runs, or one read."""
-        assert self._core is not None
-        path = pod.plan.log_path
+    def _follow(self, pod: _Pod, *, counted: bool = False) -> asyncio.Task[None]:
+        if pod.log_task is None:
+            if counted:
+                self._streams += 1
+            pod.log_task = self._spawn(self._copy_log(pod, counted=counted))
+        return pod.log_task
+
+    async def _copy_log(self, pod: _Pod, *, counted: bool) -> None:
+        """The one writer of the pod's log file. It follows the container's log to its end;
+        when the stream breaks (an API server restart, a dropped connection) it attaches again
+        with backoff, skipping what it has, until the pod is gone. What it could not copy, it
+        leaves in `log_problem`."""
+        delay = 0.2
         try:
-            kwargs: dict[str, Any] = {"container": ko.CONTAINER, "_preload_content": False}
-            if follow:
-                kwargs["follow"] = "true"
-            resp = await kapi.raw(
-                self._core.read_namespaced_pod_log(pod.name, self.namespace, **kwargs)
-            )
-            try:
-                await kapi.checked(resp, f"reading the log of pod {pod.name}")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with path.open("wb") as sink:
-                    async for chunk in resp.content.iter_any():
-                        sink.write(chunk)
-                        sink.flush()
-                pod.log_ok = True
-            finally:
-                resp.release()
-        except (RuntimeFailure, *kapi.NETWORK_ERRORS) as exc:
-            log.warning("no log for %s: %s", pod.name, exc)
+            while True:
+                pod.log_retry.clear()
+                try:
+                    await self._read_log(pod)
+                    return
+                except _SinkError as exc:
+                    pod.log_problem = str(exc)
+                    return
+                except (RuntimeFailure, *kapi.NETWORK_ERRORS) as exc:
+                    doing = f"the log stream of pod {pod.name}"
+                    failure = (
+                        str(exc)
+                        if isinstance(exc, RuntimeFailure)
+                        else (f"{doing} broke: {exc or type(exc).__name__}")
+                    )
+                    pod.log_attached = False
+                    pod.log_failures += 1
+                    self._log_changed(pod)
+                    broke = pod.log_broke = pod.log_broke or failure
+                    if kapi.status_of(exc) in _LOG_FINAL or pod.gone.is_set():
+                        pod.log_problem = (
+                            broke if failure == broke else f"{broke}; read again: {failure}"
+                        )
+                        return
+                    log.info("%s; reading it again", failure)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await pod.log_retry.wait()
+                delay = min(5.0, delay * 2)
         finally:
-            if follow:
+            pod.log_attached = False
+            if counted:
                 self._streams -= 1
-        if follow and not pod.log_ok:  # the stream broke: read it whole once the pod ended
-            await pod.ended.wait()
-            await self._read_log(pod, follow=False)
-        if not pod.log_ok and not path.exists():
-            _write(path, f"tricks-nats: the log of pod {pod.name} could not be read\n".encode())
+            self._log_changed(pod)
+
+    async def _read_log(self, pod: _Pod) -> None:
+        """One log request, followed to its end (the container's end): the log from its start,
+        of which what the file already has is skipped."""
+        assert self._core is not None
+        kwargs: dict[str, Any] = {"container": ko.CONTAINER, "_preload_content": False}
+        if pod.restarted:
+            kwargs["previous"] = "true"  # the container that ended, not its restart
+        else:
+            kwargs["follow"] = "true"
+        resp = await kapi.raw(
+            self._core.read_namespaced_pod_log(
+                pod.name, self.namespace, _request_timeout=LOG_TIMEOUT, **kwargs
+            )
+        )
+        try:
+            await kapi.checked(resp, f"reading the log of pod {pod.name}")
+            pod.log_attached = True
+            self._log_changed(pod)
+            skip = pod.log_written
+            sink = _open(pod.plan.log_path, append=pod.log_written > 0)
+            try:
+                async for chunk in resp.content.iter_any():
+                    if skip:
+                        n = min(skip, len(chunk))
+                        skip, chunk = skip - n, chunk[n:]
+                        if not chunk:
+                            continue
+                    _put(sink, chunk)
+                    pod.log_written += len(chunk)
+                    pod.log_newline = chunk.endswith(b"\n")
+            finally:
+                sink.close()
+            if skip:
+                pod.log_problem = (
+                    f"read again, the log of pod {pod.name} was shorter than the part already "
+                    "copied (rotated by the kubelet?)"
+                )
+            pod.log_done = True
+        finally:
+            resp.release()
+
+    def _log_changed(self, pod: _Pod) -> None:
+        pod.log_changed.set()
+
+    async def _keep_log(self, pod: _Pod) -> None:
+        """Deleting a pod deletes its log: unless a stream is open (it carries the log to the
+        container's end), attach one first. If that fails, the deletion goes ahead (the log
+        then says it may be incomplete)."""
+        if not pod.announced or pod.log_done or pod.log_attached:
+            return
+        failures = pod.log_failures
+        task = self._follow(pod)
+        pod.log_retry.set()
+
+        def settled() -> bool:
+            return pod.log_attached or task.done() or pod.log_failures > failures
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(REATTACH_TIMEOUT, self.settle_timeout)):
+                while not settled():
+                    pod.log_changed.clear()
+                    await pod.log_changed.wait()
 
     # -- stopping ---------------------------------------------------------------------------
 
     async def _delete(self, pod: _Pod, grace: float) -> None:
         assert self._core is not None
+        core = self._core
+        await self._keep_log(pod)
         try:
-            existed = await kapi.delete_pod(self._core, self.namespace, pod.name, grace)
+            existed = await kapi.delete_pod(
+                core, self.namespace, pod.name, grace, budget=self.api_retry_budget
+            )
         except RuntimeFailure as exc:
             log.warning("%s", exc)
             return
         if not existed:
             pod.gone.set()
+            pod.log_retry.set()
             self._exit(pod, ko.KILLED, None if pod.stopping else f"pod {pod.name} vanished")
 
     async def terminate(self, tag: str, pod_id: int, grace: float) -> None:
         pod = self._pods.get((tag, pod_id))
-        if pod is None or pod.ended.is_set():
+        if pod is None:
             return
-        pod.stopping = True
-        if pod.created:
-            await self._delete(pod, grace)
-        try:
-            await asyncio.wait_for(pod.ended.wait(), grace + self.settle_timeout)
-        except TimeoutError:
-            self._exit(pod, ko.KILLED, f"pod {pod.name}: no word from the cluster after deletion")
+        if not pod.ended.is_set():
+            pod.stopping = True
+            if pod.created:
+                await self._delete(pod, grace)
+            try:
+                await asyncio.wait_for(pod.ended.wait(), grace + self.settle_timeout)
+            except TimeoutError:
+                self._exit(
+                    pod,
+                    ko.KILLED,
+                    f"pod {pod.name} was still Terminating {grace + self.settle_timeout:g}s "
+                    "after its deletion (is its node down?)",
+                    wait_log=False,
+                )
+        await pod.reported.wait()
 
     async def aclose(self, grace: float) -> None:
         """Delete every pod of the experiment (by label), wait until the cluster confirms,
@@ -410,15 +636,17 @@ class KubernetesRuntime:
         for _ in self._workers:
             self._queue.put_nowait(None)
         await asyncio.gather(*self._workers, return_exceptions=True)
-        known = [p.name for p in self._by_name.values() if p.created and not p.gone.is_set()]
+        alive = [p for p in self._by_name.values() if p.created and not p.gone.is_set()]
+        await asyncio.gather(*(self._keep_log(p) for p in alive))
         try:
             await kapi.delete_experiment(
                 core,
                 self.namespace,
                 self.experiment or "",
                 grace,
-                known=known,
+                known=[p.name for p in alive],
                 concurrency=self.concurrency,
+                budget=self.api_retry_budget,
             )
         except RuntimeFailure as exc:
             log.error("%s; run `tricks-nats down %s` to remove what is left", exc, self.experiment)
@@ -433,12 +661,24 @@ class KubernetesRuntime:
             await asyncio.gather(*pending, return_exceptions=True)
             left = [p.name for p in waiting if not p.gone.is_set()]
             if left:
-                log.warning("pods not confirmed gone: %s", ", ".join(left[:10]))
+                log.warning(
+                    "pods still Terminating %gs after their deletion (is their node down?): %s; "
+                    "`tricks-nats down %s` deletes them again",
+                    grace + self.settle_timeout,
+                    ", ".join(left[:10]),
+                    self.experiment,
+                )
         for pod in self._by_name.values():
-            self._exit(pod, ko.KILLED if pod.created else NOT_CREATED, None)
-        logs = [p.log_task for p in self._by_name.values() if p.log_task is not None]
-        if logs:
-            await asyncio.wait(logs, timeout=self.settle_timeout)
+            self._exit(
+                pod, ko.KILLED if pod.created else NOT_CREATED, None, wait_log=pod.gone.is_set()
+            )
+        unreported = [p for p in self._by_name.values() if not p.reported.is_set()]
+        if unreported:  # each waits for its log for settle_timeout at most
+            waits = [asyncio.create_task(p.reported.wait()) for p in unreported]
+            _, pending = await asyncio.wait(waits, timeout=self.settle_timeout + 1)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         await self._release()
 
     async def _release(self) -> None:
@@ -446,6 +686,9 @@ class KubernetesRuntime:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for pod in self._by_name.values():  # whatever was left waiting for its log
+            if pod.ended.is_set():
+                self._report(pod)
         if self._api is not None:
             await self._api.close()
         self._api = self._core = None
@@ -462,3 +705,26 @@ def _write(path: Path, data: bytes) -> None:
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
+
+def _append(path: Path, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as f:
+            f.write(data)
+
+
+def _open(path: Path, *, append: bool) -> IO[bytes]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("ab" if append else "wb")
+    except OSError as exc:
+        raise _SinkError(f"cannot write the log file {path}: {exc}") from exc
+
+
+def _put(sink: IO[bytes], data: bytes) -> None:
+    try:
+        sink.write(data)
+        sink.flush()
+    except OSError as exc:
+        raise _SinkError(f"cannot write the log file {sink.name}: {exc}") from exc
