@@ -46,16 +46,26 @@ def _check_name(name: str, what: str) -> None:
         raise UsageError(f"bad {what} {name!r}: letters, digits, '-' or '_' only")
 
 
-def _run(call: Callable[[Driver], Awaitable[T]]) -> T:
-    """Connect from the environment, make one call, close; our errors become an exit code."""
+def _run(call: Callable[[Driver], Awaitable[T]], timeout: float | None = None) -> T:
+    """Connect from the environment, make one call, close; our errors become an exit code.
+    `timeout` bounds all of it, connecting included."""
     from tricks_nats.driver import Config, Driver
+    from tricks_nats.errors import WaitTimeout
 
     async def main() -> T:
         config = Config.from_env()
         if not config.nats_url.startswith(("ws://", "wss://")):
             _skip_websocket_support()
-        async with Driver(config) as driver:
-            return await call(driver)
+        try:
+            # The call's own timeout reports what it waited for; this one bounds the rest
+            # (connecting while NATS is away included).
+            outer = None if timeout is None else timeout + 0.5
+            async with asyncio.timeout(outer) as deadline, Driver(config) as driver:
+                return await call(driver)
+        except TimeoutError as exc:
+            if isinstance(exc, WaitTimeout) or not deadline.expired():
+                raise
+            raise WaitTimeout(f"timed out after {timeout:g}s") from exc
 
     try:
         return asyncio.run(main())
@@ -97,13 +107,7 @@ def event(
     async def call(driver: Driver) -> int:
         if key is None:
             return await driver.register_event(name)
-        from tricks_nats.protocol import event_msg_id
-
-        c = driver.config
-        value: int = await driver.bus.increment(
-            name, msg_id=event_msg_id(c.experiment, c.pod, name, key), pod=c.pod
-        )
-        return value
+        return await driver.register_with_id(name, key)
 
     typer.echo(_run(call))
 
@@ -118,7 +122,7 @@ def wait(
         _check_name(name, "event name")
     except UsageError as exc:
         _fail(str(exc), exc.exit_code)
-    typer.echo(_run(lambda driver: driver.wait_event(name, value, timeout)))
+    typer.echo(_run(lambda driver: driver.wait_event(name, value, timeout), timeout))
 
 
 def discover(
@@ -137,7 +141,7 @@ def discover(
         _check_name(tag, "tag")
     except UsageError as exc:
         _fail(str(exc), exc.exit_code)
-    peers = _run(lambda driver: driver.discover(tag, count, timeout))
+    peers = _run(lambda driver: driver.discover(tag, count, timeout), timeout)
     if as_json:
         rows = [{"tag": p.tag, "pod_id": p.pod_id, "ip": p.ip, "name": p.name} for p in peers]
         typer.echo(json.dumps(rows))

@@ -19,6 +19,8 @@ import pytest
 
 from tricks_nats.natsserver import EmbeddedServer
 
+from .helpers import make_run  # noqa: F401 (a fixture: the coordinator on a fake runtime)
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 

@@ -1,17 +1,28 @@
-"""Test helpers: an experiment's NATS side (buckets + the coordinator's count watcher) without
-a full coordinator, so the driver can be tested against a real server on its own."""
+"""Test helpers: an experiment's NATS side (buckets, the coordinator's count watcher, registrar
+and rosters) without a full coordinator, so the driver can be tested against a real server."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tricks_nats import protocol as p
 from tricks_nats.bus import Bus, Endpoint
+from tricks_nats.coordinator import Coordinator, Outcome, PodEndpoint
 from tricks_nats.counting import CountWatcher
-from tricks_nats.driver import Config
+from tricks_nats.driver import Config, Driver
 from tricks_nats.natsserver import EmbeddedServer
+from tricks_nats.records import RunRecords
+from tricks_nats.registrar import Registrar, Rosters
+from tricks_nats.runtimes.fake import FakeRuntime, Program
+from tricks_nats.spec import parse
 
 
 @dataclass
@@ -20,6 +31,7 @@ class Experiment:
     bus: Bus
     watcher: CountWatcher
     url: str
+    rosters: Rosters
     changes: list[tuple[str, int, str | None]] = field(default_factory=list)
 
     def config(self, tag: str = "t", pod_id: int = 0, replicas: int = 1) -> Config:
@@ -33,7 +45,10 @@ class Experiment:
         )
 
     async def run_pod(self, tag: str, pod_id: int, ip: str) -> None:
-        await self.bus.put_pod(p.PodRecord(tag=tag, pod_id=pod_id, ip=ip, name=f"{tag}-{pod_id}"))
+        await self.rosters.started(tag, pod_id, ip)
+
+    async def stop_pod(self, tag: str, pod_id: int) -> None:
+        await self.rosters.stopped(tag, pod_id)
 
 
 @contextlib.asynccontextmanager
@@ -45,7 +60,75 @@ async def experiment(server: EmbeddedServer, name: str = "test") -> AsyncIterato
     try:
         await bus.create_buckets()
         await watcher.start()
-        yield Experiment(exp, bus, watcher, server.url, changes)
+        await Registrar(bus, watcher).start()
+        yield Experiment(exp, bus, watcher, server.url, Rosters(bus, watcher), changes)
     finally:
         await watcher.stop()
         await bus.close()
+
+
+#: Python that a pod runs first to hand its environment (its credentials) to a test, which
+#: then acts as that pod would: `pod.env` in the spec's directory, written atomically.
+DUMP_ENV = (
+    "import json, os; json.dump(dict(os.environ), open('pod.env.tmp', 'w')); "
+    "os.replace('pod.env.tmp', 'pod.env'); "
+)
+
+
+async def as_a_pod(spec_dir: Path, timeout: float = 60) -> Driver:
+    """A driver with the credentials of a pod that ran DUMP_ENV (waits for its file)."""
+    path = spec_dir / "pod.env"
+    await wait_until(path.exists, timeout)
+    return await Driver.connect(Config.from_env(json.loads(path.read_text())))
+
+
+async def wait_until(condition: Callable[[], object], timeout: float = 30) -> None:
+    """Check `condition` until it holds (a file, a process gone, an error the client reports
+    from its own task: things with no event to wait on); fail after `timeout`."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+@dataclass
+class Run:
+    coordinator: Coordinator
+    runtime: FakeRuntime
+    records: RunRecords
+
+    async def outcome(self) -> Outcome:
+        return await self.coordinator.run()
+
+    def journal(self) -> list[dict[str, Any]]:
+        lines = (self.records.root / "journal.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    def pod(self, outcome: Outcome, tag: str, pod_id: int) -> Any:
+        return next(x for x in outcome.summary.pods if (x.tag, x.pod_id) == (tag, pod_id))
+
+
+@pytest.fixture
+async def make_run(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> AsyncIterator[Callable[..., Any]]:
+    buses: list[Bus] = []
+    records: list[RunRecords] = []
+
+    async def make(spec: str, programs: dict[str, Program], **kw: Any) -> Run:
+        exp = parse(spec, "test.yaml")
+        exp_id = p.new_experiment_id("t")
+        bus = await Bus.open(Endpoint(nats_server.url), exp_id, name="coordinator")
+        buses.append(bus)
+        await bus.create_buckets()
+        rec = RunRecords.create(tmp_path, exp_id, spec)
+        records.append(rec)
+        runtime = FakeRuntime(programs, refuse=kw.pop("refuse", ()))
+        pods = PodEndpoint(Endpoint(nats_server.url), nats_server.host, nats_server.port)
+        coord = Coordinator(exp, exp_id, bus, runtime, rec, pods, **kw)
+        return Run(coord, runtime, rec)
+
+    yield make
+    for bus in buses:
+        await bus.close()
+    for rec in records:
+        rec.close()

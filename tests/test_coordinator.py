@@ -4,68 +4,14 @@ counts, verdicts, timeouts and interrupts, without processes."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from tricks_nats import protocol as p
-from tricks_nats.bus import Bus, Endpoint
-from tricks_nats.coordinator import Coordinator, Outcome, PodEndpoint
 from tricks_nats.driver import Config, Driver
-from tricks_nats.natsserver import EmbeddedServer
-from tricks_nats.records import RunRecords
 from tricks_nats.runtimes import PodPlan
-from tricks_nats.runtimes.fake import FakeRuntime, Program, exit_on_term, ignore_term
-from tricks_nats.spec import parse
-
-
-@dataclass
-class Run:
-    coordinator: Coordinator
-    runtime: FakeRuntime
-    records: RunRecords
-
-    async def outcome(self) -> Outcome:
-        return await self.coordinator.run()
-
-    def journal(self) -> list[dict[str, Any]]:
-        lines = (self.records.root / "journal.jsonl").read_text().splitlines()
-        return [json.loads(line) for line in lines]
-
-    def pod(self, outcome: Outcome, tag: str, pod_id: int) -> Any:
-        return next(x for x in outcome.summary.pods if (x.tag, x.pod_id) == (tag, pod_id))
-
-
-@pytest.fixture
-async def make_run(
-    nats_server: EmbeddedServer, tmp_path: Path
-) -> AsyncIterator[Callable[..., Any]]:
-    buses: list[Bus] = []
-    records: list[RunRecords] = []
-
-    async def make(spec: str, programs: dict[str, Program], **kw: Any) -> Run:
-        exp = parse(spec, "test.yaml")
-        exp_id = p.new_experiment_id("t")
-        bus = await Bus.open(Endpoint(nats_server.url), exp_id, name="coordinator")
-        buses.append(bus)
-        await bus.create_buckets()
-        rec = RunRecords.create(tmp_path, exp_id, spec)
-        records.append(rec)
-        runtime = FakeRuntime(programs, refuse=kw.pop("refuse", ()))
-        pods = PodEndpoint(Endpoint(nats_server.url), nats_server.host, nats_server.port)
-        coord = Coordinator(exp, exp_id, bus, runtime, rec, pods, **kw)
-        return Run(coord, runtime, rec)
-
-    yield make
-    for bus in buses:
-        await bus.close()
-    for rec in records:
-        rec.close()
+from tricks_nats.runtimes.fake import Program, exit_on_term, ignore_term
 
 
 def driven(body: Callable[[Driver, PodPlan, asyncio.Event], Any]) -> Program:

@@ -60,7 +60,7 @@ def test_config_falls_back_to_tricks_ip_and_port() -> None:
         (E.EXP_ID, {}, "EXP_ID is not set"),
         (None, {E.POD_ID: "zero"}, "POD_ID must be an integer"),
         (E.NATS_URL, {}, "TRICKS_NATS_URL"),
-        (None, {E.PROTOCOL: "2"}, "this driver speaks protocol 1"),
+        (None, {E.PROTOCOL: "1"}, "this driver speaks protocol 2"),
     ],
 )
 def test_config_errors_name_the_variable(
@@ -191,7 +191,7 @@ async def test_discover_now_and_blocking(nats_server) -> None:
             (1, "127.0.0.11"),
             (2, "127.0.0.12"),
         ]
-        await ex.bus.delete_pod("server", 1)
+        await ex.stop_pod("server", 1)
         assert [p.pod_id for p in await d.discover("server")] == [0, 2]
 
 
@@ -244,8 +244,12 @@ async def test_pod_permissions_reach_only_their_experiment(tmp_path) -> None:
             for e in (exp_a, exp_b)
         ]
         try:
+            from tricks_nats.counting import CountWatcher
+            from tricks_nats.registrar import Registrar
+
             for b in buses:
                 await b.create_buckets()
+                await Registrar(b, CountWatcher(b, lambda *_: None)).start()
             own = Config(
                 tag="t",
                 replicas=1,

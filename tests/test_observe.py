@@ -13,9 +13,9 @@ import msgspec
 import pytest
 
 from tricks_nats import statefile
-from tricks_nats.bus import Bus, Endpoint
 
 from .conftest import ROOT, cli_env, exp_processes
+from .helpers import DUMP_ENV, as_a_pod
 
 pytestmark = pytest.mark.slow
 TRICKS = [sys.executable, "-m", "tricks_nats.cli.app"]
@@ -25,7 +25,7 @@ GATED = f"""\
 name: gated
 experiment:
 - tag: gate
-  command: python -c "{PY}d.wait_event('release', 1, timeout=120); d.close()"
+  command: python -c "{DUMP_ENV}{PY}d.wait_event('release', 1, timeout=120); d.close()"
 - tag: worker
   replicas: 3
   command: python -c "{PY}d.register_event('ready'); d.close()"
@@ -61,17 +61,13 @@ async def start(*args: str) -> asyncio.subprocess.Process:
     return proc
 
 
-async def release(experiment: str) -> None:
-    """What a pod would do: register `release` (with the run's own credentials)."""
-    state = statefile.lookup(experiment)
-    assert state is not None and state.nats_url and not state.finished
-    bus = await Bus.open(
-        Endpoint(state.nats_url, state.user, state.password), experiment, name="test"
-    )
+async def release(spec_dir: Path) -> None:
+    """What a pod does: register `release` (with the gate pod's credentials)."""
+    driver = await as_a_pod(spec_dir)
     try:
-        await bus.increment("release")
+        await driver.register_event("release")
     finally:
-        await bus.close()
+        await driver.close()
 
 
 async def gated_run(tmp_path: Path) -> tuple[asyncio.subprocess.Process, str, Path]:
@@ -97,7 +93,7 @@ async def test_watch_beside_up_sees_everything_and_exits_with_the_run(tmp_path: 
     seen: list[dict[str, Any]] = []
     while not any(e["kind"] == "event" and e["name"] == "gate_start" for e in seen):
         seen.append(json.loads(await watch.stdout.readline()))
-    await release(experiment)
+    await release(tmp_path)
     out, err = await watch.communicate()
     seen += [json.loads(line) for line in out.decode().splitlines()]
     up_out, up_err = await up.communicate()
@@ -128,7 +124,7 @@ async def test_status_lists_the_running_experiment(tmp_path: Path) -> None:
     (row,) = json.loads(out)
     assert row["experiment"] == experiment
     assert (row["running"], row["stopped"], row["verdict"]) == (1, 0, None)
-    await release(experiment)
+    await release(tmp_path)
     await watch.communicate()
     await up.communicate()
     assert up.returncode == 0
@@ -136,7 +132,7 @@ async def test_status_lists_the_running_experiment(tmp_path: Path) -> None:
 
 async def test_watch_replays_a_finished_run_with_filters(tmp_path: Path) -> None:
     up, experiment, run_dir = await gated_run(tmp_path)
-    await release(experiment)
+    await release(tmp_path)
     await up.communicate()
     assert up.returncode == 0
     everything = await start("watch", experiment, "--json")

@@ -15,13 +15,11 @@ import psutil
 import pytest
 
 from tricks_nats import bus as bus_module
-from tricks_nats import statefile
 from tricks_nats.bus import Bus, Endpoint
-from tricks_nats.errors import NatsUnavailable
 from tricks_nats.natsserver import EmbeddedServer
 
 from .conftest import ROOT, cli_env, exp_processes
-from .helpers import experiment
+from .helpers import DUMP_ENV, as_a_pod, experiment
 
 pytestmark = pytest.mark.slow
 TRICKS = [sys.executable, "-m", "tricks_nats.cli.app"]
@@ -33,23 +31,9 @@ experiment:
 - tag: worker
   replicas: 4
   command: >-
-    python -c "{PY}d.register_event('phase1'); d.wait_event('go', 1, timeout=120);
+    python -c "{DUMP_ENV}{PY}d.register_event('phase1'); d.wait_event('go', 1, timeout=120);
     d.register_event('phase2'); d.close()"
 """
-
-
-async def open_bus(experiment: str) -> Bus:
-    """Connect with the run's own credentials, retrying while its server restarts."""
-    state = statefile.lookup(experiment)
-    assert state is not None and state.nats_url
-    for _ in range(100):
-        try:
-            return await Bus.open(
-                Endpoint(state.nats_url, state.user, state.password), experiment, name="test"
-            )
-        except NatsUnavailable:
-            await asyncio.sleep(0.1)
-    raise AssertionError("the server never came back")
 
 
 async def test_calls_made_while_the_server_is_down_complete_once_it_is_back(
@@ -102,7 +86,11 @@ async def test_the_run_survives_its_nats_server_being_killed(tmp_path: Path) -> 
         assert up.stdout is not None
         experiment = ""
         while True:  # every worker registered phase1 and now waits for `go`
-            entry: dict[str, Any] = json.loads(await up.stdout.readline())
+            line = await up.stdout.readline()
+            if not line:
+                _, err = await up.communicate()
+                raise AssertionError(f"up ended early: {err.decode()[-3000:]}")
+            entry: dict[str, Any] = json.loads(line)
             experiment = entry["experiment"]
             if entry["kind"] == "event" and (entry["name"], entry["count"]) == ("phase1", 4):
                 break
@@ -110,12 +98,12 @@ async def test_the_run_survives_its_nats_server_being_killed(tmp_path: Path) -> 
             p for p in psutil.Process(up.pid).children(recursive=True) if p.name() == "nats-server"
         ]
         os.kill(server.pid, signal.SIGKILL)
-        bus = await open_bus(experiment)
+        pod = await as_a_pod(tmp_path)  # connecting rides out the restart
         try:
-            assert await bus.count("phase1") == 4  # the file store kept the counts
-            await bus.increment("go")
+            assert await pod.count("phase1") == 4  # the file store kept the counts
+            await pod.register_event("go")
         finally:
-            await bus.close()
+            await pod.close()
         out, err = await up.communicate()
     finally:
         if up.returncode is None:

@@ -1,4 +1,4 @@
-"""NATS I/O for one experiment: connect, buckets, exactly-once increments, counts, pod records.
+"""NATS I/O for one experiment: connect, buckets, exactly-once increments, counts, rosters.
 
 The only module that talks nats-py; every nats-py error is translated here into ours.
 Both the coordinator and the Python driver use it, so both speak drivers/PROTOCOL.md alike.
@@ -10,8 +10,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
@@ -24,7 +24,7 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
 from tricks_nats import protocol as p
-from tricks_nats.errors import NatsUnavailable, TricksError, WaitTimeout
+from tricks_nats.errors import NatsUnavailable, PermissionDenied, TricksError, WaitTimeout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,6 +32,9 @@ T = TypeVar("T")
 PUBLISH_TIMEOUT_S = 2.0
 #: How long a request keeps retrying while NATS restarts before the caller gets an error.
 RECOVERY_S = 20.0
+#: How long a request waits in all while NATS answers but the coordinator has not yet (a
+#: registration while hundreds of pods start on a small machine).
+PATIENCE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Endpoint:
 
     url: str
     user: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 async def connect(
@@ -50,17 +53,23 @@ async def connect(
     exp: str | None = None,
     connect_timeout: float = 2.0,
     errors: list[BaseException] | None = None,
-    attempts: int = 3,
+    budget: float = 1.5,
     keep_reconnecting: bool = True,
+    on_error: Callable[[BaseException], None] | None = None,
     on_closed: Callable[[], Awaitable[None]] | None = None,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
 ) -> Client:
-    """Connect, or raise NatsUnavailable with a clear reason (unreachable, refused login)."""
+    """Connect, trying again for `budget` seconds of wall time (a pod started while the server
+    restarts must not fail); refused credentials are final at once. Raises NatsUnavailable
+    with a clear reason (unreachable, refused login)."""
     last: list[BaseException] = errors if errors is not None else []
 
-    async def on_error(exc: Exception) -> None:
+    async def error_cb(exc: Exception) -> None:
         last.append(exc)
+        del last[:-50]  # keep the newest: a long run must not grow this without bound
         log.debug("nats %s: %s", name, exc)
+        if on_error is not None:
+            on_error(exc)
 
     async def on_disconnect() -> None:
         log.debug("nats %s: disconnected", name)
@@ -69,9 +78,9 @@ async def connect(
         "servers": [endpoint.url],
         "name": name,
         "connect_timeout": connect_timeout,
-        "max_reconnect_attempts": attempts,
+        "max_reconnect_attempts": 1,  # per try of ours (0 would make nats-py loop forever)
         "reconnect_time_wait": 0.2,
-        "error_cb": on_error,
+        "error_cb": error_cb,
         "disconnected_cb": on_disconnect,
         "allow_reconnect": True,
     }
@@ -81,18 +90,37 @@ async def connect(
         options["reconnected_cb"] = on_reconnect
     if endpoint.user:
         options["user"] = endpoint.user
-        options["password"] = endpoint.password or ""
+        options["password"] = _Secret(endpoint.password or "")  # kept in nc.options
     if exp:
         options["inbox_prefix"] = p.inbox_prefix(exp)
-    try:
-        nc = await nats.connect(**options)
-    except (nats.errors.NoServersError, OSError, TimeoutError, nats.errors.Error) as exc:
-        refused = [e for e in last if "authorization" in str(e).lower()]
-        reason = _reason(refused[0] if refused else last[-1] if last else exc)
-        raise NatsUnavailable(f"cannot reach NATS at {endpoint.url}: {reason}") from exc
-    if keep_reconnecting:  # once up, a restarted server comes back on the same port
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    pause = 0.1
+    while True:
+        try:
+            nc = await nats.connect(**options)
+            break
+        except (nats.errors.NoServersError, OSError, TimeoutError, nats.errors.Error) as exc:
+            refused = [e for e in last if "authorization" in str(e).lower()]
+            if refused or loop.time() + pause >= deadline:
+                reason = _reason(refused[0] if refused else last[-1] if last else exc)
+                raise NatsUnavailable(f"cannot reach NATS at {endpoint.url}: {reason}") from exc
+        await asyncio.sleep(pause)  # a backoff between attempts, not a wait for an event
+        pause = min(pause * 2, 1.0)
+    if keep_reconnecting:  # once up, a restarted server comes back on the same address
         nc.options["max_reconnect_attempts"] = -1
     return nc
+
+
+class _Secret(str):
+    """A password that does not show itself in a repr (nats-py keeps its options)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
 
 
 def _reason(exc: BaseException) -> str:
@@ -103,7 +131,7 @@ def _reason(exc: BaseException) -> str:
 
 
 class Bus:
-    """One experiment's state in NATS: the counts bucket and the pods bucket."""
+    """One experiment's state in NATS: its counts, its rosters, its notifications."""
 
     def __init__(self, nc: Client, exp: str, errors: list[BaseException] | None = None) -> None:
         self.nc = nc
@@ -115,9 +143,21 @@ class Bus:
         #: Called (as tasks) after a reconnect: what a server restart may have lost is redone.
         self.reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
         self._hook_tasks: set[asyncio.Task[None]] = set()
+        #: Set when NATS is known to be gone for good: every call then fails at once.
+        self.gone: str | None = None
+        #: Requests in flight by subject (lowercased, as the server's errors name it), so a
+        #: permissions violation fails its request at once instead of after the retries.
+        self._in_flight: dict[str, set[asyncio.Task[Any]]] = {}
+        self._denied: dict[asyncio.Task[Any], str] = {}
+        self._serving: set[asyncio.Task[None]] = set()
+        #: Notifications waited for: a close ends those waits with an error.
+        self._arrivals: set[asyncio.Future[Msg | None]] = set()
+        #: Requests waiting for an answer, by the last token of their reply subject.
+        self._replies: dict[str, asyncio.Future[Msg]] = {}
+        self._reply_sub: tuple[str, Any] | None = None
 
     @classmethod
-    async def open(cls, endpoint: Endpoint, exp: str, *, name: str) -> Bus:
+    async def open(cls, endpoint: Endpoint, exp: str, *, name: str, budget: float = 1.5) -> Bus:
         errors: list[BaseException] = []
         holder: list[Bus] = []
 
@@ -125,7 +165,19 @@ class Bus:
             if holder:
                 holder[0].after_reconnect()
 
-        nc = await connect(endpoint, name=name, exp=exp, errors=errors, on_reconnect=reconnected)
+        def on_error(exc: BaseException) -> None:
+            if holder:
+                holder[0]._on_async_error(exc)
+
+        nc = await connect(
+            endpoint,
+            name=name,
+            exp=exp,
+            errors=errors,
+            budget=budget,
+            on_error=on_error,
+            on_reconnect=reconnected,
+        )
         bus = cls(nc, exp, errors)
         holder.append(bus)
         return bus
@@ -137,6 +189,16 @@ class Bus:
             self._hook_tasks.add(task)
             task.add_done_callback(self._hook_tasks.discard)
 
+    @contextlib.contextmanager
+    def on_reconnect(self, hook: Callable[[], Awaitable[None]]) -> Iterator[None]:
+        """Run `hook` after every reconnect while the block lasts."""
+        self.reconnect_hooks.append(hook)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ValueError):  # close() may have cleared the list
+                self.reconnect_hooks.remove(hook)
+
     @staticmethod
     async def _run_hook(hook: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -144,20 +206,76 @@ class Bus:
         except Exception as exc:
             log.warning("catching up after a reconnect failed: %s", exc)
 
+    def mark_gone(self, reason: str) -> None:
+        """NATS will not come back (the embedded server was given up on): fail fast."""
+        if self.gone is None:
+            log.warning("NATS is gone for good: %s", reason)
+            self.gone = reason
+
     async def close(self) -> None:
+        """Close the connection; errors on the way out (a dead server) are logged, not raised."""
         self.reconnect_hooks.clear()
-        for task in list(self._hook_tasks):
+        for arrival in self._arrivals:
+            if not arrival.done():
+                arrival.set_exception(TricksError("the driver was closed while waiting"))
+        tasks = [*self._hook_tasks, *self._serving]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._hook_tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.nc.drain()
-        if not self.nc.is_closed:
-            await self.nc.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            if self.gone is None and self.nc.is_connected:
+                await asyncio.wait_for(self.nc.drain(), PUBLISH_TIMEOUT_S)
+        except Exception as exc:
+            log.debug("draining the NATS connection: %s", exc)
+        try:
+            if not self.nc.is_closed:
+                await self.nc.close()
+        except Exception as exc:  # e.g. ConnectionResetError flushing to a dead server
+            log.debug("closing the NATS connection: %s", exc)
+            await _abandon(self.nc)
+
+    # -- plain messages -------------------------------------------------------------------
+
+    async def publish(self, subject: str, body: bytes) -> None:
+        """Fire and forget (core NATS); buffered by the client while it reconnects."""
+        await self.nc.publish(subject, body)
+
+    async def flush(self, timeout: float = PUBLISH_TIMEOUT_S) -> None:
+        await self.nc.flush(timeout=max(1, round(timeout)))
+
+    async def serve(
+        self,
+        subject: str,
+        handler: Callable[[str, dict[str, str]], Awaitable[bytes]],
+        *,
+        concurrency: int = 256,
+    ) -> None:
+        """Answer requests on `subject`: `handler(subject, headers) -> reply body`, many at
+        once (each in its own task, at most `concurrency`), so a slow one never holds back
+        the rest. A handler that raises is logged and the request gets no reply (the
+        requester retries)."""
+        slots = asyncio.Semaphore(concurrency)
+
+        async def answer(msg: Msg) -> None:
+            async with slots:
+                try:
+                    body = await handler(msg.subject, dict(msg.headers or {}))
+                    if msg.reply:
+                        await self.nc.publish(msg.reply, body)
+                except Exception as exc:
+                    log.warning("request on %r not answered: %s", msg.subject, exc)
+
+        async def on_msg(msg: Msg) -> None:
+            task = asyncio.create_task(answer(msg))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+        await self.nc.subscribe(subject, cb=on_msg)
 
     # -- buckets (coordinator) ------------------------------------------------------------
 
     async def create_buckets(self) -> None:
-        """Create this experiment's buckets on file storage; idempotent."""
+        """Create this experiment's streams and buckets on file storage; idempotent."""
         counts = p.counts_bucket(self.exp)
         try:
             await self.js.add_stream(
@@ -176,7 +294,6 @@ class Bus:
                     bucket=p.pods_bucket(self.exp),
                     history=1,
                     storage=StorageType.FILE,
-                    max_value_size=4096,
                     direct=True,
                 )
             )
@@ -188,7 +305,7 @@ class Bus:
                     max_msg_size=64 * 1024,
                 )
             )
-        except nats.js.errors.Error as exc:
+        except (nats.js.errors.Error, nats.errors.Error) as exc:
             raise TricksError(f"cannot create the experiment's buckets: {exc}") from exc
 
     async def delete_buckets(self) -> None:
@@ -198,45 +315,47 @@ class Bus:
             p.journal_stream(self.exp),
         ]
         for stream in streams:
-            with contextlib.suppress(nats.js.errors.Error, nats.errors.Error):
-                await self.js.delete_stream(stream)
-
-    async def pods(self) -> KeyValue:
-        if self._pods is None:
-            bucket = p.pods_bucket(self.exp)
             try:
-                self._pods = await self.ride_out(
-                    "open the pods bucket", lambda: self.js.key_value(bucket)
-                )
-            except nats.js.errors.NotFoundError as exc:
-                raise TricksError(
-                    f"experiment {self.exp!r} is not running on this NATS (no pods bucket)"
-                ) from exc
-            except (nats.errors.Error, nats.js.errors.Error) as exc:
-                raise _unavailable("open the pods bucket", exc) from exc
-        return self._pods
+                await self.js.delete_stream(stream)
+            except (nats.js.errors.Error, nats.errors.Error) as exc:
+                log.debug("deleting stream %s: %s", stream, exc)
 
     # -- counts ---------------------------------------------------------------------------
+
+    async def register(self, event: str, *, msg_id: str, pod: str | None = None) -> int:
+        """A pod's registration: ask the coordinator to add one to `event` (exactly once
+        however often this request is retried: it keeps `msg_id`). Returns the count right
+        after it."""
+        _check_event(event)
+        headers = {p.MSG_ID_HEADER: msg_id}
+        if pod:
+            headers[p.POD_HEADER] = pod
+        subject = p.event_subject(self.exp, event)
+        reply = await self._request(subject, b"", f"register event {event!r}", headers)
+        try:
+            answer = msgspec.json.decode(reply.data, type=p.EventReply)
+            if answer.error:
+                raise TricksError(f"registering {event!r} refused: {answer.error.description}")
+            if answer.val is not None:
+                return int(answer.val)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            raise TricksError(
+                f"registering {event!r}: not a count in the reply: {reply.data[:100]!r}"
+            ) from exc
+        raise TricksError(f"registering {event!r}: not a count in the reply: {reply.data[:100]!r}")
 
     async def increment(
         self, event: str, *, msg_id: str | None = None, pod: str | None = None
     ) -> int:
-        """Add one to `event`, exactly once however often the publish is retried.
-
-        Returns the count right after this increment (known from the ack, or for a retried
-        publish that turned out to be a duplicate, read back from the original message).
-        """
-        if not p.NAME_RE.match(event):
-            raise TricksError(f"bad event name {event!r}: letters, digits, '-' or '_' only")
-        headers = {
-            p.INCR_HEADER: "1",
-            p.MSG_ID_HEADER: msg_id
-            or p.event_msg_id(self.exp, pod or "anonymous", event, secrets.token_hex(8)),
-        }
+        """The coordinator's write: add exactly one to `event` in the counts stream (a retried
+        publish with the same `msg_id` counts once). Returns the count right after it (from
+        the ack, or for a duplicate, read back from the original message)."""
+        _check_event(event)
+        headers = {p.INCR_HEADER: "1", p.MSG_ID_HEADER: msg_id or f"c.{secrets.token_hex(12)}"}
         if pod:
             headers[p.POD_HEADER] = pod
         subject = p.count_subject(self.exp, event)
-        reply = await self._request(subject, b"", f"register event {event!r}", headers)
+        reply = await self._request(subject, b"", f"count event {event!r}", headers)
         try:
             ack = msgspec.json.decode(reply.data, type=p.PubAckOrError)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -253,72 +372,149 @@ class Bus:
     async def _request(
         self, subject: str, payload: bytes, what: str, headers: dict[str, str] | None = None
     ) -> Msg:
-        """A request to JetStream that rides out a restarting server (see `ride_out`); the
-        same payload and headers every attempt, so a retried increment keeps its message id
-        and counts once."""
+        """A request that rides out a restarting server (see `ride_out`); the same payload,
+        headers and reply subject every attempt, so a retried registration keeps its message
+        id and counts once, and an answer to an earlier attempt still ends the call (a busy
+        coordinator may answer after one attempt's timeout: with a reply subject per attempt,
+        no answer would ever be taken). A permissions violation for `subject` fails it at once.
+        """
+        key = subject.lower()  # nats-py reports the subject of a violation lowercased
+        replies = await self._reply_prefix()
+        token = secrets.token_hex(8)
+        loop = asyncio.get_running_loop()
+        self._replies[token] = loop.create_future()
 
         async def attempt() -> Msg:
+            task = asyncio.current_task()
+            assert task is not None
+            self._in_flight.setdefault(key, set()).add(task)
             try:
-                return await self.nc.request(
-                    subject, payload, timeout=PUBLISH_TIMEOUT_S, headers=headers
-                )
+                await self.nc.publish(subject, payload, reply=f"{replies}.{token}", headers=headers)
+                answer = self._replies[token]
+                try:
+                    msg = await asyncio.wait_for(asyncio.shield(answer), PUBLISH_TIMEOUT_S)
+                except TimeoutError:
+                    raise nats.errors.TimeoutError from None
+                if msg.headers and msg.headers.get("Status") == "503":
+                    self._replies[token] = loop.create_future()  # for the next attempt
+                    raise nats.errors.NoRespondersError
+                return msg
+            except asyncio.CancelledError:
+                if self._denied.pop(task, None) is not None:
+                    task.uncancel()
+                    raise self._denial(subject) from None
+                raise
             except nats.errors.TimeoutError:
                 self._raise_if_denied(subject)
                 raise
+            finally:
+                waiting = self._in_flight.get(key)
+                if waiting is not None:
+                    waiting.discard(task)
+                    if not waiting:
+                        del self._in_flight[key]
 
-        return await self.ride_out(what, attempt)
+        try:
+            return await self.ride_out(what, attempt)
+        finally:
+            self._replies.pop(token).cancel()
+
+    async def _reply_prefix(self) -> str:
+        """One subscription for the replies of every request of this connection."""
+        if self._reply_sub is None:
+            prefix = self.nc.new_inbox()
+
+            async def on_reply(msg: Msg) -> None:
+                answer = self._replies.get(msg.subject.rsplit(".", 1)[-1])
+                if answer is not None and not answer.done():
+                    answer.set_result(msg)
+
+            self._reply_sub = (prefix, await self.nc.subscribe(f"{prefix}.*", cb=on_reply))
+        return self._reply_sub[0]
+
+    def _on_async_error(self, exc: BaseException) -> None:
+        """A permissions violation names its subject: fail the requests waiting on it now."""
+        text = str(exc).lower()
+        if "permissions violation" not in text:
+            return
+        for key, tasks in list(self._in_flight.items()):
+            if f'"{key}"' in text or f"'{key}'" in text or text.endswith(key):
+                for task in tasks:
+                    if task not in self._denied:
+                        self._denied[task] = key
+                        task.cancel()
+
+    def _denial(self, subject: str) -> PermissionDenied:
+        return PermissionDenied(
+            f"NATS refused {subject!r}: these credentials do not reach "
+            f"experiment {self.exp!r} (permissions violation)"
+        )
 
     async def ride_out(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run `attempt` until it succeeds, retrying while the connection is re-established
-        and while a restarted server is still loading its streams (it answers "no responders"
-        for a moment). Only a stream that JetStream says does not exist, a closed connection,
-        or RECOVERY_S without an answer is final."""
+        """Run `attempt` until it succeeds, retrying while the connection is re-established,
+        while a restarted server is still loading its streams (it answers "no responders" for
+        a moment), and while the coordinator is busy (its experiment is there, it has not
+        answered yet: 200 pods starting on 2 cores).
+
+        Final: JetStream says the experiment does not exist, a closed connection, NATS known
+        to be gone for good, RECOVERY_S (wall time) in which NATS itself did not answer, or
+        PATIENCE_S in all."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + RECOVERY_S
+        first = loop.time()
+        deadline = first + RECOVERY_S
         pause = 0.05
         while True:
+            if self.gone is not None:
+                raise NatsUnavailable(f"cannot {what}: NATS is gone ({self.gone})")
+            unanswered = True  # NATS is up but nobody answered (else: the connection broke)
             try:
                 return await attempt()
             except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as exc:
                 last: BaseException = exc
-                if await self._counts_stream_missing():
-                    raise TricksError(
-                        f"experiment {self.exp!r} is not running on this NATS (no counts bucket)"
-                    ) from exc
             except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
                 last = exc
-            except nats.errors.ConnectionClosedError as exc:
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError) as exc:
                 raise _unavailable(what, exc) from exc
+            except OSError as exc:  # a write on a socket the server just reset
+                last, unanswered = exc, False
+            if unanswered and self.nc.is_connected:
+                there = await self._experiment_there()
+                if there is False:
+                    raise TricksError(
+                        f"experiment {self.exp!r} is not running on this NATS (no counts bucket)"
+                    ) from last
+                if there:  # NATS answers: only the coordinator is slow; keep waiting for it
+                    deadline = min(first + PATIENCE_S, max(deadline, loop.time() + RECOVERY_S))
             if self.nc.is_closed or loop.time() + pause >= deadline:
                 raise _unavailable(what, last)
             log.debug("%s: %s; retrying", what, last)
             await asyncio.sleep(pause)  # a backoff between attempts, not a wait for an event
             pause = min(pause * 2, 1.0)
 
-    async def _counts_stream_missing(self) -> bool:
-        """True only when JetStream answers that the counts stream does not exist."""
+    async def _experiment_there(self) -> bool | None:
+        """Whether JetStream has this experiment's counts: True, False (it answered 404), or
+        None when it does not answer (a restart in progress)."""
         stream = p.stream_of(p.counts_bucket(self.exp))
         try:
             reply = await self.nc.request(
                 f"$JS.API.STREAM.INFO.{stream}", b"", timeout=PUBLISH_TIMEOUT_S
             )
         except nats.errors.Error:
-            return False  # JetStream itself is not answering yet: a restart in progress
+            return None
         try:
             info = msgspec.json.decode(reply.data, type=p.ApiReply)
         except (msgspec.DecodeError, msgspec.ValidationError):
-            return False
-        return info.error is not None and info.error.code == 404
+            return None
+        if info.error is None:
+            return True
+        return False if info.error.code == 404 else None
 
     def _raise_if_denied(self, subject: str) -> None:
-        """The server refuses a forbidden publish with an async error, not a reply."""
+        """A violation that arrived before the request was registered as in flight."""
         for exc in self.errors:
-            text = str(exc).lower()  # nats-py reports the subject lowercased
+            text = str(exc).lower()
             if "permissions violation" in text and subject.lower() in text:
-                raise TricksError(
-                    f"NATS refused {subject!r}: these credentials do not reach "
-                    f"experiment {self.exp!r} (permissions violation)"
-                )
+                raise self._denial(subject)
 
     async def _value_at(self, seq: int, event: str) -> int:
         """The total right after the message at `seq` (the original of a duplicate publish)."""
@@ -340,7 +536,7 @@ class Bus:
         stream = p.stream_of(p.counts_bucket(self.exp))
         subject = f"$JS.API.DIRECT.GET.{stream}.{p.count_subject(self.exp, event)}"
         reply = await self._request(subject, b"", f"read event {event!r}")
-        if reply.headers and reply.headers.get("Status") == "404":
+        if _not_found(reply):
             return 0
         value = p.parse_count(reply.data)
         if value is None:
@@ -352,16 +548,36 @@ class Bus:
         """Return once `event` has reached `value`; resolves by subscription, never polling.
 
         Subscribe to the coordinator's one-shot notification first, then read the count: an
-        increment between the two is caught by the subscription, one before by the read.
+        increment between the two is caught by the subscription, one before by the read. A
+        notification alone is never trusted: the count is read again, and below `value` the
+        wait goes on (nobody but the coordinator can publish it, but a waiter does not depend
+        on that).
 
         The release path is kept short, since a barrier releases all its waiters at once:
         the notification resolves a future straight from the connection's reader (no task
         per subscription, no callback), and the server drops the interest by itself after
-        that one message (UNSUB with a limit of 1, sent with the SUB), so nothing is sent
-        on release.
+        that one message (UNSUB with a limit of 1, sent with the SUB).
         """
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    seen = await self._wait_notified(event, value)
+                    if seen >= value:
+                        return seen
+                    log.warning("a notification for %r = %d, but it is %d", event, value, seen)
+        except TimeoutError as exc:
+            now = await self.count(event)
+            if now >= value:
+                return now
+            raise WaitTimeout(
+                f"timed out after {timeout:g}s waiting for {event!r} to reach {value} (it is {now})"
+            ) from exc
+
+    async def _wait_notified(self, event: str, value: int) -> int:
+        """One subscription: the count once it is >= value, or as read after a notification."""
         arrived: asyncio.Future[Msg | None] = asyncio.get_running_loop().create_future()
         sub = await self.nc.subscribe(p.reached_subject(self.exp, event, value), future=arrived)
+        self._arrivals.add(arrived)
 
         async def recheck() -> None:  # a notification sent while we were away is lost
             if not arrived.done() and await self.count(event) >= value and not arrived.done():
@@ -369,127 +585,121 @@ class Bus:
                 if not arrived.done():
                     arrived.set_result(None)
 
-        self.reconnect_hooks.append(recheck)
         try:
-            await sub.unsubscribe(limit=1)
-            # The server has our interest before we read (retried across a reconnect, whose
-            # resubscription nats-py sends ahead of anything else).
-            await self.ride_out(
-                f"wait for {event!r}",
-                lambda: self.nc.flush(timeout=max(1, round(PUBLISH_TIMEOUT_S))),
-            )
-            current = await self.count(event)
-            if current >= value:
-                return current
-            try:
-                async with asyncio.timeout(timeout):
-                    await arrived
-            except TimeoutError as exc:
-                now = await self.count(event)
-                if now >= value:
-                    return now
-                raise WaitTimeout(
-                    f"timed out after {timeout:g}s waiting for {event!r} to "
-                    f"reach {value} (it is {now})"
-                ) from exc
-            return max(value, current)
+            with self.on_reconnect(recheck):
+                await sub.unsubscribe(limit=1)
+                # The server has our interest before we read (retried across a reconnect,
+                # whose resubscription nats-py sends ahead of anything else).
+                await self.ride_out(f"wait for {event!r}", self.flush)
+                current = await self.count(event)
+                if current >= value:
+                    return current
+                await arrived
+                return await self.count(event)
         finally:
-            self.reconnect_hooks.remove(recheck)
-            delivered = arrived.done() and not arrived.cancelled() and arrived.result() is not None
+            self._arrivals.discard(arrived)
+            delivered = (
+                arrived.done()
+                and not arrived.cancelled()
+                and arrived.exception() is None
+                and arrived.result() is not None
+            )
             if not delivered:  # the server still holds our interest: drop it
                 arrived.cancel()  # no-op when done; a message arriving now is dropped by nats-py
                 await _unsubscribe(sub)
 
-    # -- pods -----------------------------------------------------------------------------
+    # -- rosters --------------------------------------------------------------------------
 
-    async def put_pod(self, record: p.PodRecord) -> None:
+    async def pods(self) -> KeyValue:
+        if self._pods is None:
+            bucket = p.pods_bucket(self.exp)
+            try:
+                self._pods = await self.ride_out(
+                    "open the pods bucket", lambda: self.js.key_value(bucket)
+                )
+            except nats.js.errors.NotFoundError as exc:
+                raise TricksError(
+                    f"experiment {self.exp!r} is not running on this NATS (no pods bucket)"
+                ) from exc
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                raise _unavailable("open the pods bucket", exc) from exc
+        return self._pods
+
+    async def put_roster(self, roster: p.Roster) -> None:
+        """The coordinator's write of a tag's running pods."""
         kv = await self.pods()
-        key, value = p.pod_key(record.tag, record.pod_id), msgspec.json.encode(record)
-        await self.ride_out(f"record pod {key}", lambda: kv.put(key, value))
+        value = msgspec.json.encode(roster)
+        await self.ride_out(f"record the pods of {roster.tag!r}", lambda: kv.put(roster.tag, value))
 
-    async def delete_pod(self, tag: str, pod_id: int) -> None:
-        kv = await self.pods()
-        key = p.pod_key(tag, pod_id)
-
-        async def delete() -> None:
-            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-                await kv.delete(key)
-
-        await self.ride_out(f"remove pod {key}", delete)
+    async def roster(self, tag: str) -> list[p.PodRecord]:
+        """The running pods of `tag` now: one direct get, no consumer."""
+        stream = p.stream_of(p.pods_bucket(self.exp))
+        subject = f"$JS.API.DIRECT.GET.{stream}.{p.roster_subject(self.exp, tag)}"
+        reply = await self._request(subject, b"", f"discover {tag!r}")
+        if _not_found(reply) or not reply.data:
+            return []
+        try:
+            return msgspec.json.decode(reply.data, type=p.Roster).records()
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("ignoring a malformed roster of %r: %r", tag, reply.data[:100])
+            return []
 
     async def discover(
         self, tag: str, count: int | None = None, timeout: float | None = None
     ) -> list[p.PodRecord]:
         """The running pods of `tag`; with `count`, first wait until at least that many run.
 
-        Follows the pods bucket with a KV watch; after a reconnect the watch starts over, since
-        a restarted server may have lost it.
+        The coordinator writes a tag's roster before it counts `<tag>_start`, so: read the
+        start count, then the roster (any start counted is in it); short of `count`, wait for
+        as many more starts as are missing, and look again. O(1) messages per look.
         """
-        kv = await self.pods()
-        live: dict[str, p.PodRecord] = {}
-        restart = asyncio.Event()
-
-        async def on_reconnect() -> None:
-            restart.set()
-
-        self.reconnect_hooks.append(on_reconnect)
+        if count is None:
+            return await self.roster(tag)
+        live: list[p.PodRecord] = []
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    restart.clear()
-                    live.clear()
-                    if await self._watch_pods(kv, tag, count, live, restart):
-                        return sorted(live.values(), key=lambda r: r.pod_id)
+                    started = await self.count(p.start_event(tag))
+                    live = await self.roster(tag)
+                    if len(live) >= count:
+                        return live
+                    await self.wait_count(p.start_event(tag), started + count - len(live))
         except TimeoutError as exc:
+            live = await self.roster(tag)  # the message says how many run now
+            if len(live) >= count:
+                return live
             raise WaitTimeout(
                 f"timed out after {timeout:g}s discovering {count} pods of "
                 f"{tag!r} ({len(live)} running)"
             ) from exc
-        finally:
-            self.reconnect_hooks.remove(on_reconnect)
 
-    async def _watch_pods(
-        self,
-        kv: KeyValue,
-        tag: str,
-        count: int | None,
-        live: dict[str, p.PodRecord],
-        restart: asyncio.Event,
-    ) -> bool:
-        """True once caught up with at least `count` pods; False when asked to restart."""
-        try:
-            watcher = await self.ride_out(f"discover {tag!r}", lambda: kv.watch(f"{tag}.*"))
-        except (nats.errors.Error, nats.js.errors.Error) as exc:
-            raise _unavailable(f"discover {tag!r}", exc) from exc
-        restarting = asyncio.ensure_future(restart.wait())
-        caught_up = False
-        try:
-            while True:
-                update = asyncio.ensure_future(watcher.updates(timeout=None))  # type: ignore[no-untyped-call]
-                await asyncio.wait({update, restarting}, return_when=asyncio.FIRST_COMPLETED)
-                if not update.done():
-                    update.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await update
-                    return False
-                entry = update.result()
-                if entry is None:
-                    caught_up = True
-                elif entry.operation in ("DEL", "PURGE") or not entry.value:
-                    live.pop(entry.key, None)
-                else:
-                    try:
-                        live[entry.key] = msgspec.json.decode(entry.value, type=p.PodRecord)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        log.warning("ignoring a malformed pod record at %r", entry.key)
-                if caught_up and (count is None or len(live) >= count):
-                    return True
-        finally:
-            restarting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await restarting
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+
+def _check_event(event: str) -> None:
+    if not p.NAME_RE.match(event):
+        raise TricksError(f"bad event name {event!r}: letters, digits, '-' or '_' only")
+
+
+def _not_found(reply: Msg) -> bool:
+    """A direct get's "no such message" (status 404 in the reply's header line)."""
+    return bool(reply.headers) and reply.headers.get("Status") == "404"  # type: ignore[union-attr]
+
+
+async def _abandon(nc: Client) -> None:
+    """What nats-py's close() skips when it fails half-way: stop every subscription's task
+    and drop the transport, so nothing of the connection outlives it."""
+    tasks: list[asyncio.Task[None]] = []
+    for sub in list(nc._subs.values()):
+        task = sub._wait_for_msgs_task
+        if task is not None and not task.done():
+            task.cancel()
+            tasks.append(task)
+        for fut in (sub._pending_next_msgs_calls or {}).values():
+            fut.cancel()
+    nc._subs.clear()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    with contextlib.suppress(Exception):
+        if nc._transport is not None:
+            nc._transport.close()  # type: ignore[no-untyped-call]
 
 
 async def _unsubscribe(sub: Any) -> None:

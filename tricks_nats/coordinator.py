@@ -18,19 +18,27 @@ from tricks_nats import env as E
 from tricks_nats import protocol as p
 from tricks_nats.bus import Bus, Endpoint
 from tricks_nats.counting import CountWatcher
-from tricks_nats.errors import TricksError
+from tricks_nats.errors import NatsUnavailable, TricksError
 from tricks_nats.records import PodSummary, RunRecords, Summary
+from tricks_nats.registrar import Registrar, Rosters
 from tricks_nats.runtimes import PodEvent, PodPlan, Runtime
 from tricks_nats.spec import Condition, Experiment, Tag
 
 log = logging.getLogger(__name__)
 
-Verdict = Literal["succeeded", "failed", "timed_out", "interrupted"]
+Verdict = Literal["succeeded", "failed", "timed_out", "interrupted", "error"]
 
 
 @dataclass
 class _Interrupt:
     force: bool = False
+
+
+@dataclass
+class _Abort:
+    """The run cannot go on (NATS gone for good): end it now with verdict `error`."""
+
+    reason: str
 
 
 @dataclass
@@ -97,7 +105,9 @@ class Coordinator:
         self.pods_nats = pods_nats
         self.grace = grace
         self.timeout = timeout if timeout is not None else exp.timeout
-        self.queue: asyncio.Queue[PodEvent | _Count | _Interrupt | _FailFast] = asyncio.Queue()
+        self.queue: asyncio.Queue[PodEvent | _Count | _Interrupt | _FailFast | _Abort] = (
+            asyncio.Queue()
+        )
         self._first_failure: str | None = None  # the one that fails the run (on_failure: stop)
         self._first_failed: str | None = None  # the first pod failure of any tag, explained
         self._fail_timer: asyncio.TimerHandle | None = None
@@ -110,6 +120,9 @@ class Coordinator:
         self._forwarder: asyncio.Task[None] | None = None
         self._tearing_down = False
         self._forced = False
+        lifecycle = {n for t in exp.tags for n in (p.start_event(t.tag), p.stop_event(t.tag))}
+        self.registrar = Registrar(bus, self.watcher, lifecycle)
+        self.rosters = Rosters(bus, self.watcher)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -117,29 +130,61 @@ class Coordinator:
         """Ask the run to stop (Ctrl-C); a second call kills pods without a grace period."""
         self.queue.put_nowait(_Interrupt(force=force))
 
+    def abort(self, reason: str) -> None:
+        """End the run at once with verdict `error` (NATS is gone for good)."""
+        self.bus.mark_gone(reason)
+        self.queue.put_nowait(_Abort(reason))
+
     def plans(self, tag: Tag) -> list[PodPlan]:
         return [self._plan(tag, i) for i in range(tag.replicas)]
 
     async def run(self) -> Outcome:
+        """Run to a verdict. Whatever happens (an exception of ours, NATS gone, a runtime
+        error), the pods are stopped, and the verdict and summary are written."""
         started_at = time.time()
-        verdict: Verdict = "succeeded"
-        reason: str | None = None
+        verdict: Verdict = "error"
+        reason: str | None = "the coordinator stopped before a verdict"
+        try:
+            verdict, reason = await self._run_loop()
+        except NatsUnavailable as exc:
+            self.bus.mark_gone(str(exc))
+            verdict, reason = "error", f"NATS went away: {exc}"
+        except Exception as exc:
+            log.debug("the coordinator failed", exc_info=True)
+            verdict, reason = "error", f"{type(exc).__name__}: {exc}"
+        finally:
+            try:
+                await self._teardown()
+            except Exception as exc:
+                log.warning("stopping the pods: %s", exc, exc_info=log.isEnabledFor(10))
+                if verdict == "succeeded":
+                    verdict, reason = "error", f"stopping the pods failed: {exc}"
+            if verdict == "succeeded":
+                failed = [s for s in self.pods.values() if s.state == "failed"]
+                if failed:
+                    verdict = "failed"
+                    reason = "; ".join(
+                        f"{s.tag}-{s.pod_id} exited with {s.exit_code}"
+                        + (f" ({s.reason})" if s.reason else "")
+                        for s in failed[:5]
+                    ) + (" ..." if len(failed) > 5 else "")
+            outcome = self._conclude(verdict, reason, started_at)
+        return outcome
+
+    async def _run_loop(self) -> tuple[Verdict, str | None]:
         await self.watcher.start()
+        await self.registrar.start()
         self._forwarder = asyncio.create_task(self._forward_runtime(), name="runtime-events")
         try:
-            async with asyncio.timeout(self.timeout):
-                verdict, reason = await self._loop()
+            async with asyncio.timeout(self.timeout) as deadline:
+                return await self._loop()
         except TimeoutError:
-            verdict, reason = "timed_out", f"the experiment ran out of time ({self.timeout:g}s)"
-        finally:
-            await self._teardown()
-        if verdict == "succeeded":
-            failed = [s for s in self.pods.values() if s.state == "failed"]
-            if failed:
-                verdict = "failed"
-                reason = "; ".join(
-                    f"{s.tag}-{s.pod_id} exited with {s.exit_code}" for s in failed[:5]
-                ) + (" ..." if len(failed) > 5 else "")
+            if not deadline.expired():
+                raise
+            return "timed_out", f"the experiment ran out of time ({self.timeout:g}s)"
+
+    def _conclude(self, verdict: Verdict, reason: str | None, started_at: float) -> Outcome:
+        """Journal the verdict and write the summary; neither may raise (a full disk)."""
         self.records.journal("verdict", verdict=verdict, reason=reason)
         summary = Summary(
             experiment=self.exp_id,
@@ -151,6 +196,7 @@ class Coordinator:
             pods=list(self.pods.values()),  # spec order, then pod id
             events=dict(self.watcher.counts),
             runtime=self.runtime.name,
+            journal_lost=self.records.journal_lost,
         )
         self.records.write_summary(summary)
         return Outcome(verdict, reason, summary)
@@ -173,6 +219,8 @@ class Coordinator:
                 return "interrupted", "interrupted by a signal"
             if isinstance(item, _FailFast):
                 return "failed", f"{self._first_failure}; stopped the rest"
+            if isinstance(item, _Abort):
+                return "error", item.reason
             if isinstance(item, _Count):
                 await self._count_changed(item)
             else:
@@ -210,7 +258,7 @@ class Coordinator:
             item = self.queue.get_nowait()
             if isinstance(item, _Count):
                 await self._count_changed(item)
-            elif isinstance(item, (_Interrupt, _FailFast)):
+            elif isinstance(item, (_Interrupt, _FailFast, _Abort)):
                 self.queue.put_nowait(item)
                 return
             else:
@@ -249,6 +297,7 @@ class Coordinator:
             pod = self.pods[(tag.tag, plan.pod_id)]
             pod.state = "launching"
             self.records.journal("pod", tag=tag.tag, pod_id=plan.pod_id, state="pending")
+            await asyncio.sleep(0)  # between launches, let the registrar answer pods
             try:
                 await self.runtime.launch(plan)
             except TricksError as exc:
@@ -289,14 +338,13 @@ class Coordinator:
         if ev.kind == "running":
             pod.state, pod.started_at, pod.ip = "running", now, ev.ip
             self.records.journal("pod", tag=ev.tag, pod_id=ev.pod_id, state="running", ip=ev.ip)
-            await self.bus.put_pod(
-                p.PodRecord(tag=ev.tag, pod_id=ev.pod_id, ip=ev.ip or "", name=ev.name)
-            )
-            await self._lifecycle(ev.tag, ev.pod_id, "start")
+            await self.rosters.started(ev.tag, ev.pod_id, ev.ip or "")
             return
         pod.stopped_at, pod.exit_code = now, ev.exit_code
         if ev.reason:
             pod.reason = ev.reason
+        pod.log_bytes_lost = ev.log_bytes_lost
+        pod.log_incomplete = ev.log_incomplete
         if pod.stopped_by_workflow or self._tearing_down:
             pod.state = "stopped"
         else:
@@ -314,9 +362,7 @@ class Coordinator:
             if self._first_failed is None:
                 self._first_failed = _explain(pod)
             self._on_failure(pod)
-        if pod.started_at is not None:
-            await self.bus.delete_pod(ev.tag, ev.pod_id)
-        await self._lifecycle(ev.tag, ev.pod_id, "stop")
+        await self.rosters.stopped(ev.tag, ev.pod_id, listed=pod.started_at is not None)
 
     def _on_failure(self, pod: PodSummary) -> None:
         """The first failure of a tag with `on_failure: stop` fails the run; pods still running
@@ -340,13 +386,6 @@ class Coordinator:
         except OSError:
             return []
         return text.splitlines()[-lines:]
-
-    async def _lifecycle(self, tag: str, pod_id: int, what: str) -> None:
-        event = p.start_event(tag) if what == "start" else p.stop_event(tag)
-        value = await self.bus.increment(
-            event, msg_id=p.lifecycle_msg_id(self.exp_id, tag, pod_id, what)
-        )
-        await self.watcher.advance(event, value)
 
     def _plan(self, tag: Tag, pod_id: int) -> PodPlan:
         ep = self.pods_nats
@@ -427,7 +466,11 @@ class Coordinator:
         if ev.kind == "exited" and pod.state in ("launching", "running"):
             try:
                 await self._pod_event(ev)
-            except TricksError as exc:  # NATS gone at the very end: keep the record anyway
+            except NatsUnavailable as exc:  # NATS gone at the very end: keep the record anyway
+                if self.bus.gone is None:
+                    log.warning("could not record the stop of %s: %s", ev.name, exc)
+                self.bus.mark_gone(str(exc))  # the other pods' records: at once, not 20 s each
+            except TricksError as exc:
                 log.warning("could not record the stop of %s: %s", ev.name, exc)
         elif ev.kind == "running":
             pod.state, pod.started_at, pod.ip = "running", time.time(), ev.ip

@@ -68,7 +68,7 @@ class CountWatcher:
         )
 
     async def stop(self) -> None:
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError):  # close() may have cleared the hooks
             self.bus.reconnect_hooks.remove(self._resubscribe)
         sub, self._sub = self._sub, None
         if sub is not None:
@@ -91,15 +91,14 @@ class CountWatcher:
     async def advance(self, event: str, value: int, pod: str | None = None) -> None:
         """Record that `event` reached `value` (from the stream or from an ack we got)."""
         previous = self.counts.get(event, 0)
-        if value < previous:
-            log.warning(
-                "count of %r went down to %d (a negative Nats-Incr?): ignored", event, value
-            )
+        # The registrar's answers and the stream's messages arrive in either order: an older
+        # value after a newer one is expected, and ignored (counts only grow: only the
+        # coordinator writes them, one at a time).
         if value <= previous:
             return
         self.counts[event] = value
         first = previous + 1 if value - previous <= MAX_NOTIFY_SPAN else value
         body = msgspec.json.encode({"event": event, "value": value})
         for reached in range(first, value + 1):
-            await self.bus.nc.publish(p.reached_subject(self.bus.exp, event, reached), body)
+            await self.bus.publish(p.reached_subject(self.bus.exp, event, reached), body)
         self.on_change(event, value, pod)

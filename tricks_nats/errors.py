@@ -47,3 +47,10 @@ class WaitTimeout(TricksError, TimeoutError):
 
 class RuntimeFailure(TricksError):
     """A runtime could not do what the coordinator asked (spawn a process, create a pod)."""
+
+
+class PermissionDenied(TricksError):
+    """NATS refused a subject to these credentials: a wrong EXP_ID, or a pod reaching beyond
+    its experiment. Reported at once, never retried as if NATS were away."""
+
+    exit_code = 1

@@ -35,7 +35,7 @@ class JournalPublisher:
         while (entry := await self._queue.get()) is not None:
             subject = p.journal_subject(self.bus.exp, str(entry.get("kind", "other")))
             try:
-                await self.bus.nc.publish(subject, msgspec.json.encode(entry))
+                await self.bus.publish(subject, msgspec.json.encode(entry))
             except Exception as exc:  # the journal file is the record; NATS is a view of it
                 log.debug("journal publish failed: %s", exc)
 
@@ -47,7 +47,7 @@ class JournalPublisher:
         try:
             await asyncio.wait_for(self._task, 5)
             with contextlib.suppress(Exception):
-                await self.bus.nc.flush(timeout=2)
+                await self.bus.flush()
         except TimeoutError:
             log.debug("journal publisher did not drain in time")
         finally:

@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def _config(host: str, port: int, store: Path, users: list[User], http_port: int
         "host": host,
         "port": port,
         "jetstream": {"store_dir": str(store)},
-        "max_payload": 1024 * 1024,
+        "max_payload": 8 * 1024 * 1024,  # a roster of 100,000 pods
     }
     if http_port is not None:
         conf["http"] = f"{host}:{http_port}"
@@ -97,6 +98,10 @@ class EmbeddedServer:
     _stopping: bool = False
     _work: Path = Path(".")
     _store: Path = Path(".")
+    #: Called once if the server died and will not be restarted (the reason as an argument).
+    on_gone: Callable[[str], None] | None = None
+    #: Bytes of the server's log that could not be written (a full disk).
+    log_lost: int = 0
 
     @property
     def url(self) -> str:
@@ -132,21 +137,30 @@ class EmbeddedServer:
         address every client knows (and the same store: counts survive)."""
         conf = self._work / "server.conf"
         http = (self.http_port or -1) if self.monitor else None
-        conf.write_text(_config(self.host, self.port, self._store, self.users, http))
-        conf.chmod(0o600)
-        self._proc = await asyncio.create_subprocess_exec(
-            find_binary(),
-            "-c",
-            str(conf),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-        self._watchdog.guard(self._proc.pid)
-        ready = asyncio.get_running_loop().create_future()
-        self._drain = asyncio.create_task(self._read_log(ready), name="nats-server-log")
-        await asyncio.wait_for(ready, READY_TIMEOUT_S)
+        # The file holds every user's password: it exists only until the server has read it
+        # (pods run as the same user and could read it), and the watchdog removes it if we die.
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(_config(self.host, self.port, self._store, self.users, http))
+        self._watchdog.remove_on_death(conf)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                find_binary(),
+                "-c",
+                str(conf),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+            self._watchdog.guard(self._proc.pid)
+            ready = asyncio.get_running_loop().create_future()
+            self._drain = asyncio.create_task(self._read_log(ready), name="nats-server-log")
+            await asyncio.wait_for(ready, READY_TIMEOUT_S)
+        finally:
+            with contextlib.suppress(OSError):
+                conf.unlink()
+            self._watchdog.forget_file(conf)
 
     async def _supervise(self) -> None:
         """If the server dies mid-run, start it again on the same port and store."""
@@ -163,25 +177,38 @@ class EmbeddedServer:
             self._watchdog.release(proc.pid)
             self.restarts += 1
             if self.restarts > MAX_RESTARTS:
-                log.error("nats-server died %d times; giving up", self.restarts)
+                self._give_up(f"nats-server died {self.restarts} times (exit {code}); gave up")
                 return
             log.warning("nats-server exited with %s; restarting it on port %d", code, self.port)
             try:
                 await self._spawn()
             except Exception as exc:
-                log.error("could not restart nats-server: %s", exc)
+                self._give_up(f"nats-server died (exit {code}) and could not restart: {exc}")
                 return
             self.restarted.set()
 
+    def _give_up(self, reason: str) -> None:
+        log.error("%s", reason)
+        if self.on_gone is not None:
+            self.on_gone(reason)
+
     async def _read_log(self, ready: asyncio.Future[None]) -> None:
         assert self._proc and self._proc.stderr
-        sink = self.log_path.open("ab") if self.log_path else None
+        sink = None
+        if self.log_path:
+            try:
+                sink = self.log_path.open("ab")
+            except OSError as exc:
+                log.warning("cannot write the nats-server log %s: %s", self.log_path, exc)
         tail: list[str] = []
         try:
             async for raw in self._proc.stderr:
                 if sink:
-                    sink.write(raw)
-                    sink.flush()
+                    try:
+                        sink.write(raw)
+                        sink.flush()
+                    except OSError:  # a full disk must not stop us reading: the server would block
+                        self.log_lost += len(raw)
                 line = raw.decode(errors="replace").rstrip()
                 tail = ([*tail, line])[-5:]
                 # The port chosen for -1 is read from the server's own announcement.
@@ -193,7 +220,8 @@ class EmbeddedServer:
                     ready.set_result(None)
         finally:
             if sink:
-                sink.close()
+                with contextlib.suppress(OSError):
+                    sink.close()
             if not ready.done():
                 ready.set_exception(
                     NatsUnavailable("nats-server exited before it was ready: " + " | ".join(tail))
@@ -210,6 +238,7 @@ class EmbeddedServer:
         if proc and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGCONT)  # a stopped (SIGSTOP) server must hear it
             try:
                 await asyncio.wait_for(proc.wait(), 10)
             except TimeoutError:

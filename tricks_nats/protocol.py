@@ -1,4 +1,4 @@
-"""Wire names and message shapes (protocol version 1): pure data, no I/O.
+"""Wire names and message shapes (protocol version 2): pure data, no I/O.
 
 drivers/PROTOCOL.md is the prose twin of this module; change both or neither.
 """
@@ -11,7 +11,7 @@ import time
 
 import msgspec
 
-VERSION = "1"
+VERSION = "2"
 
 #: Event names and tags: one NATS subject token, one KV key, a Kubernetes-friendly word.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
@@ -48,8 +48,18 @@ def stream_of(bucket: str) -> str:
 
 
 def count_subject(exp: str, event: str) -> str:
-    """Publishing here with `Nats-Incr: 1` adds one to `event`."""
+    """The counter of `event` in the counts stream; only the coordinator writes it."""
     return f"$KV.{counts_bucket(exp)}.{event}"
+
+
+def event_subject(exp: str, event: str) -> str:
+    """Pods register `event` with a request here; the coordinator adds exactly one."""
+    return f"tricks.{exp}.event.{event}"
+
+
+def roster_subject(exp: str, tag: str) -> str:
+    """The last message here is the roster of `tag`: its running pods."""
+    return f"$KV.{pods_bucket(exp)}.{tag}"
 
 
 def reached_subject(exp: str, event: str, value: int) -> str:
@@ -75,10 +85,6 @@ def experiment_of_stream(stream: str) -> str | None:
     return None
 
 
-def experiment_subjects(exp: str) -> str:
-    return f"tricks.{exp}.>"
-
-
 def inbox_prefix(exp: str) -> str:
     """Replies for an experiment's clients come back under their own prefix (isolation)."""
     return f"_INBOX_{exp}"
@@ -88,19 +94,25 @@ def pod_name(tag: str, pod_id: int) -> str:
     return f"{tag}-{pod_id}"
 
 
-def pod_key(tag: str, pod_id: int) -> str:
-    """Key of a running pod in the pods bucket."""
-    return f"{tag}.{pod_id}"
-
-
 def event_msg_id(exp: str, pod: str, event: str, nonce: str) -> str:
     """Unique per driver call, identical across that call's retries: counted exactly once."""
     return f"{exp}.{pod}.{event}.{nonce}"
 
 
-def lifecycle_msg_id(exp: str, tag: str, pod_id: int, what: str) -> str:
-    """Deterministic, so a restarted coordinator cannot count a pod's start or stop twice."""
-    return f"{exp}.coordinator.{tag}-{pod_id}.{what}"
+#: A pod's message id is at most this long (the coordinator refuses longer ones).
+MAX_MSG_ID = 200
+
+
+def pod_dedup_id(msg_id: str) -> str:
+    """The counts stream's message id for a pod's registration: in the `p.` namespace, so no
+    id a pod sends can collide with the coordinator's own (`c.`)."""
+    return f"p.{msg_id}"
+
+
+def lifecycle_msg_id(tag: str, pod_id: int, what: str) -> str:
+    """Deterministic, so a restarted coordinator cannot count a pod's start or stop twice;
+    in the `c.` namespace, which no pod can reach (see `pod_dedup_id`)."""
+    return f"c.{tag}-{pod_id}.{what}"
 
 
 def start_event(tag: str) -> str:
@@ -112,7 +124,7 @@ def stop_event(tag: str) -> str:
 
 
 class PodRecord(msgspec.Struct, forbid_unknown_fields=False):
-    """Value of a pods-bucket key: one running pod, as `discover` returns it."""
+    """One running pod, as `discover` returns it."""
 
     tag: str
     pod_id: int
@@ -120,17 +132,28 @@ class PodRecord(msgspec.Struct, forbid_unknown_fields=False):
     name: str = ""
 
 
+class RosterPod(msgspec.Struct, forbid_unknown_fields=False):
+    pod_id: int
+    ip: str = ""
+
+
+class Roster(msgspec.Struct, forbid_unknown_fields=False):
+    """Value of a tag's key in the pods bucket: the running pods of the tag, by pod id."""
+
+    tag: str
+    pods: list[RosterPod] = []
+
+    def records(self) -> list[PodRecord]:
+        return [
+            PodRecord(tag=self.tag, pod_id=r.pod_id, ip=r.ip, name=pod_name(self.tag, r.pod_id))
+            for r in sorted(self.pods, key=lambda r: r.pod_id)
+        ]
+
+
 class CounterValue(msgspec.Struct, forbid_unknown_fields=False):
     """Body of a counter message and of a direct get on the counts stream."""
 
     val: str
-
-
-class PubAck(msgspec.Struct, forbid_unknown_fields=False):
-    stream: str = ""
-    seq: int = 0
-    val: str | None = None
-    duplicate: bool = False
 
 
 class ApiError(msgspec.Struct, forbid_unknown_fields=False):
@@ -153,6 +176,13 @@ class PubAckOrError(msgspec.Struct, forbid_unknown_fields=False):
     error: ApiError | None = None
 
 
+class EventReply(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True):
+    """The coordinator's reply to a registration: the count right after it, or an error."""
+
+    val: str | None = None
+    error: ApiError | None = None
+
+
 def parse_count(data: bytes) -> int | None:
     """A counter body's value, or None for anything that is not one (logged by callers)."""
     try:
@@ -162,24 +192,19 @@ def parse_count(data: bytes) -> int | None:
 
 
 def pod_permissions(exp: str) -> dict[str, dict[str, list[str]]]:
-    """What a pod's NATS user may do: its own experiment's counts, pods and subjects, no more."""
+    """What a pod's NATS user may do: ask the coordinator to count its events, read its own
+    experiment's counts and rosters, hear its notifications. No JetStream writes, no
+    consumers: a pod cannot change a count but through the coordinator (+1 per call), nor aim
+    a delivery at a subject that others trust."""
     counts, pods = stream_of(counts_bucket(exp)), stream_of(pods_bucket(exp))
     api = "$JS.API"
     return {
         "publish": {
             "allow": [
-                f"$KV.{counts_bucket(exp)}.>",
-                f"{api}.DIRECT.GET.{counts}",
+                event_subject(exp, "*"),
                 f"{api}.DIRECT.GET.{counts}.>",
                 f"{api}.DIRECT.GET.{pods}.>",
                 f"{api}.STREAM.INFO.{counts}",
-                f"{api}.STREAM.INFO.{pods}",
-                f"{api}.CONSUMER.CREATE.{pods}",
-                f"{api}.CONSUMER.CREATE.{pods}.>",
-                f"{api}.CONSUMER.DELETE.{pods}.>",
-                f"{api}.CONSUMER.INFO.{pods}.>",
-                f"$JS.FC.{pods}.>",
-                f"$JS.ACK.{pods}.>",
             ]
         },
         "subscribe": {
@@ -189,4 +214,30 @@ def pod_permissions(exp: str) -> dict[str, dict[str, list[str]]]:
                 journal_subject(exp),
             ]
         },
+    }
+
+
+def observer_permissions(exp: str) -> dict[str, dict[str, list[str]]]:
+    """What `watch` and `status` need (the credentials in the state file): read the journal
+    and the counts, nothing else; never the coordinator's own user. Consumers only ephemeral
+    ones on the journal (waiters never trust a delivery alone, see `Bus.wait_count`)."""
+    counts, journal = stream_of(counts_bucket(exp)), journal_stream(exp)
+    api = "$JS.API"
+    return {
+        "publish": {
+            "allow": [
+                f"{api}.STREAM.NAMES",
+                f"{api}.STREAM.LIST",
+                f"{api}.DIRECT.GET.{counts}.>",
+                f"{api}.STREAM.INFO.{counts}",
+                f"{api}.STREAM.INFO.{journal}",
+                f"{api}.STREAM.MSG.GET.{journal}",
+                f"{api}.CONSUMER.CREATE.{journal}",
+                f"{api}.CONSUMER.DELETE.{journal}.>",
+                f"{api}.CONSUMER.INFO.{journal}.>",
+                f"$JS.FC.{journal}.>",
+                f"$JS.ACK.{journal}.>",
+            ]
+        },
+        "subscribe": {"allow": [f"{inbox_prefix(exp)}.>", journal_subject(exp)]},
     }

@@ -36,14 +36,14 @@ def state_dir() -> Path:
     return Path(base) / "tricks-nats"
 
 
-def _path(experiment: str) -> Path:
+def path_of(experiment: str) -> Path:
     return state_dir() / f"{experiment}.json"
 
 
 def write(state: RunState) -> None:
     directory = state_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = _path(state.experiment)
+    path = path_of(state.experiment)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -57,7 +57,7 @@ def finish(state: RunState) -> None:
     finished = sorted((s for s in all_states() if s.finished), key=lambda s: s.started_at)
     for old in finished[:-KEEP_FINISHED]:
         with contextlib.suppress(OSError):
-            _path(old.experiment).unlink()
+            path_of(old.experiment).unlink()
 
 
 def _alive(pid: int) -> bool:
@@ -91,7 +91,7 @@ def running() -> list[RunState]:
 
 
 def lookup(experiment: str) -> RunState | None:
-    path = _path(experiment)
+    path = path_of(experiment)
     try:
         return msgspec.json.decode(path.read_bytes(), type=RunState)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):

@@ -95,7 +95,8 @@ async def follow(
         nc = await connect(
             Endpoint(state.nats_url, state.user, state.password),
             name="tricks-watch",
-            attempts=1,
+            exp=state.experiment,
+            budget=0,
             keep_reconnecting=False,
             on_closed=on_closed,
         )
@@ -164,7 +165,7 @@ async def status(nats_url: str | None) -> list[Entry]:
 async def _status_of(endpoint: Any, only: str | None) -> list[Entry]:
     from tricks_nats.bus import Bus, connect
 
-    nc = await connect(endpoint, name="tricks-status", attempts=1)
+    nc = await connect(endpoint, name="tricks-status", exp=only, budget=0)
     try:
         js = nc.jetstream()
         infos = await js.streams_info()

@@ -1,15 +1,14 @@
 // Types of the tricks-nats JavaScript driver (src/index.js); testing/types-check.ts makes tsc
 // prove that the implementation matches them.
 
-import type { JetStreamClient } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 
 /** The protocol version this driver speaks (drivers/PROTOCOL.md). */
-export declare const PROTOCOL_VERSION: "1" | string;
+export declare const PROTOCOL_VERSION: "2" | string;
 /** Tags and event names: letters, digits, '-' and '_'. */
 export declare const NAME_RE: RegExp;
 
-/** Base of every error the driver raises on purpose. */
+/** Base of every error the driver raises on purpose; no call fails with anything else. */
 export declare class TricksError extends Error {
   constructor(message: string, options?: ErrorOptions);
 }
@@ -19,8 +18,14 @@ export declare class ConfigError extends TricksError {}
 export declare class NatsUnavailable extends TricksError {}
 /** A wait or a blocking discover ran out of time (shell exit code 1). */
 export declare class WaitTimeout extends TricksError {}
+/** NATS refused a subject to these credentials (permissions violation); final at once (exit 1). */
+export declare class PermissionDenied extends TricksError {}
 
-/** A pod's identity and where its NATS is, read from the environment. */
+/**
+ * A pod's identity and where its NATS is, read from the environment. In the configs that
+ * configFromEnv and Driver make, `natsPassword` is non-enumerable: util.inspect and
+ * JSON.stringify do not show it, and a spread (`{...config}`) does not copy it.
+ */
 export interface Config {
   tag: string;
   replicas: number;
@@ -32,7 +37,7 @@ export interface Config {
   natsPassword: string | undefined;
 }
 
-/** One running pod, as the pods bucket holds it. */
+/** One running pod, as its tag's roster lists it. */
 export interface Peer {
   tag: string;
   pod_id: number;
@@ -51,6 +56,9 @@ export declare function configFromEnv(env?: Record<string, string | undefined>):
 /** A counter body `{"val":"<n>"}`, or null. */
 export declare function parseCount(data: Uint8Array): number | null;
 
+/** A roster body `{"tag", "pods": [{"pod_id", "ip"}]}` as peers sorted by pod id, or null. */
+export declare function parseRoster(tag: string, data: Uint8Array): Peer[] | null;
+
 /** Subject and bucket names of one experiment (PROTOCOL.md section 4). */
 export declare const names: {
   countsBucket(exp: string): string;
@@ -58,30 +66,50 @@ export declare const names: {
   countsStream(exp: string): string;
   podsStream(exp: string): string;
   countSubject(exp: string, event: string): string;
+  eventSubject(exp: string, event: string): string;
+  rosterSubject(exp: string, tag: string): string;
   reachedSubject(exp: string, event: string, value: number): string;
   inboxPrefix(exp: string): string;
   msgId(exp: string, pod: string, event: string, nonce: string): string;
 };
 
+/** Ride-out tuning of Driver.connect (milliseconds). */
+export interface Tuning {
+  /** One request's timeout (default 2000). */
+  requestTimeoutMs?: number;
+  /** How long connecting and every call retry while NATS restarts (default 20000). */
+  recoveryMs?: number;
+}
+
 export declare class Driver {
   constructor(nc: NatsConnection, config: Config);
-  /** Connect with `config`, by default read from the environment. */
-  static connect(config?: Config, tuning?: { requestTimeoutMs?: number }): Promise<Driver>;
+  /**
+   * Connect with `config`, by default read from the environment. A refused or unreachable
+   * server is tried again for `recoveryMs`; refused credentials fail at once.
+   */
+  static connect(config?: Config, tuning?: Tuning): Promise<Driver>;
   /** One request's timeout in ms (default 2000); a call retries past it while NATS restarts. */
   requestTimeoutMs: number;
+  /** How long a call retries unanswered requests, in ms, before NatsUnavailable (20000). */
+  recoveryMs: number;
+  /** The pod's configuration (a copy whose password is non-enumerable). */
   readonly config: Config;
   /** The NATS connection, for what the driver does not cover. */
   readonly nc: NatsConnection;
-  readonly js: JetStreamClient;
   /** `<tag>-<pod_id>` */
   get pod(): string;
+  /** What JSON.stringify shows: the pod, its configuration (no password), closed or not. */
+  toJSON(): { pod: string; config: Config; closed: boolean };
   /** Running pods of `tag` (sorted by pod id); with `count`, block until that many run. */
   discover(tag: string, count?: number | null, options?: WaitOptions): Promise<Peer[]>;
-  /** +1 on event `name`, exactly once; resolves to the count right after it. */
+  /** +1 on event `name` (a request to the coordinator), exactly once; the count right after. */
   registerEvent(name: string): Promise<number>;
-  /** The increment with a given Nats-Msg-Id: calls with the same id count once. */
+  /** The registration with a given Nats-Msg-Id: calls with the same id count once. */
   increment(name: string, msgId: string): Promise<number>;
-  /** Block until event `name` has been registered at least `value` times. */
+  /**
+   * Block until event `name` has been registered at least `value` times (the count, read
+   * after each notification, decides: a notification alone releases nothing).
+   */
   waitEvent(name: string, value: number, options?: WaitOptions): Promise<number>;
   /** The current count of event `name` (0 when never registered). */
   count(name: string): Promise<number>;
@@ -90,6 +118,9 @@ export declare class Driver {
    * discover catch up on their own). Returns a function that stops it.
    */
   onReconnect(listener: () => void): () => void;
-  /** Drain and close the connection. */
+  /**
+   * Drain and close the connection; pending calls (a waitEvent, a blocking discover) fail at
+   * once with a TricksError. Never fails; calling it again is harmless.
+   */
   close(): Promise<void>;
 }

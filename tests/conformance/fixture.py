@@ -21,17 +21,16 @@ from tricks_nats import protocol as p
 from tricks_nats.bus import Bus, Endpoint
 from tricks_nats.counting import CountWatcher
 from tricks_nats.errors import TricksError
+from tricks_nats.registrar import Registrar, Rosters
 
 
-async def _answer(bus: Bus, words: list[str]) -> str:
+async def _answer(bus: Bus, rosters: Rosters, words: list[str]) -> str:
     match words:
         case ["pod", tag, pod_id, ip]:
-            await bus.put_pod(
-                p.PodRecord(tag=tag, pod_id=int(pod_id), ip=ip, name=f"{tag}-{pod_id}")
-            )
+            await rosters.started(tag, int(pod_id), ip)
             return "ok"
         case ["gone", tag, pod_id]:
-            await bus.delete_pod(tag, int(pod_id))
+            await rosters.stopped(tag, int(pod_id))
             return "ok"
         case ["count", event]:
             return f"ok {await bus.count(event)}"
@@ -43,9 +42,11 @@ async def _answer(bus: Bus, words: list[str]) -> str:
 async def serve(url: str, exp: str, user: str | None, password: str | None) -> None:
     bus = await Bus.open(Endpoint(url, user, password), exp, name="conformance-fixture")
     watcher = CountWatcher(bus, lambda _e, _v, _pod: None)
+    rosters = Rosters(bus, watcher)
     try:
         await bus.create_buckets()
         await watcher.start()
+        await Registrar(bus, watcher).start()
         print("ready", flush=True)
         loop = asyncio.get_running_loop()
         while True:
@@ -55,7 +56,7 @@ async def serve(url: str, exp: str, user: str | None, password: str | None) -> N
             if not line.split():
                 continue
             try:
-                answer = await _answer(bus, line.split())
+                answer = await _answer(bus, rosters, line.split())
             except (TricksError, ValueError) as exc:
                 answer = f"error {exc}"
             print(answer, flush=True)

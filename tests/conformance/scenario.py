@@ -14,7 +14,6 @@ import os
 import secrets
 
 from tricks_nats.driver import Driver, WaitTimeout
-from tricks_nats.protocol import event_msg_id
 
 
 async def main() -> None:
@@ -29,9 +28,9 @@ async def main() -> None:
         assert any(p.pod_id == me.pod_id and p.ip == me.pod_ip for p in peers), peers
         print(f"discovered {len(peers)}", flush=True)
 
-        msg_id = event_msg_id(me.experiment, me.pod, "hello", secrets.token_hex(8))
-        first = await tricks.bus.increment("hello", msg_id=msg_id, pod=me.pod)
-        again = await tricks.bus.increment("hello", msg_id=msg_id, pod=me.pod)
+        key = secrets.token_hex(8)
+        first = await tricks.register_with_id("hello", key)
+        again = await tricks.register_with_id("hello", key)
         assert first == again, (first, again)
         plain = await tricks.register_event("hello")
         assert plain > first, (first, plain)

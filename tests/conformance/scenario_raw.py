@@ -1,14 +1,17 @@
-"""The conformance scenario written from drivers/PROTOCOL.md alone: core NATS only (connect,
-publish, subscribe, request, headers from nats-py), no JetStream API and nothing of tricks_nats.
-It is the proof that the document is enough to write a driver, and a small example of one.
+"""The conformance scenario written from drivers/PROTOCOL.md (version 2) alone: core NATS only
+(connect, publish, subscribe, request, headers from nats-py), no JetStream API and nothing of
+tricks_nats. It is the proof that the document is enough to write a driver, and a small
+example of one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
+from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -18,124 +21,115 @@ E = os.environ
 EXP, TAG, POD_ID, REPLICAS = E["EXP_ID"], E["TAG"], int(E["POD_ID"]), int(E["REPLICAS"])
 POD = f"{TAG}-{POD_ID}"
 COUNTS, PODS = f"tricks-{EXP}-counts", f"tricks-{EXP}-pods"
+RECOVERY_S = 20.0
 
 
 class Timeout(Exception):
     pass
 
 
-async def increment(nc: Client, event: str, msg_id: str) -> int:  # PROTOCOL 6.1
-    headers = {"Nats-Incr": "1", "Nats-Msg-Id": msg_id, "Tricks-Pod": POD}
-    for _ in range(5):
+async def request(nc: Client, subject: str, headers: dict[str, str] | None = None) -> Msg:
+    """PROTOCOL 6: the same request again on a timeout or "no responders", for 20 s."""
+    loop = asyncio.get_running_loop()
+    deadline, pause = loop.time() + RECOVERY_S, 0.05
+    while True:
         try:
-            reply = await nc.request(f"$KV.{COUNTS}.{event}", b"", timeout=2, headers=headers)
+            return await nc.request(subject, b"", timeout=2, headers=headers)
+        except nats.errors.NoRespondersError:
+            with contextlib.suppress(nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                info = await nc.request(f"$JS.API.STREAM.INFO.KV_{COUNTS}", b"", timeout=2)
+                if json.loads(info.data).get("error", {}).get("code") == 404:
+                    raise RuntimeError(f"experiment {EXP} is not running") from None
         except nats.errors.TimeoutError:
-            continue  # retry with the same id: counted once
-        ack = json.loads(reply.data)
-        if "error" in ack:
-            raise RuntimeError(ack["error"]["description"])
-        if "val" in ack:
-            return int(ack["val"])
-        body = json.dumps({"seq": ack["seq"]}).encode()
-        original = await nc.request(f"$JS.API.DIRECT.GET.KV_{COUNTS}", body, timeout=2)
-        return int(json.loads(original.data)["val"])
-    raise RuntimeError("NATS did not answer")
+            pass
+        if loop.time() + pause >= deadline:
+            raise RuntimeError(f"NATS did not answer on {subject}")
+        await asyncio.sleep(pause)  # a backoff between attempts
+        pause = min(pause * 2, 1.0)
+
+
+def status(reply: Msg) -> str | None:
+    """The status line's code (`NATS/1.0 404 ...`), which nats-py surfaces as "Status"."""
+    return (reply.headers or {}).get("Status")
+
+
+async def register(nc: Client, event: str, msg_id: str) -> int:  # PROTOCOL 6.1
+    headers = {"Nats-Msg-Id": msg_id, "Tricks-Pod": POD}
+    reply = await request(nc, f"tricks.{EXP}.event.{event}", headers)
+    answer = json.loads(reply.data)
+    if "error" in answer:
+        raise RuntimeError(answer["error"]["description"])
+    return int(answer["val"])
 
 
 async def count(nc: Client, event: str) -> int:  # PROTOCOL 6.2
-    reply = await nc.request(f"$JS.API.DIRECT.GET.KV_{COUNTS}.$KV.{COUNTS}.{event}", b"", timeout=2)
-    if reply.headers and reply.headers.get("Status") == "404":
+    reply = await request(nc, f"$JS.API.DIRECT.GET.KV_{COUNTS}.$KV.{COUNTS}.{event}")
+    if status(reply) == "404":
         return 0
     return int(json.loads(reply.data)["val"])
 
 
 async def wait(nc: Client, event: str, value: int, timeout: float) -> int:  # PROTOCOL 6.3
-    sub = await nc.subscribe(f"tricks.{EXP}.reached.{event}.{value}", max_msgs=1)
-    try:
-        await nc.flush()
-        current = await count(nc, event)
-        if current >= value:
-            return current
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        sub = await nc.subscribe(f"tricks.{EXP}.reached.{event}.{value}")
         try:
-            await sub.next_msg(timeout=timeout)
-        except nats.errors.TimeoutError:
-            now = await count(nc, event)
-            if now >= value:
-                return now
-            raise Timeout(f"{event} is {now}, not {value}") from None
-        return max(value, current)
-    finally:
-        await sub.unsubscribe()
+            await sub.unsubscribe(limit=1)  # one-shot: the server drops it after one message
+            await nc.flush()  # the server has the subscription before we read
+            current = await count(nc, event)
+            if current >= value:
+                return current
+            try:
+                await sub.next_msg(timeout=max(0.001, deadline - loop.time()))
+            except nats.errors.TimeoutError:
+                now = await count(nc, event)
+                if now >= value:
+                    return now
+                raise Timeout(f"{event} is {now}, not {value}") from None
+            current = await count(nc, event)  # a notification is a hint: the count decides
+            if current >= value:
+                return current
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        # short: subscribe again first, then read again (the loop)
 
 
-async def discover(nc: Client, tag: str, want: int, timeout: float) -> list[dict]:  # 6.4
-    stream, prefix = f"KV_{PODS}", f"$KV.{PODS}."
-    name, deliver = f"d{secrets.token_hex(6)}", f"_INBOX_{EXP}.discover.{secrets.token_hex(6)}"
-    subject = f"{prefix}{tag}.*"
-    live: dict[str, dict] = {}
-    caught_up = asyncio.Event()
-    enough = asyncio.Event()
+async def roster(nc: Client, tag: str) -> list[dict[str, Any]]:  # PROTOCOL 6.4, read_roster
+    reply = await request(nc, f"$JS.API.DIRECT.GET.KV_{PODS}.$KV.{PODS}.{tag}")
+    deleted = (reply.headers or {}).get("KV-Operation") in ("DEL", "PURGE")
+    if status(reply) == "404" or deleted or not reply.data:
+        return []
+    records = []
+    for pod in sorted(json.loads(reply.data)["pods"], key=lambda pod: pod["pod_id"]):
+        n = pod["pod_id"]  # unknown fields are ignored
+        records.append({"tag": tag, "pod_id": n, "ip": pod.get("ip", ""), "name": f"{tag}-{n}"})
+    return records
 
-    async def on_msg(msg: Msg) -> None:
-        headers = msg.headers or {}
-        if headers.get("Status") == "100":  # flow control (with a reply) or heartbeat
-            if msg.reply:
-                await nc.publish(msg.reply, b"")
-            return
-        key = msg.subject[len(prefix) :]
-        if headers.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
-            live.pop(key, None)
-        else:
-            live[key] = json.loads(msg.data)
-        tokens = (msg.reply or "").split(".")
-        pending = int(tokens[8] if len(tokens) == 9 else tokens[10])
-        if pending == 0:
-            caught_up.set()
-        if caught_up.is_set() and len(live) >= want:
-            enough.set()
 
-    sub = await nc.subscribe(deliver, cb=on_msg)  # before the consumer exists: nothing lost
-    config = {
-        "name": name,
-        "deliver_subject": deliver,
-        "filter_subject": subject,
-        "deliver_policy": "last_per_subject",
-        "ack_policy": "none",
-        "max_deliver": 1,
-        "flow_control": True,
-        "idle_heartbeat": 5_000_000_000,
-        "mem_storage": True,
-        "num_replicas": 1,
-        "inactive_threshold": 300_000_000_000,
-    }
-    body = json.dumps({"stream_name": stream, "config": config}).encode()
-    try:
-        reply = await nc.request(
-            f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{subject}", body, timeout=2
-        )
-        info = json.loads(reply.data)
-        if "error" in info:
-            raise RuntimeError(info["error"]["description"])
-        if info["num_pending"] == 0:
-            caught_up.set()
-        if caught_up.is_set() and len(live) >= want:
-            enough.set()
+async def discover(nc: Client, tag: str, want: int, timeout: float) -> list[dict[str, Any]]:
+    loop = asyncio.get_running_loop()  # PROTOCOL 6.4
+    deadline = loop.time() + timeout  # one deadline for the whole call
+    while True:
+        started = await count(nc, f"{tag}_start")  # FIRST the count,
+        pods = await roster(nc, tag)  # THEN the roster: every start counted is in it
+        if len(pods) >= want:
+            return pods
         try:
-            await asyncio.wait_for(enough.wait(), timeout)
-        except TimeoutError:
-            raise Timeout(f"{len(live)} pods of {tag}, not {want}") from None
-        return sorted(live.values(), key=lambda pod: pod["pod_id"])
-    finally:
-        await sub.unsubscribe()
-        await nc.request(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"", timeout=2)
+            await wait(nc, f"{tag}_start", started + want - len(pods), deadline - loop.time())
+        except Timeout:
+            raise Timeout(f"{len(pods)} pods of {tag}, not {want}") from None
 
 
 async def main() -> None:
+    if E.get("TRICKS_PROTOCOL", "2") not in ("", "2"):
+        raise SystemExit(f"TRICKS_PROTOCOL={E['TRICKS_PROTOCOL']}: this pod speaks protocol 2")
     nc = await nats.connect(
         E["TRICKS_NATS_URL"],
         user=E.get("TRICKS_NATS_USER") or None,
         password=E.get("TRICKS_NATS_PASSWORD") or None,
-        inbox_prefix=f"_INBOX_{EXP}",
+        inbox_prefix=f"_INBOX_{EXP}",  # nats-py adds a random token per connection
         name=f"tricks-{EXP}-{POD}",
     )
     try:
@@ -146,9 +140,9 @@ async def main() -> None:
         print(f"discovered {len(peers)}", flush=True)
 
         msg_id = f"{EXP}.{POD}.hello.{secrets.token_hex(8)}"
-        first, again = await increment(nc, "hello", msg_id), await increment(nc, "hello", msg_id)
+        first, again = await register(nc, "hello", msg_id), await register(nc, "hello", msg_id)
         assert first == again, (first, again)
-        plain = await increment(nc, "hello", f"{EXP}.{POD}.hello.{secrets.token_hex(8)}")
+        plain = await register(nc, "hello", f"{EXP}.{POD}.hello.{secrets.token_hex(8)}")
         assert plain > first
         print(f"registered {first} {again} {plain}", flush=True)
 

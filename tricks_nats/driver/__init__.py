@@ -19,8 +19,8 @@ import secrets
 import threading
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tricks_nats import env as E
 from tricks_nats.errors import ConfigError, NatsUnavailable, TricksError, WaitTimeout
@@ -38,6 +38,9 @@ __all__ = [
     "WaitTimeout",
 ]
 
+if TYPE_CHECKING:
+    from tricks_nats.bus import Bus
+
 Peer = PodRecord
 T = TypeVar("T")
 
@@ -53,7 +56,8 @@ class Config:
     pod_ip: str
     nats_url: str
     nats_user: str | None = None
-    nats_password: str | None = None
+    #: A secret: never in a repr, a log line or an error message.
+    nats_password: str | None = field(default=None, repr=False)
 
     @property
     def pod(self) -> str:
@@ -111,7 +115,7 @@ class Driver:
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or Config.from_env()
-        self._bus: Any = None
+        self._bus: Bus | None = None
 
     @classmethod
     async def connect(cls, config: Config | None = None) -> Driver:
@@ -120,13 +124,15 @@ class Driver:
         return driver
 
     async def open(self) -> None:
-        from tricks_nats.bus import Bus, Endpoint
+        from tricks_nats.bus import RECOVERY_S, Bus, Endpoint
 
         c = self.config
+        # A pod may start while the server restarts: connecting rides that out too.
         self._bus = await Bus.open(
             Endpoint(c.nats_url, c.nats_user, c.nats_password),
             c.experiment,
             name=f"tricks-{c.experiment}-{c.pod}",
+            budget=RECOVERY_S,
         )
 
     async def close(self) -> None:
@@ -142,7 +148,7 @@ class Driver:
         await self.close()
 
     @property
-    def bus(self) -> Any:
+    def bus(self) -> Bus:
         if self._bus is None:
             raise TricksError("the driver is not connected (use `await Driver.connect()`)")
         return self._bus
@@ -154,31 +160,32 @@ class Driver:
         _check_name(tag, "tag")
         if count is not None and count < 0:
             raise TricksError(f"count must be >= 0, got {count}")
-        result: list[Peer] = await self.bus.discover(tag, count, timeout)
-        return result
+        return await self.bus.discover(tag, count, timeout)
 
     async def register_event(self, name: str) -> int:
         """Add one to event `name` (exactly once, even if the publish is retried).
 
         Returns the count right after this registration.
         """
+        return await self.register_with_id(name, secrets.token_hex(8))
+
+    async def register_with_id(self, name: str, key: str) -> int:
+        """`register_event` with a caller-chosen id: calls with the same `key` (within 5
+        minutes) count once, so a script can retry one safely (the shell's `event --id`)."""
         _check_name(name, "event name")
         c = self.config
-        msg_id = event_msg_id(c.experiment, c.pod, name, secrets.token_hex(8))
-        value: int = await self.bus.increment(name, msg_id=msg_id, pod=c.pod)
-        return value
+        msg_id = event_msg_id(c.experiment, c.pod, name, key)
+        return await self.bus.register(name, msg_id=msg_id, pod=c.pod)
 
     async def wait_event(self, name: str, value: int, timeout: float | None = None) -> int:
         """Block until event `name` has been registered at least `value` times."""
         _check_name(name, "event name")
-        count: int = await self.bus.wait_count(name, value, timeout)
-        return count
+        return await self.bus.wait_count(name, value, timeout)
 
     async def count(self, name: str) -> int:
         """The current count of event `name`, without waiting."""
         _check_name(name, "event name")
-        value: int = await self.bus.count(name)
-        return value
+        return await self.bus.count(name)
 
 
 def _check_name(name: str, what: str) -> None:
@@ -204,6 +211,9 @@ class SyncDriver:
             raise
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop.is_closed():
+            coro.close()
+            raise TricksError("the driver is closed")
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future.result()
 

@@ -1,7 +1,8 @@
 // The tricks-nats driver for Node.js: discover peers, register events, wait for counts.
 //
-// It implements drivers/PROTOCOL.md (version 1) on the official NATS client. Configured from the
-// pod's environment alone:
+// It implements drivers/PROTOCOL.md (version 2) on core NATS with the official client (no
+// JetStream API: requests, subscriptions and direct gets only). Configured from the pod's
+// environment alone:
 //
 //   import { Driver } from "@tricks-nats/driver";
 //   const tricks = await Driver.connect();
@@ -10,23 +11,25 @@
 //   await tricks.waitEvent("server-connected", 6, { timeout: 60 });
 //   await tricks.close();
 //
-// Timeouts are in seconds, as in every other driver.
+// Timeouts are in seconds, as in every other driver. Every call fails only with the errors
+// below (all TricksError).
 
 import { randomBytes } from "node:crypto";
 
-import { AckPolicy, DeliverPolicy, jetstream } from "@nats-io/jetstream";
-import { connect, Empty, headers } from "@nats-io/transport-node";
+import { connect, Empty, headers, usernamePasswordAuthenticator } from "@nats-io/transport-node";
 
 /** The protocol version this driver speaks (`tricks_nats.protocol.VERSION`). */
-export const PROTOCOL_VERSION = "1";
+export const PROTOCOL_VERSION = "2";
 
 /** Tags and event names: one NATS subject token, one KV key. */
 export const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$/;
 
 const REQUEST_TIMEOUT_MS = 2000;
-/** How long a request keeps retrying while NATS restarts (PROTOCOL.md 6.0). */
+/** How long a request, and connecting, keep retrying while NATS restarts (PROTOCOL.md 6). */
 const RECOVERY_MS = 20000;
-const CONNECT_ATTEMPTS = 3;
+/** How long a call waits in all while NATS answers but the coordinator has not yet. */
+const PATIENCE_MS = 300000;
+const CONNECT_TIMEOUT_MS = 2000;
 
 /** Base of every error this driver raises on purpose. */
 export class TricksError extends Error {
@@ -47,7 +50,14 @@ export class NatsUnavailable extends TricksError {}
 export class WaitTimeout extends TricksError {}
 
 /**
- * A pod's identity and where its NATS is.
+ * NATS refused a subject to these credentials (a permissions violation): a wrong EXP_ID, or a
+ * call beyond the pod's permissions. Final at once, never ridden out.
+ */
+export class PermissionDenied extends TricksError {}
+
+/**
+ * A pod's identity and where its NATS is. `natsPassword` is a non-enumerable property: it is
+ * not printed (util.inspect, console.log), serialized (JSON.stringify) nor copied by a spread.
  * @typedef {object} Config
  * @property {string} tag
  * @property {number} replicas
@@ -60,13 +70,30 @@ export class WaitTimeout extends TricksError {}
  */
 
 /**
- * One running pod, as the pods bucket holds it.
+ * One running pod, as its tag's roster lists it.
  * @typedef {object} Peer
  * @property {string} tag
  * @property {number} pod_id
  * @property {string} ip
  * @property {string} name
  */
+
+/**
+ * `config` with its password made non-enumerable (kept, but never printed or serialized).
+ * @param {Config} config
+ * @returns {Config}
+ */
+function hidePassword(config) {
+  const { natsPassword, ...visible } = config;
+  const copy = /** @type {Config} */ ({ ...visible });
+  Object.defineProperty(copy, "natsPassword", {
+    value: natsPassword,
+    enumerable: false,
+    writable: true,
+    configurable: true,
+  });
+  return copy;
+}
 
 /**
  * Read the pod's configuration from the environment (PROTOCOL.md section 1).
@@ -95,7 +122,8 @@ export function configFromEnv(env = process.env) {
   const protocol = env.TRICKS_PROTOCOL;
   if (protocol && protocol !== PROTOCOL_VERSION) {
     throw new ConfigError(
-      `TRICKS_PROTOCOL is ${protocol}: this driver speaks protocol ${PROTOCOL_VERSION}`,
+      `TRICKS_PROTOCOL is ${JSON.stringify(protocol)}: this driver speaks protocol ` +
+        `${PROTOCOL_VERSION} only (drivers/PROTOCOL.md)`,
     );
   }
   let url = env.TRICKS_NATS_URL;
@@ -109,16 +137,17 @@ export function configFromEnv(env = process.env) {
     }
     url = `nats://${ip}:${port}`;
   }
-  return {
+  const user = env.TRICKS_NATS_USER || undefined;
+  return hidePassword({
     tag: need("TAG"),
     replicas: integer("REPLICAS"),
     podId: integer("POD_ID"),
     experiment: need("EXP_ID"),
     podIp: env.POD_IP ?? "",
     natsUrl: url,
-    natsUser: env.TRICKS_NATS_USER || undefined,
-    natsPassword: env.TRICKS_NATS_PASSWORD || undefined,
-  };
+    natsUser: user,
+    natsPassword: user ? (env.TRICKS_NATS_PASSWORD ?? "") : undefined,
+  });
 }
 
 /** Subjects and names of one experiment (PROTOCOL.md section 4). */
@@ -131,8 +160,12 @@ export const names = {
   countsStream: (exp) => `KV_tricks-${exp}-counts`,
   /** @param {string} exp */
   podsStream: (exp) => `KV_tricks-${exp}-pods`,
-  /** @param {string} exp @param {string} event */
+  /** The counter of `event` (only the coordinator writes it). @param {string} exp @param {string} event */
   countSubject: (exp, event) => `$KV.tricks-${exp}-counts.${event}`,
+  /** Pods register `event` with a request here. @param {string} exp @param {string} event */
+  eventSubject: (exp, event) => `tricks.${exp}.event.${event}`,
+  /** The last message here is the roster of `tag`. @param {string} exp @param {string} tag */
+  rosterSubject: (exp, tag) => `$KV.tricks-${exp}-pods.${tag}`,
   /** @param {string} exp @param {string} event @param {number} value */
   reachedSubject: (exp, event, value) => `tricks.${exp}.reached.${event}.${value}`,
   /** @param {string} exp */
@@ -141,7 +174,7 @@ export const names = {
   msgId: (exp, pod, event, nonce) => `${exp}.${pod}.${event}.${nonce}`,
 };
 
-/** @param {string} name @param {string} what */
+/** @param {unknown} name @param {string} what */
 function checkName(name, what) {
   if (typeof name !== "string" || !NAME_RE.test(name)) {
     throw new TricksError(
@@ -174,8 +207,7 @@ function isTimeout(err) {
 function isNoResponders(err) {
   if (!(err instanceof Error)) return false;
   const check = /** @type {{isNoResponders?: () => boolean}} */ (err);
-  return errorName(err) === "NoRespondersError" ||
-    errorName(err.cause) === "NoRespondersError" ||
+  return /^NoResponders/.test(errorName(err)) || /^NoResponders/.test(errorName(err.cause)) ||
     (typeof check.isNoResponders === "function" && check.isNoResponders());
 }
 
@@ -185,6 +217,32 @@ function isDisconnection(err) {
     if (/disconnect/i.test(e.message)) return true;
   }
   return false;
+}
+
+/** @param {unknown} err */
+function isAuthorization(err) {
+  for (let e = err; e instanceof Error; e = e.cause) {
+    if (errorName(e) === "AuthorizationError" || /authorization violation/i.test(e.message)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+/**
+ * The server's "Permissions Violation for Publish|Subscription to <subject>" behind `err`.
+ * @param {unknown} err
+ * @returns {{subject: string} | null}
+ */
+function permissionViolation(err) {
+  for (let e = err; e instanceof Error; e = e.cause) {
+    if (errorName(e) === "PermissionViolationError" || /permissions violation/i.test(e.message)) {
+      const subject = /** @type {{subject?: unknown}} */ (e).subject;
+      const quoted = e.message.match(/to "(\S+)"/);
+      return { subject: typeof subject === "string" && subject ? subject : quoted?.[1] ?? "?" };
+    }
+  }
+  return null;
 }
 
 /**
@@ -198,11 +256,13 @@ function remaining(deadline) {
 /** @param {unknown} err */
 function describe(err) {
   if (!(err instanceof Error)) return String(err);
-  const text = err.message || err.name;
-  if (/authorization/i.test(text) || errorName(err) === "AuthorizationError") {
-    return "credentials refused (authorization violation)";
-  }
-  return text;
+  if (isAuthorization(err)) return "credentials refused (authorization violation)";
+  return err.message || err.name;
+}
+
+/** @param {number} ms */
+function pause(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 /**
@@ -228,6 +288,45 @@ async function within(promise, seconds) {
   }
 }
 
+/** @param {import("@nats-io/transport-node").Subscription | null} sub */
+function unsubscribe(sub) {
+  try {
+    sub?.unsubscribe();
+  } catch {
+    // the connection is gone, and the interest with it
+  }
+}
+
+/** Why a waiter woke up. @typedef {"reached" | "reconnect" | {error: unknown}} Wakeup */
+
+/** The wake-ups of one waiter, in order; none is lost while it is busy. */
+class Wakeups {
+  /** @type {Wakeup[]} */
+  #queue = [];
+  /** @type {((wakeup: Wakeup) => void) | null} */
+  #waiting = null;
+
+  /** @param {Wakeup} wakeup */
+  push(wakeup) {
+    const waiting = this.#waiting;
+    this.#waiting = null;
+    if (waiting) waiting(wakeup);
+    else this.#queue.push(wakeup);
+  }
+
+  /** @returns {Promise<Wakeup>} */
+  next() {
+    const first = this.#queue.shift();
+    if (first !== undefined) return Promise.resolve(first);
+    return new Promise((resolve) => {
+      this.#waiting = resolve;
+    });
+  }
+}
+
+/** Rejection of `#shutdown`: the driver was closed, or its connection ended. */
+const SHUTDOWN = new Error("shutdown");
+
 /** The driver: one NATS connection for one pod. */
 export class Driver {
   /**
@@ -235,23 +334,44 @@ export class Driver {
    * @param {Config} config
    */
   constructor(nc, config) {
-    /** The pod's configuration. */
-    this.config = config;
+    /** The pod's configuration (its password is not enumerable). */
+    this.config = hidePassword(config);
     /** The NATS connection (for what the driver does not cover). */
     this.nc = nc;
-    this.js = jetstream(nc, { timeout: REQUEST_TIMEOUT_MS });
-    /** One request's timeout; a call retries past it while NATS restarts (RECOVERY_MS). */
+    /** One request's timeout; a call retries past it while NATS restarts (`recoveryMs`). */
     this.requestTimeoutMs = REQUEST_TIMEOUT_MS;
-    this.#statusLoop = nc.isClosed() ? Promise.resolve() : this.#followStatus();
+    /** How long a call retries unanswered requests before NatsUnavailable (PROTOCOL.md 6). */
+    this.recoveryMs = RECOVERY_MS;
+    this.#shutdown = new Promise((_, reject) => {
+      this.#shut = () => reject(SHUTDOWN);
+    });
+    this.#shutdown.catch(() => {}); // observed by whoever races it
+    this.#statusLoop = nc.isClosed() ? this.#ended() : this.#followStatus();
   }
 
-  /** @type {Set<(status: import("@nats-io/transport-node").Status) => void>} */
+  /** @type {Set<(type: string) => void>} */
   #listeners = new Set();
+  /** @type {Map<string, {subject: string}>} subjects the server refused, with the refusal */
+  #denied = new Map();
   /** How often the connection dropped so far. */
   #disconnects = 0;
   #connected = true;
+  /** close() was called. */
+  #closing = false;
+  /** The connection is closed (by close() or for good by the client). */
+  #gone = false;
+  /** @type {Promise<never>} rejects (with SHUTDOWN) once closed or the connection gone */
+  #shutdown;
+  /** @type {() => void} */
+  #shut = () => {};
   /** @type {Promise<void>} */
   #statusLoop;
+
+  async #ended() {
+    this.#gone = true;
+    this.#connected = false;
+    this.#shut();
+  }
 
   /** The one loop over the connection's status events; ends when the connection closes. */
   async #followStatus() {
@@ -262,24 +382,33 @@ export class Driver {
           this.#connected = false;
         } else if (status.type === "reconnect") {
           this.#connected = true;
+        } else if (status.type === "error") {
+          const denied = permissionViolation(status.error);
+          if (denied) this.#denied.set(denied.subject, denied);
         }
-        for (const listener of [...this.#listeners]) {
-          try {
-            listener(status);
-          } catch {
-            // a listener's failure is its own
-          }
-        }
+        this.#tell(status.type);
       }
     } catch {
       // the iterator failed: the connection is gone
     }
-    this.#connected = false;
+    await this.#ended();
+    this.#tell("close");
+  }
+
+  /** @param {string} type */
+  #tell(type) {
+    for (const listener of [...this.#listeners]) {
+      try {
+        listener(type);
+      } catch {
+        // a listener's failure is its own
+      }
+    }
   }
 
   /**
    * Follow the connection's status events until the returned function is called.
-   * @param {(status: import("@nats-io/transport-node").Status) => void} listener
+   * @param {(type: string) => void} listener
    */
   #listen(listener) {
     this.#listeners.add(listener);
@@ -289,14 +418,14 @@ export class Driver {
   }
 
   /**
-   * Call `listener` after every reconnect (the server may have restarted: PROTOCOL.md 6.3,
-   * 6.4), until the returned function is called.
+   * Call `listener` after every reconnect (the server may have restarted: PROTOCOL.md 6.3),
+   * until the returned function is called.
    * @param {() => void} listener
    * @returns {() => void}
    */
   onReconnect(listener) {
-    return this.#listen((status) => {
-      if (status.type === "reconnect") listener();
+    return this.#listen((type) => {
+      if (type === "reconnect") listener();
     });
   }
 
@@ -307,8 +436,67 @@ export class Driver {
    * @param {number} seen
    */
   #lostConnection(err, seen) {
-    if (this.nc.isClosed()) return false;
+    if (this.#closing || this.#gone || this.nc.isClosed()) return false;
+    if (err instanceof TricksError && !(err instanceof NatsUnavailable)) return false;
     return this.#disconnects > seen || !this.#connected || isDisconnection(err);
+  }
+
+  /** Throw when the driver is closed or its connection gone. @param {string} what */
+  #checkOpen(what) {
+    if (this.#closing) throw new TricksError(`cannot ${what}: the driver is closed`);
+    if (this.#gone || this.nc.isClosed()) {
+      throw new NatsUnavailable(`cannot ${what}: the NATS connection is closed`);
+    }
+  }
+
+  /**
+   * `promise`, or null when `deadline` passes first; fails at once when the driver closes.
+   * @template T
+   * @param {Promise<T>} promise
+   * @param {number | undefined} deadline
+   * @param {string} what
+   * @returns {Promise<{value: T} | null>}
+   */
+  async #until(promise, deadline, what) {
+    try {
+      return await within(Promise.race([promise, this.#shutdown]), remaining(deadline));
+    } catch (err) {
+      if (err === SHUTDOWN) this.#checkOpen(what);
+      throw err;
+    }
+  }
+
+  /**
+   * Run one public call: any failure that is not already ours becomes a TricksError.
+   * @template T
+   * @param {string} what
+   * @param {() => Promise<T>} call
+   * @returns {Promise<T>}
+   */
+  async #call(what, call) {
+    try {
+      return await call();
+    } catch (err) {
+      if (err instanceof TricksError) throw err;
+      if (err === SHUTDOWN) this.#checkOpen(what);
+      const denied = permissionViolation(err);
+      if (denied) throw this.#refused(denied, err);
+      if (/closed|draining/i.test(errorName(err))) this.#checkOpen(what);
+      throw new TricksError(`cannot ${what}: ${describe(err)}`, { cause: err });
+    }
+  }
+
+  /**
+   * The error for a subject the server refused: final at once (PROTOCOL.md 8).
+   * @param {{subject: string}} denied
+   * @param {unknown} [cause]
+   */
+  #refused(denied, cause) {
+    return new PermissionDenied(
+      `NATS refused ${denied.subject}: these credentials do not reach experiment ` +
+        `${JSON.stringify(this.config.experiment)} (permissions violation)`,
+      { cause },
+    );
   }
 
   /** The pod's name, `<tag>-<pod_id>`. */
@@ -316,54 +504,75 @@ export class Driver {
     return `${this.config.tag}-${this.config.podId}`;
   }
 
+  /** What JSON.stringify shows of a driver: its configuration, without the password. */
+  toJSON() {
+    return { pod: this.pod, config: this.config, closed: this.#closing || this.#gone };
+  }
+
   /**
-   * Connect with `config` (default: from the environment).
+   * Connect with `config` (default: from the environment). A refused or unreachable server
+   * is tried again for `recoveryMs` (a restarting server comes back within it); refused
+   * credentials are final at once.
    * @param {Config} [config]
-   * @param {{requestTimeoutMs?: number}} [tuning] one request's timeout (default 2000)
+   * @param {{requestTimeoutMs?: number, recoveryMs?: number}} [tuning] one request's timeout
+   *   (default 2000) and the ride-out budget of connecting and of every call (default 20000)
    * @returns {Promise<Driver>}
    */
   static async connect(config, tuning = {}) {
     const c = config ?? configFromEnv();
+    const { requestTimeoutMs, recoveryMs = RECOVERY_MS } = tuning ?? {};
     /** @type {import("@nats-io/transport-node").NodeConnectionOptions} */
     const options = {
       servers: [c.natsUrl],
       name: `tricks-${c.experiment}-${c.tag}-${c.podId}`,
       inboxPrefix: names.inboxPrefix(c.experiment),
-      timeout: REQUEST_TIMEOUT_MS,
+      timeout: CONNECT_TIMEOUT_MS,
       // once connected, reconnect forever: a restarted server comes back on the same port
       reconnect: true,
       maxReconnectAttempts: -1,
       reconnectTimeWait: 200,
     };
     if (c.natsUser) {
-      options.user = c.natsUser;
-      options.pass = c.natsPassword ?? "";
+      // An authenticator, not `pass`: the password stays out of the connection's options.
+      const password = c.natsPassword ?? "";
+      options.authenticator = usernamePasswordAuthenticator(c.natsUser, () => password);
     }
-    /** @type {unknown} */
-    let last;
-    for (let attempt = 0; attempt < CONNECT_ATTEMPTS; attempt++) {
+    const deadline = Date.now() + recoveryMs;
+    let wait = 50;
+    for (;;) {
       try {
         const driver = new Driver(await connect(options), c);
-        if (tuning.requestTimeoutMs !== undefined) driver.requestTimeoutMs = tuning.requestTimeoutMs;
+        if (requestTimeoutMs !== undefined) driver.requestTimeoutMs = requestTimeoutMs;
+        driver.recoveryMs = recoveryMs;
         return driver;
       } catch (err) {
-        last = err;
-        if (/authorization/i.test(describe(err))) break;
-        await new Promise((resolve) => setTimeout(resolve, 200));
+        const final = isAuthorization(err) || errorName(err) === "InvalidArgumentError";
+        if (final || Date.now() + wait >= deadline) {
+          throw new NatsUnavailable(`cannot reach NATS at ${c.natsUrl}: ${describe(err)}`, {
+            cause: err,
+          });
+        }
       }
+      await pause(wait); // a backoff between attempts, not a wait for an event
+      wait = Math.min(wait * 2, 1000);
     }
-    throw new NatsUnavailable(`cannot reach NATS at ${c.natsUrl}: ${describe(last)}`, {
-      cause: last,
-    });
   }
 
-  /** Drain and close the connection. */
+  /**
+   * Drain and close the connection. Calls still pending (a waitEvent, a blocking discover)
+   * fail at once with a TricksError. Never fails itself; calling it again is harmless.
+   */
   async close() {
-    if (!this.nc.isClosed()) {
-      try {
-        await this.nc.drain();
-      } catch {
-        await this.nc.close();
+    if (!this.#closing) {
+      this.#closing = true;
+      this.#shut();
+      if (!this.nc.isClosed()) {
+        // Drain (pending replies are delivered) while connected, for a moment at most: a
+        // server that is away must not hold close() up.
+        const drained = this.#connected
+          ? await within(this.nc.drain().then(() => true, () => false), REQUEST_TIMEOUT_MS / 1000)
+          : null;
+        if (!drained?.value) await this.nc.close().catch(() => {});
       }
     }
     await this.#statusLoop;
@@ -371,61 +580,132 @@ export class Driver {
   }
 
   /**
-   * A NATS request that rides out a restarting server (PROTOCOL.md 6.0): retried while the
-   * connection is re-established and while a restarted server has not loaded its streams yet;
-   * the same body and headers every time, so a retried increment keeps its message id.
+   * A NATS request that rides out a restarting server (PROTOCOL.md 6): retried on a timeout,
+   * a dropped connection and "no responders" (unless the experiment is gone), for
+   * `recoveryMs` in all; the same body and headers every time, so a retried registration
+   * keeps its message id. A permissions violation is final at once.
    * @param {string} subject
    * @param {string | Uint8Array} body
    * @param {string} what for the error message
    * @param {import("@nats-io/transport-node").MsgHdrs} [hdrs]
    */
   async #request(subject, body, what, hdrs) {
-    const deadline = Date.now() + RECOVERY_MS;
-    let pause = 50;
-    /** @type {unknown} */
-    let last;
-    for (;;) {
-      try {
-        return await this.nc.request(subject, body, {
-          timeout: this.requestTimeoutMs,
-          headers: hdrs,
-        });
-      } catch (err) {
-        last = err;
-        if (isNoResponders(err)) {
-          if (await this.#countsStreamMissing()) {
-            throw new TricksError(
-              `experiment ${JSON.stringify(this.config.experiment)} is not running on this NATS ` +
-                "(no counts bucket)",
-              { cause: err },
-            );
-          }
-        } else if (!isTimeout(err) && !isDisconnection(err)) {
-          throw new NatsUnavailable(`cannot ${what}: ${describe(err)}`, { cause: err });
-        }
-      }
-      if (this.nc.isClosed() || Date.now() + pause >= deadline) {
-        throw new NatsUnavailable(`cannot ${what}: NATS did not answer (${describe(last)})`, {
-          cause: last,
-        });
-      }
-      await new Promise((resolve) => setTimeout(resolve, pause)); // backoff, not a wait
-      pause = Math.min(pause * 2, 1000);
+    this.#checkOpen(what);
+    // One reply subject for every attempt of this call: an answer to an earlier attempt (a
+    // busy coordinator answering after one attempt's timeout) still ends the call.
+    const inbox = `${names.inboxPrefix(this.config.experiment)}.${randomBytes(12).toString("hex")}`;
+    const sub = this.nc.subscribe(inbox);
+    const replies = sub[Symbol.asyncIterator]();
+    const next = () => {
+      const p = replies.next();
+      p.catch(() => {}); // seen by the attempt that awaits it
+      return p;
+    };
+    let answer = next();
+    try {
+      return await this.#attempts(subject, body, what, hdrs, inbox, () => answer, () => {
+        answer = next();
+      });
+    } finally {
+      unsubscribe(sub);
     }
   }
 
-  /** True only when JetStream answers that the counts stream does not exist. */
-  async #countsStreamMissing() {
-    const stream = names.countsStream(this.config.experiment);
+  /**
+   * The retry loop of `#request` (PROTOCOL.md 6).
+   * @param {string} subject
+   * @param {string | Uint8Array} body
+   * @param {string} what
+   * @param {import("@nats-io/transport-node").MsgHdrs | undefined} hdrs
+   * @param {string} inbox
+   * @param {() => Promise<IteratorResult<import("@nats-io/transport-node").Msg>>} answer
+   * @param {() => void} renew
+   */
+  async #attempts(subject, body, what, hdrs, inbox, answer, renew) {
+    const first = Date.now();
+    let deadline = first + this.recoveryMs;
+    let wait = 50;
+    /** @type {unknown} */
+    let last;
+    for (;;) {
+      this.#checkOpen(what);
+      try {
+        this.nc.publish(subject, body, { reply: inbox, headers: hdrs });
+        const got = await within(answer(), this.requestTimeoutMs / 1000);
+        if (got === null) {
+          throw Object.assign(new Error("request timed out"), { name: "TimeoutError" });
+        }
+        if (got.value.done) {
+          this.#checkOpen(what);
+          throw Object.assign(new Error("the reply subscription ended (disconnected)"), {
+            name: "DisconnectError",
+          });
+        }
+        const msg = got.value.value;
+        if (msg.headers?.code === 503) {
+          renew();
+          throw Object.assign(new Error("no responders"), { name: "NoRespondersError" });
+        }
+        return msg;
+      } catch (err) {
+        last = err;
+        this.#checkOpen(what);
+        const denied = permissionViolation(err) ??
+          (isTimeout(err) ? this.#denied.get(subject) : undefined);
+        if (denied) throw this.#refused(denied, err);
+        if (!isNoResponders(err) && !isTimeout(err) && !isDisconnection(err)) {
+          throw new NatsUnavailable(`cannot ${what}: ${describe(err)}`, { cause: err });
+        }
+        if (!isDisconnection(err)) {
+          const there = await this.#experimentThere(what);
+          if (there === false) {
+            throw new TricksError(
+              `experiment ${JSON.stringify(this.config.experiment)} is not running on this ` +
+                "NATS (no counts bucket)",
+              { cause: err },
+            );
+          }
+          if (there) {
+            // NATS answers: only the coordinator is slow (pods starting): keep waiting for it.
+            deadline = Math.min(
+              first + PATIENCE_MS,
+              Math.max(deadline, Date.now() + this.recoveryMs),
+            );
+          }
+        }
+      }
+      if (Date.now() + wait >= deadline) {
+        throw new NatsUnavailable(
+          `cannot ${what}: NATS did not answer for ${this.recoveryMs / 1000}s ` +
+            `(${describe(last)})`,
+          { cause: last },
+        );
+      }
+      // a backoff between attempts, not a wait for an event; cut short by close()
+      await this.#until(pause(wait), undefined, what);
+      wait = Math.min(wait * 2, 1000);
+    }
+  }
+
+  /**
+   * Whether JetStream has the experiment's counts: true, false (it answered 404), or
+   * undefined when it does not answer (a restart in progress).
+   * @param {string} what
+   * @returns {Promise<boolean | undefined>}
+   */
+  async #experimentThere(what) {
+    const subject = `$JS.API.STREAM.INFO.${names.countsStream(this.config.experiment)}`;
     try {
-      const reply = await this.nc.request(`$JS.API.STREAM.INFO.${stream}`, Empty, {
-        timeout: REQUEST_TIMEOUT_MS,
-      });
+      const reply = await this.nc.request(subject, Empty, { timeout: this.requestTimeoutMs });
       /** @type {{error?: {code?: number}}} */
       const info = reply.json();
-      return info.error?.code === 404;
-    } catch {
-      return false; // JetStream itself is not answering yet: a restart in progress
+      if (!info.error) return true;
+      return info.error.code === 404 ? false : undefined;
+    } catch (err) {
+      const denied = permissionViolation(err);
+      if (denied) throw this.#refused(denied, err);
+      this.#checkOpen(what);
+      return undefined; // JetStream itself is not answering yet: a restart in progress
     }
   }
 
@@ -441,7 +721,7 @@ export class Driver {
   }
 
   /**
-   * The increment of PROTOCOL.md 6.1 with a given message id: requests with the same id
+   * The registration of PROTOCOL.md 6.1 with a given message id: calls with the same id
    * count once (registerEvent makes a fresh one per call).
    * @param {string} name
    * @param {string} msgId
@@ -449,44 +729,37 @@ export class Driver {
    */
   async increment(name, msgId) {
     checkName(name, "event name");
-    const exp = this.config.experiment;
-    const h = headers();
-    h.set("Nats-Incr", "1");
-    h.set("Nats-Msg-Id", msgId);
-    h.set("Tricks-Pod", this.pod);
-    const reply = await this.#request(
-      names.countSubject(exp, name),
-      Empty,
-      `register event ${JSON.stringify(name)}`,
-      h,
-    );
-    /** @type {{seq?: number, val?: string, duplicate?: boolean, error?: {description?: string}}} */
-    let ack;
-    try {
-      ack = reply.json();
-    } catch (err) {
-      throw new TricksError(`increment of ${JSON.stringify(name)}: malformed reply`, {
-        cause: err,
-      });
+    const what = `register event ${JSON.stringify(name)}`;
+    if (typeof msgId !== "string" || !/^[\x21-\x7e]+$/.test(msgId)) {
+      throw new TricksError(`${what}: bad message id ${JSON.stringify(msgId)}`);
     }
-    if (ack.error) {
-      throw new TricksError(
-        `increment of ${JSON.stringify(name)} refused: ${ack.error.description ?? "?"}`,
-      );
-    }
-    if (typeof ack.val === "string") return Number.parseInt(ack.val, 10);
-    return this.#valueAt(ack.seq ?? 0);
-  }
-
-  /** @param {number} seq */
-  async #valueAt(seq) {
-    const stream = names.countsStream(this.config.experiment);
-    const reply = await this.#request(
-      `$JS.API.DIRECT.GET.${stream}`,
-      JSON.stringify({ seq }),
-      "read a count",
-    );
-    return parseCount(reply.data) ?? 0;
+    return this.#call(what, async () => {
+      const h = headers();
+      h.set("Nats-Msg-Id", msgId);
+      h.set("Tricks-Pod", this.pod);
+      const subject = names.eventSubject(this.config.experiment, name);
+      const reply = await this.#request(subject, Empty, what, h);
+      /** @type {{val?: unknown, error?: {description?: string}} | null} */
+      let answer = null;
+      try {
+        answer = reply.json();
+      } catch {
+        // not JSON: reported below
+      }
+      if (answer && typeof answer === "object" && answer.error) {
+        throw new TricksError(`${what} refused: ${answer.error.description ?? "?"}`);
+      }
+      const value = answer && typeof answer === "object" && typeof answer.val === "string"
+        ? Number.parseInt(answer.val, 10)
+        : Number.NaN;
+      if (Number.isNaN(value)) {
+        throw new TricksError(
+          `${what}: the coordinator's reply is not {"val"} nor {"error"}: ` +
+            JSON.stringify(reply.string().slice(0, 100)),
+        );
+      }
+      return value;
+    });
   }
 
   /**
@@ -496,17 +769,29 @@ export class Driver {
    */
   async count(name) {
     checkName(name, "event name");
+    return this.#call(`read event ${JSON.stringify(name)}`, () => this.#count(name));
+  }
+
+  /** @param {string} name */
+  async #count(name) {
     const exp = this.config.experiment;
     const subject = `$JS.API.DIRECT.GET.${names.countsStream(exp)}.${names.countSubject(exp, name)}`;
     const reply = await this.#request(subject, Empty, `read event ${JSON.stringify(name)}`);
-    if (reply.headers?.code === 404) return 0;
-    return parseCount(reply.data) ?? 0;
+    if (reply.headers?.code === 404) return 0; // never registered
+    const value = parseCount(reply.data);
+    if (value === null) {
+      console.warn(`tricks-nats: ignoring a malformed count of ${JSON.stringify(name)}`);
+      return 0;
+    }
+    return value;
   }
 
   /**
    * Block until event `name` has been registered at least `value` times.
-   * Subscribes to the coordinator's one notification first, then reads the count; reads it
-   * again after every reconnect (a notification sent while we were away is lost).
+   * Subscribes to the coordinator's one notification first, then reads the count; a
+   * notification is only a hint to read the count again (anyone who may publish there could
+   * have sent it), and so is every reconnect (a notification sent while we were away is
+   * lost). The subscription is made before this method first yields.
    * @param {string} name
    * @param {number} value
    * @param {{timeout?: number}} [options] timeout in seconds (default: forever)
@@ -517,54 +802,86 @@ export class Driver {
     if (!Number.isInteger(value)) {
       throw new TricksError(`value must be an integer, got ${value}`);
     }
-    const timeout = checkTimeout(options.timeout);
+    const timeout = checkTimeout(options?.timeout);
+    return this.#call(`wait for ${JSON.stringify(name)}`, () => this.#wait(name, value, timeout));
+  }
+
+  /**
+   * PROTOCOL.md 6.3.
+   * @param {string} name
+   * @param {number} value
+   * @param {number | undefined} timeout seconds
+   * @returns {Promise<number>}
+   */
+  async #wait(name, value, timeout) {
+    const what = `wait for ${JSON.stringify(name)}`;
+    this.#checkOpen(what);
     const deadline = timeout === undefined ? undefined : Date.now() + timeout * 1000;
-    const sub = this.nc.subscribe(
-      names.reachedSubject(this.config.experiment, name, value),
-      { max: 1 },
-    );
-    const reached = (async () => {
-      for await (const _ of sub) return true;
-      return false;
-    })();
-    let stale = true; // the count is to be (re)read
-    /** @type {() => void} */
-    let wake = () => {};
-    const unlisten = this.onReconnect(() => {
-      stale = true; // the client restored the subscription before telling us
-      wake();
-    });
-    let current = 0;
-    try {
-      for (;;) {
-        if (stale) {
-          stale = false;
-          const seen = this.#disconnects;
-          try {
-            await this.nc.flush();
-            current = await this.count(name);
-            if (current >= value) return current;
-          } catch (err) {
-            if (!this.#lostConnection(err, seen)) throw err;
-            // the connection dropped: the reconnect reads the count again
-          }
-          if (stale) continue;
-        }
-        /** @type {Promise<"reconnect">} */
-        const woken = new Promise((resolve) => {
-          wake = () => resolve("reconnect");
-        });
-        const got = await within(
-          Promise.race([reached.then((ok) => (ok ? "reached" : "closed")), woken]),
-          remaining(deadline),
+    const subject = names.reachedSubject(this.config.experiment, name, value);
+    const wakeups = new Wakeups();
+    /** @type {import("@nats-io/transport-node").Subscription | null} */
+    let sub = null;
+    const subscribe = () => {
+      unsubscribe(sub);
+      // one message, then the client drops the interest: the server does too (UNSUB 1)
+      sub = this.nc.subscribe(subject, {
+        max: 1,
+        callback: (err) => wakeups.push(err ? { error: err } : "reached"),
+      });
+    };
+    const unlisten = this.onReconnect(() => wakeups.push("reconnect"));
+    /**
+     * Read the count; null when the connection dropped meanwhile (a reconnect follows).
+     * @param {() => Promise<unknown>} [first] what to do before (the flush)
+     * @returns {Promise<number | null | "expired">} "expired": the deadline passed
+     */
+    const read = async (first) => {
+      const seen = this.#disconnects;
+      try {
+        const got = await this.#until(
+          (async () => {
+            await first?.();
+            return this.#count(name);
+          })(),
+          deadline,
+          what,
         );
-        if (got === null) break;
-        if (got.value === "reached") return Math.max(value, current);
-        if (got.value === "closed") {
-          throw new NatsUnavailable(`waiting for ${JSON.stringify(name)}: the connection closed`);
-        }
+        return got === null ? "expired" : got.value;
+      } catch (err) {
+        if (this.#lostConnection(err, seen)) return null;
+        throw err;
       }
-      const now = await this.count(name);
+    };
+    try {
+      subscribe();
+      let current = await read(() => this.nc.flush());
+      for (;;) {
+        if (current === "expired") break;
+        if (current !== null && current >= value) return current;
+        const got = await this.#until(wakeups.next(), deadline, what);
+        if (got === null) break;
+        const wakeup = got.value;
+        if (typeof wakeup === "object") {
+          const denied = permissionViolation(wakeup.error);
+          if (denied) throw this.#refused(denied, wakeup.error);
+          throw new NatsUnavailable(`cannot ${what}: ${describe(wakeup.error)}`, {
+            cause: wakeup.error,
+          });
+        }
+        if (wakeup === "reconnect") {
+          // the client restored the subscription before telling us: read again
+          current = await read(() => this.nc.flush());
+          continue;
+        }
+        // "reached": only a hint. Read the count; if it is short, subscribe again (the
+        // one-shot subscription is spent) before reading it once more.
+        current = await read();
+        if (current === "expired" || (current !== null && current >= value)) continue;
+        subscribe();
+        current = await read(() => this.nc.flush());
+      }
+      this.#checkOpen(what);
+      const now = await this.#count(name);
       if (now >= value) return now;
       throw new WaitTimeout(
         `timed out after ${timeout}s waiting for ${JSON.stringify(name)} to reach ${value} ` +
@@ -572,15 +889,14 @@ export class Driver {
       );
     } finally {
       unlisten();
-      sub.unsubscribe();
-      await reached;
+      unsubscribe(sub);
     }
   }
 
   /**
    * The running pods of `tag`; with `count`, first wait until at least that many run.
-   * A KV watch of `<tag>.*` on the pods bucket, until caught up (PROTOCOL.md 6.4); after a
-   * reconnect the watch starts over (a restarted server may have lost its consumer).
+   * Reads the tag's roster (PROTOCOL.md 6.4); with a count it waits on `<tag>_start`
+   * between two reads. One deadline for the whole call.
    * @param {string} tag
    * @param {number | null} [count]
    * @param {{timeout?: number}} [options] timeout in seconds (default: forever)
@@ -591,140 +907,49 @@ export class Driver {
     if (count !== null && count !== undefined && !(Number.isInteger(count) && count >= 0)) {
       throw new TricksError(`count must be an integer >= 0, got ${count}`);
     }
-    const timeout = checkTimeout(options.timeout);
-    const deadline = timeout === undefined ? undefined : Date.now() + timeout * 1000;
-    let restart = false;
-    let closed = false;
-    /** @type {() => void} */
-    let wake = () => {};
-    const unlisten = this.#listen((status) => {
-      if (status.type === "reconnect") restart = true;
-      else if (status.type === "close") closed = true;
-      else return;
-      wake();
-    });
-    /** @type {Map<string, Peer>} */
-    let live = new Map();
-    try {
+    const timeout = checkTimeout(options?.timeout);
+    const what = `discover ${JSON.stringify(tag)}`;
+    return this.#call(what, async () => {
+      if (count === null || count === undefined) return this.#roster(tag);
+      const deadline = timeout === undefined ? undefined : Date.now() + timeout * 1000;
+      const started = `${tag}_start`;
       for (;;) {
-        if (closed || this.nc.isClosed()) {
-          throw new NatsUnavailable(`discovering ${JSON.stringify(tag)}: the connection closed`);
-        }
-        restart = false;
-        live = new Map();
-        /** @type {{peers: Promise<Peer[]>, stop: () => Promise<void>} | null} */
-        let watch = null;
-        const seen = this.#disconnects;
+        const starts = await this.#count(started); // FIRST the count,
+        const pods = await this.#roster(tag); // THEN the roster (it has every start counted)
+        if (pods.length >= count) return pods;
         try {
-          watch = await this.#watchPods(tag, count ?? null, live);
+          await this.#wait(started, starts + (count - pods.length), remaining(deadline));
         } catch (err) {
-          if (!this.#lostConnection(err, seen)) {
-            throw this.#jsError(`discover ${JSON.stringify(tag)}`, err);
-          }
-          // the connection dropped: start over after the reconnect
-        }
-        try {
-          if (restart || closed) continue;
-          /** @type {Promise<null>} */
-          const woken = new Promise((resolve) => {
-            wake = () => resolve(null);
-          });
-          const got = await within(
-            watch ? Promise.race([watch.peers, woken]) : woken,
-            remaining(deadline),
+          if (!(err instanceof WaitTimeout)) throw err;
+          const now = await this.#roster(tag);
+          if (now.length >= count) return now;
+          throw new WaitTimeout(
+            `timed out after ${timeout}s discovering ${count} pods of ${JSON.stringify(tag)} ` +
+              `(${now.length} running)`,
           );
-          if (got === null) {
-            throw new WaitTimeout(
-              `timed out after ${timeout}s discovering ${count} pods of ` +
-                `${JSON.stringify(tag)} (${live.size} running)`,
-            );
-          }
-          if (got.value !== null) return got.value;
-        } finally {
-          await watch?.stop();
         }
       }
-    } finally {
-      unlisten();
-    }
+    });
   }
 
   /**
-   * One KV watch of `<tag>.*` (PROTOCOL.md 6.4 steps 1-4) filling `live`; `peers` resolves
-   * once it has caught up with at least `count` pods.
+   * The roster of `tag`: its running pods (PROTOCOL.md 6.4, read_roster).
    * @param {string} tag
-   * @param {number | null} count
-   * @param {Map<string, Peer>} live
-   * @returns {Promise<{peers: Promise<Peer[]>, stop: () => Promise<void>}>}
+   * @returns {Promise<Peer[]>}
    */
-  async #watchPods(tag, count, live) {
+  async #roster(tag) {
     const exp = this.config.experiment;
-    const prefix = `$KV.${names.podsBucket(exp)}.`;
-    /** @type {(peers: Peer[]) => void} */
-    let done = () => {};
-    /** @type {Promise<Peer[]>} */
-    const peers = new Promise((resolve) => {
-      done = resolve;
-    });
-    let caughtUp = false;
-    const check = () => {
-      if (caughtUp && (count === null || live.size >= count)) {
-        done([...live.values()].sort((a, b) => a.pod_id - b.pod_id));
-      }
-    };
-    const consumer = await this.js.consumers.getPushConsumer(names.podsStream(exp), {
-      filter_subjects: `${prefix}${tag}.*`,
-      deliver_policy: DeliverPolicy.LastPerSubject,
-    });
-    /** @type {import("@nats-io/jetstream").ConsumerMessages | undefined} */
-    let messages;
-    const stop = async () => {
-      messages?.stop();
-      await consumer.delete().catch(() => false);
-    };
-    try {
-      const info = await consumer.info(true);
-      messages = await consumer.consume({
-        callback: (m) => {
-          const key = m.subject.slice(prefix.length);
-          const op = m.headers?.get("KV-Operation");
-          if (op === "DEL" || op === "PURGE" || m.data.length === 0) {
-            live.delete(key);
-          } else {
-            try {
-              const record = /** @type {Peer} */ (m.json());
-              live.set(key, { ...record, name: record.name ?? "" });
-            } catch {
-              // a malformed record: not a pod
-            }
-          }
-          if (m.info.pending === 0) caughtUp = true;
-          check();
-        },
-      });
-      if (info.num_pending === 0) caughtUp = true;
-      check();
-    } catch (err) {
-      await stop();
-      throw err;
+    const subject = `$JS.API.DIRECT.GET.${names.podsStream(exp)}.${names.rosterSubject(exp, tag)}`;
+    const reply = await this.#request(subject, Empty, `read the pods of ${JSON.stringify(tag)}`);
+    if (reply.headers?.code === 404) return []; // no roster yet: no pods
+    const op = reply.headers?.get("KV-Operation");
+    if (op === "DEL" || op === "PURGE" || reply.data.length === 0) return [];
+    const peers = parseRoster(tag, reply.data);
+    if (peers === null) {
+      console.warn(`tricks-nats: ignoring a malformed roster of ${JSON.stringify(tag)}`);
+      return [];
     }
-    return { peers, stop };
-  }
-
-  /**
-   * @param {string} what
-   * @param {unknown} err
-   */
-  #jsError(what, err) {
-    if (err instanceof TricksError) return err;
-    const text = describe(err);
-    if (/stream not found|no responders/i.test(text) || isNoResponders(err)) {
-      return new TricksError(
-        `experiment ${JSON.stringify(this.config.experiment)} is not running on this NATS`,
-        { cause: err },
-      );
-    }
-    return new NatsUnavailable(`cannot ${what}: ${text}`, { cause: err });
+    return peers;
   }
 }
 
@@ -736,9 +961,36 @@ export class Driver {
 export function parseCount(data) {
   try {
     const body = JSON.parse(new TextDecoder().decode(data));
-    const n = Number.parseInt(body.val, 10);
-    return Number.isNaN(n) ? null : n;
+    if (typeof body?.val !== "string" || !/^-?\d+$/.test(body.val)) return null;
+    return Number.parseInt(body.val, 10);
   } catch {
     return null;
   }
+}
+
+/**
+ * A roster body `{"tag": ..., "pods": [{"pod_id": <n>, "ip": "..."}, ...]}` as peers of `tag`
+ * sorted by pod id, or null for anything else. Unknown fields are ignored.
+ * @param {string} tag
+ * @param {Uint8Array} data
+ * @returns {Peer[] | null}
+ */
+export function parseRoster(tag, data) {
+  /** @type {unknown} */
+  let body;
+  try {
+    body = JSON.parse(new TextDecoder().decode(data));
+  } catch {
+    return null;
+  }
+  const pods = /** @type {{pods?: unknown} | null} */ (body)?.pods;
+  if (typeof body !== "object" || body === null || !Array.isArray(pods)) return null;
+  /** @type {Peer[]} */
+  const peers = [];
+  for (const pod of pods) {
+    const { pod_id: podId, ip = "" } = pod ?? {};
+    if (!Number.isInteger(podId) || typeof ip !== "string") return null;
+    peers.push({ tag, pod_id: podId, ip, name: `${tag}-${podId}` });
+  }
+  return peers.sort((a, b) => a.pod_id - b.pod_id);
 }

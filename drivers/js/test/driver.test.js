@@ -1,18 +1,24 @@
 // The JavaScript driver against a real nats-server, the pod permissions of PROTOCOL.md and the
-// coordinator's count notifier (tests/conformance/fixture.py).
+// coordinator's side of the experiment (tests/conformance/fixture.py).
 
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
+import { inspect } from "node:util";
 
 import {
   ConfigError,
   configFromEnv,
   Driver,
+  names,
   NatsUnavailable,
+  parseRoster,
+  PermissionDenied,
   TricksError,
   WaitTimeout,
 } from "../src/index.js";
-import { startExperiment } from "../testing/harness.js";
+import { startExperiment, startProxy } from "../testing/harness.js";
+
+const SECRET = "s3cret-pod-password";
 
 describe("config", () => {
   const base = {
@@ -23,11 +29,13 @@ describe("config", () => {
     POD_IP: "127.0.0.5",
     TRICKS_NATS_URL: "nats://127.0.0.1:4222",
     TRICKS_NATS_USER: "u",
-    TRICKS_NATS_PASSWORD: "p",
+    TRICKS_NATS_PASSWORD: SECRET,
+    TRICKS_PROTOCOL: "2",
   };
 
   test("reads every variable", () => {
-    assert.deepEqual(configFromEnv(base), {
+    const config = configFromEnv(base);
+    assert.deepEqual(config, {
       tag: "server",
       replicas: 6,
       podId: 3,
@@ -35,8 +43,27 @@ describe("config", () => {
       podIp: "127.0.0.5",
       natsUrl: "nats://127.0.0.1:4222",
       natsUser: "u",
-      natsPassword: "p",
     });
+    assert.equal(config.natsPassword, SECRET);
+  });
+
+  test("the password is in no printable form of the config", () => {
+    const config = configFromEnv(base);
+    for (const shown of [
+      inspect(config),
+      inspect(config, { depth: Infinity, getters: true }),
+      JSON.stringify(config),
+      String(Object.entries(config)),
+      `${config}`,
+    ]) {
+      assert.ok(!shown.includes(SECRET), shown);
+    }
+  });
+
+  test("without a user there is no password", () => {
+    const config = configFromEnv({ ...base, TRICKS_NATS_USER: "" });
+    assert.equal(config.natsUser, undefined);
+    assert.equal(config.natsPassword, undefined);
   });
 
   test("falls back to TRICKS_IP and TRICKS_PORT", () => {
@@ -50,7 +77,8 @@ describe("config", () => {
     [{ EXP_ID: "" }, /EXP_ID is not set/],
     [{ POD_ID: "zero" }, /POD_ID must be an integer/],
     [{ TRICKS_NATS_URL: undefined }, /TRICKS_NATS_URL/],
-    [{ TRICKS_PROTOCOL: "2" }, /speaks protocol 1/],
+    [{ TRICKS_PROTOCOL: "1" }, /TRICKS_PROTOCOL is "1": this driver speaks protocol 2/],
+    [{ TRICKS_PROTOCOL: "3" }, /speaks protocol 2/],
   ];
   for (const [change, expect] of cases) {
     test(`errors name the variable: ${expect}`, () => {
@@ -63,11 +91,38 @@ describe("config", () => {
   }
 });
 
+describe("rosters", () => {
+  const encode = (/** @type {unknown} */ body) => new TextEncoder().encode(JSON.stringify(body));
+
+  test("parsed as peers sorted by pod id, unknown fields ignored", () => {
+    const body = {
+      tag: "server",
+      pods: [{ pod_id: 3, ip: "127.42.0.4", extra: 1 }, { pod_id: 0, ip: "127.42.0.1" }],
+      generation: 7,
+    };
+    assert.deepEqual(parseRoster("server", encode(body)), [
+      { tag: "server", pod_id: 0, ip: "127.42.0.1", name: "server-0" },
+      { tag: "server", pod_id: 3, ip: "127.42.0.4", name: "server-3" },
+    ]);
+    assert.deepEqual(parseRoster("server", encode({ tag: "server", pods: [] })), []);
+  });
+
+  for (const body of [null, [], { tag: "x" }, { pods: [{ ip: "1" }] }, { pods: [{ pod_id: "1" }] }]) {
+    test(`a malformed roster is null: ${JSON.stringify(body)}`, () => {
+      assert.equal(parseRoster("x", encode(body)), null);
+    });
+  }
+  test("a roster that is not JSON is null", () => {
+    assert.equal(parseRoster("x", new TextEncoder().encode("{nope")), null);
+  });
+});
+
 test("unreachable NATS is a clear error", async () => {
   const config = configFromEnv({
     TAG: "a", REPLICAS: "1", POD_ID: "0", EXP_ID: "e", TRICKS_NATS_URL: "nats://127.0.0.1:1",
   });
-  await assert.rejects(Driver.connect(config), (err) => {
+  // a short ride-out budget (default 20 s): the server never comes
+  await assert.rejects(Driver.connect(config, { recoveryMs: 300 }), (err) => {
     assert.ok(err instanceof NatsUnavailable);
     assert.match(err.message, /cannot reach NATS at nats:\/\/127\.0\.0\.1:1/);
     return true;
@@ -80,10 +135,22 @@ describe("against an experiment", () => {
   /** @type {Driver[]} */
   const open = [];
   /** @param {string} [tag] @param {number} [podId] @param {number} [replicas] */
-  const driver = async (tag = "t", podId = 0, replicas = 1) => {
-    const d = await Driver.connect(configFromEnv(ex.env(tag, podId, replicas)));
+  const driver = async (tag = "t", podId = 0, replicas = 1, env = {}) => {
+    const d = await Driver.connect(configFromEnv({ ...ex.env(tag, podId, replicas), ...env }));
     open.push(d);
     return d;
+  };
+  /**
+   * `err` is a `kind` (for TricksError: of no more specific kind) and says `message`.
+   * @param {unknown} err @param {typeof TricksError} kind @param {RegExp} message
+   */
+  const failedWith = (err, kind, message) => {
+    assert.ok(err instanceof kind, String(err));
+    for (const other of [ConfigError, NatsUnavailable, WaitTimeout, PermissionDenied]) {
+      if (other !== kind) assert.ok(!(err instanceof other), String(err));
+    }
+    assert.match(err.message, message);
+    return true;
   };
 
   before(async () => {
@@ -94,13 +161,44 @@ describe("against an experiment", () => {
     await ex?.close();
   });
 
-  test("wrong credentials are refused clearly", async () => {
+  test("wrong credentials are refused clearly, at once", async () => {
     const env = { ...ex.env(), TRICKS_NATS_PASSWORD: "wrong" };
+    // the default ride-out budget: refused credentials must not be retried
     await assert.rejects(Driver.connect(configFromEnv(env)), (err) => {
       assert.ok(err instanceof NatsUnavailable);
       assert.match(err.message, /credentials refused/);
       return true;
     });
+  });
+
+  test("connecting rides out a server that refuses connections for a while", async () => {
+    const proxy = await startProxy(ex.server.port);
+    try {
+      proxy.hold(); // connections are refused from here on
+      const refused = proxy.refused();
+      const connecting = driver("t", 0, 1, { TRICKS_NATS_URL: proxy.url });
+      await refused; // the first attempt failed
+      proxy.release();
+      const d = await connecting;
+      assert.equal(await d.count("never-registered"), 0);
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  test("the password is in no printable form of a driver", async () => {
+    const d = await driver();
+    const secret = ex.server.pod.password;
+    assert.equal(d.config.natsPassword, secret);
+    for (const shown of [
+      inspect(d.config),
+      JSON.stringify(d.config),
+      inspect(d),
+      inspect(d, { depth: 8 }),
+      JSON.stringify(d),
+    ]) {
+      assert.ok(!shown.includes(secret), "the password is shown");
+    }
   });
 
   test("registerEvent counts and returns the new total", async () => {
@@ -112,13 +210,21 @@ describe("against an experiment", () => {
     assert.equal(await ex.count("ready"), 2);
   });
 
-  test("a retried increment (same message id) counts once", async () => {
+  test("a retried registration (same message id) counts once", async () => {
     const d = await driver();
     const id = `${ex.exp}.t-0.retry.abc`;
     assert.equal(await d.increment("retry", id), 1);
-    assert.equal(await d.increment("retry", id), 1); // the duplicate reports the original total
+    assert.equal(await d.increment("retry", id), 1); // the retry reports the original total
     assert.equal(await d.registerEvent("retry"), 2);
     assert.equal(await d.count("retry"), 2);
+  });
+
+  test("a registration the coordinator refuses fails with its reason", async () => {
+    const d = await driver();
+    const id = `${ex.exp}.t-0.long.${"x".repeat(200)}`; // longer than 200 characters
+    await assert.rejects(d.increment("long", id), (err) =>
+      failedWith(err, TricksError, /register event "long" refused: ./));
+    assert.equal(await d.count("long"), 0);
   });
 
   test("concurrent drivers count exactly", async () => {
@@ -144,6 +250,31 @@ describe("against an experiment", () => {
     assert.ok((await waiting) >= 3);
   });
 
+  test("a forged notification does not release waitEvent", async () => {
+    const waiter = await driver("a", 1);
+    const other = await driver("b", 5);
+    const admin = await ex.admin();
+    try {
+      let settled = false;
+      const waiting = waiter.waitEvent("forged", 1).finally(() => {
+        settled = true;
+      });
+      await waiter.nc.flush(); // waitEvent subscribed before it yielded: the server has it
+      // The coordinator's credentials may publish there; the count is still 0.
+      admin.publish(names.reachedSubject(ex.exp, "forged", 1), '{"event":"forged","value":1}');
+      await admin.flush();
+      // The forgery was queued to the waiter before this PONG: it has seen it once this
+      // returns, and a round trip later it has read the count (0) and waits again.
+      await waiter.nc.flush();
+      assert.equal(await waiter.count("forged"), 0);
+      assert.equal(settled, false);
+      assert.equal(await other.registerEvent("forged"), 1); // the real one releases it
+      assert.equal(await waiting, 1);
+    } finally {
+      await admin.close();
+    }
+  });
+
   test("waitEvent already met returns at once", async () => {
     const d = await driver();
     await d.registerEvent("done");
@@ -160,6 +291,27 @@ describe("against an experiment", () => {
     });
   });
 
+  test("close() during a pending waitEvent rejects it with a TricksError", async () => {
+    const d = await Driver.connect(configFromEnv(ex.env("z", 0)));
+    // the outcomes are taken (handled) before close() rejects them
+    const pending = Promise.allSettled([d.waitEvent("never", 1), d.discover("nobody", 1)]);
+    await d.nc.flush();
+    await d.close();
+    for (const outcome of await pending) {
+      assert.equal(outcome.status, "rejected");
+      failedWith(outcome.status === "rejected" && outcome.reason, TricksError, /driver is closed/);
+    }
+    await d.close(); // again: harmless
+    for (const call of [
+      () => d.registerEvent("late"),
+      () => d.count("late"),
+      () => d.waitEvent("late", 1),
+      () => d.discover("late"),
+    ]) {
+      await assert.rejects(call(), (err) => failedWith(err, TricksError, /the driver is closed/));
+    }
+  });
+
   test("discover now and blocking", async () => {
     const d = await driver("c", 0);
     assert.deepEqual(await d.discover("server"), []);
@@ -170,14 +322,29 @@ describe("against an experiment", () => {
     await ex.runPod("server", 2, "127.0.0.12");
     const peers = await blocked;
     assert.deepEqual(
-      peers.map((p) => [p.pod_id, p.ip, p.name]),
-      [[0, "127.0.0.10", "server-0"], [1, "127.0.0.11", "server-1"], [2, "127.0.0.12", "server-2"]],
+      peers.map((p) => [p.tag, p.pod_id, p.ip, p.name]),
+      [
+        ["server", 0, "127.0.0.10", "server-0"],
+        ["server", 1, "127.0.0.11", "server-1"],
+        ["server", 2, "127.0.0.12", "server-2"],
+      ],
     );
     await ex.podGone("server", 1);
     assert.deepEqual((await d.discover("server")).map((p) => p.pod_id), [0, 2]);
+    assert.deepEqual((await d.discover("server", 0)).map((p) => p.pod_id), [0, 2]);
     assert.deepEqual((await d.discover("other", 1, { timeout: 5 })).map((p) => p.ip), [
       "127.0.0.99",
     ]);
+  });
+
+  test("a blocking discover waits for new pods, not for pods that stopped", async () => {
+    const d = await driver("c", 1);
+    await ex.runPod("flaky", 0, "127.0.0.50");
+    await ex.runPod("flaky", 1, "127.0.0.51");
+    await ex.podGone("flaky", 1);
+    const blocked = d.discover("flaky", 2);
+    await ex.runPod("flaky", 2, "127.0.0.52");
+    assert.deepEqual((await blocked).map((p) => p.pod_id), [0, 2]);
   });
 
   test("discover times out", async () => {
@@ -190,6 +357,17 @@ describe("against an experiment", () => {
     });
   });
 
+  test("a malformed roster reads as no pods", async () => {
+    const d = await driver();
+    const admin = await ex.admin();
+    try {
+      await admin.request(names.rosterSubject(ex.exp, "garbled"), "not a roster");
+    } finally {
+      await admin.close();
+    }
+    assert.deepEqual(await d.discover("garbled"), []);
+  });
+
   test("bad names are refused before the wire", async () => {
     const d = await driver();
     await assert.rejects(d.registerEvent("has space"), /bad event name/);
@@ -197,14 +375,29 @@ describe("against an experiment", () => {
     await assert.rejects(d.waitEvent("x>", 1), /bad event name/);
   });
 
-  test("pod credentials reach only their own experiment", async () => {
-    const env = { ...ex.env(), EXP_ID: "other-20261122-000000-beef" };
-    const stranger = await Driver.connect(configFromEnv(env)).catch((err) => err);
-    if (stranger instanceof Driver) {
-      open.push(stranger);
-      await assert.rejects(stranger.registerEvent("x"), TricksError);
-    } else {
-      assert.ok(stranger instanceof TricksError);
+  test("credentials of another experiment: a permissions violation, at once", async () => {
+    const other = "other-20261122-000000-beef";
+    const stranger = await driver("t", 0, 1, { EXP_ID: other });
+    /** @type {[string, () => Promise<unknown>][]} */
+    const calls = [
+      ["registerEvent", () => stranger.registerEvent("x")],
+      ["count", () => stranger.count("x")],
+      ["waitEvent", () => stranger.waitEvent("x", 1)],
+      ["discover", () => stranger.discover("t")],
+      ["discover with a count", () => stranger.discover("t", 1)],
+    ];
+    for (const [name, call] of calls) {
+      await assert.rejects(call(), (err) => {
+        assert.ok(err instanceof PermissionDenied, `${name}: ${err}`);
+        return failedWith(
+          err,
+          PermissionDenied,
+          new RegExp(
+            `^NATS refused \\S+: these credentials do not reach experiment "${other}" ` +
+              "\\(permissions violation\\)$",
+          ),
+        );
+      });
     }
   });
 });

@@ -1,4 +1,4 @@
-// The driver across a restart of nats-server (PROTOCOL.md 6.3 and 6.4, "after a reconnect"):
+// The driver across a restart of nats-server (PROTOCOL.md 6, 6.3 "after a reconnect", 6.4):
 // the server is killed (SIGKILL) and started again on the same port and store, as the
 // coordinator's supervisor does. The synchronisation is the restart itself and the drivers'
 // own reconnect events, never a timer; the tests' timeouts are only a safety net.
@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
-import { configFromEnv, Driver, names } from "../src/index.js";
+import { configFromEnv, Driver, names, NatsUnavailable, TricksError } from "../src/index.js";
 import { startExperiment, startProxy } from "../testing/harness.js";
 
 const SAFETY = { timeout: 60_000 };
@@ -18,8 +18,8 @@ describe("after a server restart", () => {
   const open = [];
   /** @param {string} tag @param {number} podId @param {string} [url] another way to the server */
   const driver = async (tag, podId, url, tuning = {}) => {
-    const config = configFromEnv(ex.env(tag, podId, 4));
-    const d = await Driver.connect(url ? { ...config, natsUrl: url } : config, tuning);
+    const env = ex.env(tag, podId, 4);
+    const d = await Driver.connect(configFromEnv(url ? { ...env, TRICKS_NATS_URL: url } : env), tuning);
     open.push(d);
     return d;
   };
@@ -93,7 +93,7 @@ describe("after a server restart", () => {
     }
   });
 
-  test("a blocking discover starts its watch over after the restart", SAFETY, async () => {
+  test("a blocking discover completes across a restart", SAFETY, async () => {
     const d = await driver("c", 0);
     await ex.runPod("server", 0, "127.0.0.30");
     const back = reconnected(d);
@@ -127,4 +127,26 @@ describe("after a server restart", () => {
       await proxy.close();
     }
   });
+
+  test("close() while the server is away ends the pending calls and returns", SAFETY,
+    async () => {
+      const proxy = await startProxy(ex.server.port);
+      try {
+        const env = { ...ex.env("f", 0, 4), TRICKS_NATS_URL: proxy.url };
+        const d = await Driver.connect(configFromEnv(env)); // closed here, not in after()
+        const pending = Promise.allSettled([d.waitEvent("gone", 1), d.discover("nobody", 2)]);
+        await d.nc.flush();
+        proxy.hold(); // the driver is cut off from here on
+        await d.close();
+        for (const outcome of await pending) {
+          assert.equal(outcome.status, "rejected");
+          const err = outcome.status === "rejected" ? outcome.reason : null;
+          assert.ok(err instanceof TricksError && !(err instanceof NatsUnavailable), `${err}`);
+          assert.match(err.message, /the driver is closed/);
+        }
+        assert.ok(d.nc.isClosed());
+      } finally {
+        await proxy.close();
+      }
+    });
 });

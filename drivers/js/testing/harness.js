@@ -1,6 +1,7 @@
 // Test harness: a real nats-server (port -1, temporary store, per-test users with the pod
-// permissions of PROTOCOL.md) and the experiment's NATS side (buckets + the coordinator's count
-// notifier), played by tests/conformance/fixture.py from the Python package.
+// permissions of PROTOCOL.md) and the experiment's NATS side (buckets, rosters, the
+// coordinator's registration service and count notifier), played by
+// tests/conformance/fixture.py from the Python package.
 //
 // nats-server is found via $NATS_SERVER_BIN or the PATH (pytest puts the venv's bin first);
 // Python via $TRICKS_PYTHON or `python3` on the PATH.
@@ -13,6 +14,8 @@ import { delimiter, join } from "node:path";
 import { createConnection as connectTcp, createServer } from "node:net";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
+
+import { connect } from "@nats-io/transport-node";
 
 import { configFromEnv, Driver } from "../src/index.js";
 
@@ -159,16 +162,20 @@ export async function startServer(exp) {
 
 /**
  * A TCP relay to `port` that a test can cut: `hold()` drops the connections through it and
- * refuses new ones until `release()`, so its clients stay away while others carry on.
+ * refuses new ones until `release()`, so its clients stay away while others carry on;
+ * `refused()` resolves at the next connection it refuses.
  * @param {number} port
  */
 export async function startProxy(port) {
   /** @type {Set<import("node:net").Socket>} */
   const sockets = new Set();
   let held = false;
+  /** @type {(() => void)[]} */
+  const onRefusal = [];
   const server = createServer((client) => {
     if (held) {
       client.destroy();
+      for (const resolve of onRefusal.splice(0)) resolve();
       return;
     }
     const upstream = connectTcp(port, "127.0.0.1");
@@ -192,6 +199,12 @@ export async function startProxy(port) {
     },
     release() {
       held = false;
+    },
+    /** @returns {Promise<void>} resolves when the proxy next refuses a connection */
+    refused() {
+      return new Promise((resolve) => {
+        onRefusal.push(resolve);
+      });
     },
     async close() {
       held = true;
@@ -251,12 +264,21 @@ export async function startExperiment(name = "js") {
         TRICKS_NATS_URL: server.url,
         TRICKS_NATS_USER: server.pod.user,
         TRICKS_NATS_PASSWORD: server.pod.password,
-        TRICKS_PROTOCOL: "1",
+        TRICKS_PROTOCOL: "2",
       };
     },
-    /** @param {string} tag @param {number} podId @param {string} ip */
+    /** A connection with the coordinator's (admin) credentials, to play a forger. */
+    admin: () =>
+      connect({ servers: [server.url], user: server.admin.user, pass: server.admin.password }),
+    /**
+     * The pod runs: added to its tag's roster, then `<tag>_start` counted (as the coordinator).
+     * @param {string} tag @param {number} podId @param {string} ip
+     */
     runPod: (tag, podId, ip) => command(`pod ${tag} ${podId} ${ip}`),
-    /** @param {string} tag @param {number} podId */
+    /**
+     * The pod stopped: removed from its roster, then `<tag>_stop` counted.
+     * @param {string} tag @param {number} podId
+     */
     podGone: (tag, podId) => command(`gone ${tag} ${podId}`),
     /** @param {string} event */
     count: async (event) => Number(await command(`count ${event}`)),
