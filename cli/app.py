@@ -7,13 +7,16 @@ Heavy imports (nats-py, the coordinator) happen inside the commands that need th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from tricks_nats.cli import kube
 
 from tricks_nats.errors import SpecError, TricksError
 
@@ -34,8 +37,28 @@ RuntimeOpt = Annotated[
 def _fail(exc: TricksError) -> NoReturn:
     lines = exc.errors if isinstance(exc, SpecError) else [f"tricks-nats: error: {exc}"]
     for line in lines:
-        typer.echo(line, err=True)
+        _say(line, err=True)
     raise typer.Exit(exc.exit_code)
+
+
+_closed: set[bool] = set()  # which of stdout (False) / stderr (True) a reader has closed
+
+
+def _say(line: str, *, err: bool = False) -> None:
+    """Print a line; a closed pipe (`up | head -1`) means "stop printing" there, never an
+    error: the run goes on to its verdict and exit code."""
+    if err in _closed:
+        return
+    try:
+        typer.echo(line, err=err)
+    except (BrokenPipeError, ValueError, OSError):
+        _closed.add(err)
+        stream = sys.stderr if err else sys.stdout
+        # Python flushes the stream again at exit: point it at /dev/null so that stays quiet.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
 
 
 @app.callback()
@@ -92,17 +115,17 @@ def up(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the verdict.")] = False,
+    keep: Annotated[
+        bool,
+        typer.Option(
+            "--keep", help="With --nats-url: keep the experiment's streams after the run."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Journal entries as JSON lines.")] = False,
-    kubeconfig: Annotated[
-        str | None, typer.Option("--kubeconfig", help="kubernetes: the kubeconfig file.")
-    ] = None,
-    context: Annotated[
-        str | None, typer.Option("--context", help="kubernetes: the kubeconfig context.")
-    ] = None,
-    namespace: Annotated[
-        str | None,
-        typer.Option("--namespace", "-n", help="kubernetes: namespace of the pods (tricks-nats)."),
-    ] = None,
+    kubeconfig: kube.KubeconfigOpt = None,
+    context: kube.ContextOpt = None,
+    namespace: kube.NamespaceOpt = None,
+    schedule_timeout: kube.ScheduleTimeoutOpt = kube.SCHEDULE_TIMEOUT,
     pod_nats_url: Annotated[
         str | None,
         typer.Option(
@@ -129,15 +152,18 @@ def up(
             if live is not None:
                 live.on_journal(entry)
             elif as_json:
-                typer.echo(json.dumps(entry))
+                _say(json.dumps(entry))
             elif not quiet and entry["kind"] != "verdict":
-                typer.echo(describe(entry))
+                _say(describe(entry))
 
         def on_start(exp_id: str, root: Path) -> None:
             if live is not None:
                 live.on_start(exp_id, root)
             elif not quiet and not as_json:
-                typer.echo(f"experiment {exp_id}: records in {root}")
+                _say(f"experiment {exp_id}: records in {root}")
+
+        def on_notice(text: str) -> None:
+            _say(f"tricks-nats: note: {text}", err=True)
 
         opts = UpOptions(
             runs_dir=runs_dir,
@@ -147,10 +173,13 @@ def up(
             timeout=timeout,
             on_journal=on_journal,
             on_start=on_start,
+            on_notice=on_notice,
+            keep=keep,
             kubeconfig=kubeconfig,
             context=context,
             namespace=namespace,
             pod_nats_url=pod_nats_url,
+            schedule_timeout=schedule_timeout,
         )
         if live is not None:
             with live:
@@ -168,7 +197,7 @@ def up(
     if outcome.reason:
         line += f": {outcome.reason}"
     if not as_json:
-        typer.echo(line, err=outcome.exit_code != 0)
+        _say(line, err=outcome.exit_code != 0)
     raise typer.Exit(outcome.exit_code)
 
 

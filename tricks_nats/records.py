@@ -8,6 +8,8 @@ verdict: verdict, reason?.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
+log = logging.getLogger(__name__)
 
 
 class PodSummary(msgspec.Struct):
@@ -29,6 +33,10 @@ class PodSummary(msgspec.Struct):
     reason: str | None = None
     #: For a failed pod: the end of its log, so the summary alone explains the failure.
     last_log_lines: list[str] | None = None
+    #: Bytes of output that could not be written to its log (a full disk): the log is cut.
+    log_bytes_lost: int = 0
+    #: Why its log may be incomplete (a broken log stream on Kubernetes), if it may be.
+    log_incomplete: str | None = None
 
 
 class Summary(msgspec.Struct):
@@ -41,10 +49,17 @@ class Summary(msgspec.Struct):
     events: dict[str, int]
     reason: str | None = None
     runtime: str = "local"
+    #: Journal lines that could not be written (a full disk).
+    journal_lost: int = 0
 
 
 class RunRecords:
-    """Writes one run's records; every journal line is flushed as it happens."""
+    """Writes one run's records; every journal line is flushed as it happens.
+
+    Nothing here may stop a run: a listener that fails (a closed pipe) is dropped, a journal
+    line that cannot be written (a full disk) is counted, and room for `summary.json` is
+    reserved when the run starts, so the verdict is written even on a disk that filled up.
+    """
 
     def __init__(self, root: Path, experiment: str) -> None:
         self.root = root
@@ -53,13 +68,17 @@ class RunRecords:
         self.logs.mkdir(parents=True, exist_ok=True)
         self._journal = (root / "journal.jsonl").open("ab")
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        #: Journal lines that could not be written.
+        self.journal_lost = 0
 
     @classmethod
-    def create(cls, runs_dir: Path, experiment: str, spec_text: str) -> RunRecords:
+    def create(cls, runs_dir: Path, experiment: str, spec_text: str, pods: int = 0) -> RunRecords:
         root = runs_dir / experiment
         root.mkdir(parents=True, exist_ok=False)
         (root / "spec.yaml").write_text(spec_text)
-        return cls(root, experiment)
+        records = cls(root, experiment)
+        records.reserve_summary(pods)
+        return records
 
     def log_path(self, tag: str, pod_id: int) -> Path:
         return self.logs / f"{tag}-{pod_id}.log"
@@ -67,18 +86,51 @@ class RunRecords:
     def journal(self, kind: str, **fields: Any) -> dict[str, Any]:
         entry = {"ts": round(time.time(), 6), "experiment": self.experiment, "kind": kind}
         entry.update({k: v for k, v in fields.items() if v is not None})
-        self._journal.write(msgspec.json.encode(entry) + b"\n")
-        self._journal.flush()
-        for listener in self.listeners:
-            listener(entry)
+        try:
+            self._journal.write(msgspec.json.encode(entry) + b"\n")
+            self._journal.flush()
+        except (OSError, ValueError) as exc:
+            self.journal_lost += 1
+            if self.journal_lost == 1:
+                log.warning("cannot write the journal (%s): lines are lost from now on", exc)
+        for listener in list(self.listeners):
+            try:
+                listener(entry)
+            except Exception as exc:  # a closed pipe (`up | head`): stop telling that one
+                log.debug("dropping a journal listener: %r", exc)
+                with contextlib.suppress(ValueError):
+                    self.listeners.remove(listener)
         return entry
 
-    def write_summary(self, summary: Summary) -> Path:
+    def reserve_summary(self, pods: int) -> None:
+        """Claim the disk space of the final summary now (rewritten in place if need be)."""
+        size = 4096 + 1024 * pods
+        with contextlib.suppress(OSError), (self.root / "summary.json").open("wb") as f:
+            f.write(b" " * size)
+
+    def write_summary(self, summary: Summary) -> Path | None:
+        """Atomically when the disk allows it, else in the space reserved at the start; None
+        (and a log line) if neither could be done."""
         path = self.root / "summary.json"
+        data = msgspec.json.format(msgspec.json.encode(summary), indent=2) + b"\n"
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(msgspec.json.format(msgspec.json.encode(summary), indent=2) + b"\n")
-        os.replace(tmp, path)
-        return path
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            return path
+        except OSError as exc:
+            first = exc
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        try:
+            with path.open("r+b") as f:
+                f.write(data)
+                f.truncate()
+            return path
+        except OSError as exc:
+            log.error("cannot write %s: %s (and %s)", path, first, exc)
+            return None
 
     def close(self) -> None:
-        self._journal.close()
+        with contextlib.suppress(OSError):
+            self._journal.close()

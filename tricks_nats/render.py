@@ -16,6 +16,7 @@ _VERDICT_COLOURS = {
     "succeeded": "green",
     "failed": "red",
     "timed_out": "red",
+    "error": "red",
     "interrupted": "yellow",
 }
 

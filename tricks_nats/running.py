@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tricks_nats import protocol as p
-from tricks_nats.errors import UsageError
+from tricks_nats.errors import TricksError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,18 @@ class UpOptions:
     timeout: float | None = None
     on_journal: Callable[[dict[str, Any]], None] | None = None
     on_start: Callable[[str, Path], None] | None = None
+    #: One line the user should read before the run (e.g. pods are not isolated).
+    on_notice: Callable[[str], None] | None = None
+    #: Keep the experiment's streams on a shared server after the run (--keep).
+    keep: bool = False
     # kubernetes runtime
     kubeconfig: str | None = None
     context: str | None = None
     namespace: str | None = None
     pod_nats_url: str | None = None
     concurrency: int = 20
+    #: Seconds a pod may stay unschedulable before it fails (--schedule-timeout).
+    schedule_timeout: float = 300.0
 
 
 def split_url(url: str) -> tuple[str, str | None, str | None, str, int]:
@@ -83,14 +89,26 @@ def _kube_options(opts: UpOptions, exp: Experiment, exp_id: str) -> dict[str, An
         "context": opts.context,
         "namespace": opts.namespace,
         "concurrency": opts.concurrency,
+        "schedule_timeout": opts.schedule_timeout,
         "resources": {t.tag: t.resources for t in exp.tags if t.resources},
     }
+
+
+@dataclass
+class _Nats:
+    """NATS for one run: the coordinator's way in, the pods', the observers' (state file)."""
+
+    endpoint: Any
+    pods: Any
+    observer: Any
+    server: Any = None
+    shared: bool = False
 
 
 @contextlib.asynccontextmanager
 async def _nats_for(
     exp_id: str, opts: UpOptions, records_root: Path, runtime: str = "local"
-) -> AsyncIterator[Any]:
+) -> AsyncIterator[_Nats]:
     from tricks_nats.bus import Endpoint
     from tricks_nats.coordinator import PodEndpoint
     from tricks_nats.natsserver import EmbeddedServer, User
@@ -104,30 +122,31 @@ async def _nats_for(
             from tricks_nats.runtimes import kube_objects as ko
 
             pod_url = ko.DEFAULT_POD_NATS_URL
+        pods = PodEndpoint(ep, host, port)
         if pod_url:
             purl, puser, ppassword, phost, pport = split_url(pod_url)
             pod_ep = Endpoint(purl, puser or user, ppassword if puser else password)
-            yield ep, PodEndpoint(pod_ep, phost, pport)
-        else:
-            yield ep, PodEndpoint(ep, host, port)
+            pods = PodEndpoint(pod_ep, phost, pport)
+        yield _Nats(ep, pods, ep, shared=True)
         return
     coordinator = User.random("coordinator")
     pod = User.random("pod", p.pod_permissions(exp_id))
-    server = EmbeddedServer(users=[coordinator, pod], log_path=records_root / "nats-server.log")
+    observer = User.random("observer", p.observer_permissions(exp_id))
+    server = EmbeddedServer(
+        users=[coordinator, pod, observer], log_path=records_root / "nats-server.log"
+    )
     async with server:
-        yield (
+        yield _Nats(
             Endpoint(server.url, coordinator.name, coordinator.password),
             PodEndpoint(Endpoint(server.url, pod.name, pod.password), server.host, server.port),
+            Endpoint(server.url, observer.name, observer.password),
+            server,
         )
 
 
 async def up(exp: Experiment, opts: UpOptions) -> Outcome:
     """Run `exp` to its end and return the outcome; records are written on every path."""
-    from tricks_nats import statefile
-    from tricks_nats.bus import Bus
-    from tricks_nats.coordinator import Coordinator
-    from tricks_nats.journal import JournalPublisher
-    from tricks_nats.records import RunRecords
+    from tricks_nats.watchdog import Watchdog
 
     exp_id = p.new_experiment_id(exp.name)
     runtime_name = opts.runtime or exp.runtime or "local"
@@ -144,48 +163,150 @@ async def up(exp: Experiment, opts: UpOptions) -> Outcome:
     prepare = getattr(runtime, "prepare", None)
     if prepare is not None:  # kubernetes: reach the cluster (and fail) before anything starts
         await prepare()
-    opts.runs_dir.mkdir(parents=True, exist_ok=True)
-    records = RunRecords.create(opts.runs_dir, exp_id, exp.text)
+    records = _create_records(opts.runs_dir, exp_id, exp)
     if opts.on_journal:
         records.listeners.append(opts.on_journal)
+    guard = Watchdog()  # removes the state file (it holds credentials) if we are killed
+    started_at = time.time()
     try:
-        async with _nats_for(exp_id, opts, records.root, runtime_name) as (endpoint, pods_nats):
-            bus = await Bus.open(endpoint, exp_id, name=f"tricks-coordinator-{exp_id}")
-            publisher = JournalPublisher(bus)
-            state = statefile.RunState(
-                experiment=exp_id,
-                run_dir=str(records.root.resolve()),
-                pid=os.getpid(),
-                started_at=time.time(),
-                nats_url=endpoint.url,
-                user=endpoint.user,
-                password=endpoint.password,
-            )
-            try:
-                await bus.create_buckets()
-                records.listeners.append(publisher)
-                publisher.start()
-                statefile.write(state)
-                coord = Coordinator(
-                    exp,
-                    exp_id,
-                    bus,
-                    runtime,
-                    records,
-                    pods_nats,
-                    grace=opts.grace,
-                    timeout=opts.timeout,
-                )
-                if opts.on_start:
-                    opts.on_start(exp_id, records.root)
-                with _signals(coord):
-                    return await coord.run()
-            finally:
-                await publisher.aclose()
-                statefile.finish(state)
-                await bus.close()
+        return await _run(exp, exp_id, opts, runtime, runtime_name, records, guard)
+    except BaseException as exc:
+        # Before the coordinator had a verdict (it writes its own on every path): say why.
+        if not (records.root / "summary.json").is_file() or _is_placeholder(records.root):
+            interrupted = isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
+            reason = "interrupted" if interrupted else str(exc) or type(exc).__name__
+            _write_early_verdict(exp, exp_id, records, runtime, started_at, reason, interrupted)
+        if isinstance(exc, Exception) and not isinstance(exc, TricksError):
+            log.debug("up failed", exc_info=True)
+            raise TricksError(f"internal error: {type(exc).__name__}: {exc}") from exc
+        raise
     finally:
         records.close()
+        guard.close()
+
+
+def _is_placeholder(root: Path) -> bool:
+    """summary.json still holds the space reserved at the start (no verdict yet)."""
+    try:
+        with (root / "summary.json").open("rb") as f:
+            return not f.read(64).strip()
+    except OSError:
+        return True
+
+
+def _write_early_verdict(
+    exp: Experiment,
+    exp_id: str,
+    records: Any,
+    runtime: Runtime,
+    started_at: float,
+    reason: str,
+    interrupted: bool,
+) -> None:
+    from tricks_nats.records import PodSummary, Summary
+
+    verdict = "interrupted" if interrupted else "error"
+    records.journal("verdict", verdict=verdict, reason=reason)
+    records.write_summary(
+        Summary(
+            experiment=exp_id,
+            name=exp.name,
+            verdict=verdict,
+            reason=reason,
+            started_at=started_at,
+            ended_at=time.time(),
+            pods=[
+                PodSummary(tag=t.tag, pod_id=i, reason="never started")
+                for t in exp.tags
+                for i in range(t.replicas)
+            ],
+            events={},
+            runtime=runtime.name,
+            journal_lost=records.journal_lost,
+        )
+    )
+
+
+async def _run(
+    exp: Experiment,
+    exp_id: str,
+    opts: UpOptions,
+    runtime: Runtime,
+    runtime_name: str,
+    records: Any,
+    guard: Any,
+) -> Outcome:
+    from tricks_nats import statefile
+    from tricks_nats.bus import Bus
+    from tricks_nats.coordinator import Coordinator
+    from tricks_nats.journal import JournalPublisher
+
+    async with _nats_for(exp_id, opts, records.root, runtime_name) as nats:
+        bus = await Bus.open(nats.endpoint, exp_id, name=f"tricks-coordinator-{exp_id}")
+        if nats.shared and opts.on_notice:
+            opts.on_notice(
+                "pods use the credentials given with --nats-url: on a shared server they "
+                "are not isolated from other experiments (PROTOCOL.md, section 9)"
+            )
+        publisher = JournalPublisher(bus)
+        state = statefile.RunState(
+            experiment=exp_id,
+            run_dir=str(records.root.resolve()),
+            pid=os.getpid(),
+            started_at=time.time(),
+            nats_url=nats.observer.url,
+            user=nats.observer.user,
+            password=nats.observer.password,
+        )
+        try:
+            await bus.create_buckets()
+            records.listeners.append(publisher)
+            publisher.start()
+            guard.remove_on_death(statefile.path_of(exp_id))
+            _quietly("write the run's state file", lambda: statefile.write(state))
+            coord = Coordinator(
+                exp,
+                exp_id,
+                bus,
+                runtime,
+                records,
+                nats.pods,
+                grace=opts.grace,
+                timeout=opts.timeout,
+            )
+            if nats.server is not None:
+                nats.server.on_gone = coord.abort
+            if opts.on_start:
+                opts.on_start(exp_id, records.root)
+            with _signals(coord):
+                return await coord.run()
+        finally:
+            await publisher.aclose()
+            _quietly("forget the run's credentials", lambda: statefile.finish(state))
+            if nats.shared and not opts.keep:
+                await bus.delete_buckets()
+            await bus.close()
+
+
+def _create_records(runs_dir: Path, exp_id: str, exp: Experiment) -> Any:
+    """The run's directory, or one line saying why it cannot be (exit 2)."""
+    from tricks_nats.records import RunRecords
+
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        return RunRecords.create(runs_dir, exp_id, exp.text, exp.pod_count)
+    except OSError as exc:
+        where = exc.filename or runs_dir
+        raise UsageError(
+            f"cannot write run records under {runs_dir}: {where}: {exc.strerror or exc}"
+        ) from exc
+
+
+def _quietly(what: str, action: Callable[[], object]) -> None:
+    try:
+        action()
+    except Exception as exc:
+        log.warning("could not %s: %s", what, exc)
 
 
 def _drafts(exp: Experiment) -> list[PodPlan]:
