@@ -1,9 +1,10 @@
 """`tricks-nats up` of many trivial pods with one barrier, and the CLI's start-up time.
 
 The `up` overhead is what the tool adds to the pods' own work: the same pods (same command,
-same environment, same driver calls against an embedded NATS with the experiment's buckets
-and count watcher) are first run by the benchmark itself, all at once, without the
-coordinator; then `tricks-nats up` runs them. overhead = up's wall time - that baseline.
+same environment, same driver calls against an embedded NATS with the experiment's buckets,
+count watcher and registrar, which answers the pods' registrations in protocol v2) are first
+run by the benchmark itself, all at once, without the coordinator; then `tricks-nats up` runs
+them. overhead = up's wall time - that baseline.
 """
 
 from __future__ import annotations
@@ -73,12 +74,14 @@ def spec_text(n: int, command: list[str] | str, workflow: bool) -> str:
 
 
 async def baseline(n: int, command: list[str] | str) -> float:
-    """Wall time of the n pods run all at once against a bare experiment (no coordinator)."""
+    """Wall time of the n pods run all at once against a bare experiment (no coordinator:
+    its NATS side only, the registrar included, as tests/helpers.experiment stands it up)."""
     from tricks_nats import env as E
     from tricks_nats import protocol as p
     from tricks_nats.bus import Bus, Endpoint
     from tricks_nats.counting import CountWatcher
     from tricks_nats.natsserver import EmbeddedServer
+    from tricks_nats.registrar import Registrar
 
     async with EmbeddedServer() as server:
         exp = p.new_experiment_id("bench-baseline")
@@ -88,6 +91,7 @@ async def baseline(n: int, command: list[str] | str) -> float:
         try:
             await bus.create_buckets()
             await watcher.start()
+            await Registrar(bus, watcher).start()
             base = _env()
             start = time.monotonic()
             for i in range(n):
@@ -180,6 +184,7 @@ async def up_once(n: int, command: list[str] | str, work: Path, workflow: bool) 
     if proc.returncode != 0:
         raise RuntimeError(
             f"tricks-nats up exited {proc.returncode}: {err.decode(errors='replace')[-400:]}"
+            + _failed_pod_log(runs)
         )
     journal = next(runs.glob("*/journal.jsonl"))
     running = [
@@ -192,6 +197,22 @@ async def up_once(n: int, command: list[str] | str, work: Path, workflow: bool) 
     return {"total": total, "all_running": max(running) - wall_start, "rss": peak}
 
 
+def _failed_pod_log(runs: Path) -> str:
+    """The end of the first failed pod's log, from the run's summary (it is gone with the
+    temporary directory otherwise)."""
+    for path in runs.glob("*/summary.json"):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for pod in summary.get("pods", []):
+            lines = pod.get("last_log_lines") or []
+            if pod.get("state") == "failed" and lines:
+                name = f"{pod.get('tag')}-{pod.get('pod_id')}"
+                return f"; {name}'s log ends: " + " | ".join(lines[-4:])[-500:]
+    return ""
+
+
 async def local_runtime(
     n: int, runs: int, kinds: list[str], log: Callable[[str], None]
 ) -> list[Row]:
@@ -199,7 +220,7 @@ async def local_runtime(
     more pod: the pods' own work is nil, what is left is the tool) and/or "driver" (n pods
     that register an event and wait for n, through the shell driver when it is installed,
     else a `python -c` SyncDriver one-liner: their own work is most of the run here)."""
-    rows = []
+    rows: list[Row] = []
     for kind in kinds:
         workflow = kind == "workflow"
         if workflow:
@@ -211,17 +232,26 @@ async def local_runtime(
             label = "shell driver: tricks-nats event && wait" if shell else "python -c SyncDriver"
             suffix = " (driver barrier)"
         base, totals, running, rss = [], [], [], []
-        for _ in range(runs):
-            base.append(await baseline(n + (1 if workflow else 0), command))
-            log(f"pods alone{suffix}: {base[-1]:.2f} s")
-            with tempfile.TemporaryDirectory(prefix="bench-up-") as tmp:
-                got = await up_once(n, command, Path(tmp), workflow)
-            totals.append(got["total"])
-            running.append(got["all_running"])
-            rss.append(got["rss"])
-            log(
-                f"tricks-nats up{suffix}: {got['total']:.2f} s, running at {got['all_running']:.2f}"
-            )
+        try:
+            for _ in range(runs):
+                base.append(await baseline(n + (1 if workflow else 0), command))
+                log(f"pods alone{suffix}: {base[-1]:.2f} s")
+                with tempfile.TemporaryDirectory(prefix="bench-up-") as tmp:
+                    got = await up_once(n, command, Path(tmp), workflow)
+                totals.append(got["total"])
+                running.append(got["all_running"])
+                rss.append(got["rss"])
+                log(
+                    f"tricks-nats up{suffix}: {got['total']:.2f} s, "
+                    f"running at {got['all_running']:.2f}"
+                )
+        except Exception as exc:  # this kind's rows say so; the other kinds' rows stay
+            log(f"up{suffix} failed: {exc}")
+            note = f"FAILED ({label}): {' '.join(str(exc).split())}"[:700]
+            if base:
+                rows.append(latency_row(NATS, "pods alone" + suffix, n, base, label))
+            rows.append(Row(NATS, "up total" + suffix, n, note=note))
+            continue
         overhead = [t - b for t, b in zip(totals, base, strict=True)]
         note = f"{label}; {runs} run(s)"
         rows += [

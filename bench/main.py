@@ -150,14 +150,19 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(rows),
         "",
-        "### Barrier release side by side: p50 (p99) ms",
-        "",
-        side_by_side(rows),
-        "",
-        "### Targets",
-        "",
-        *(v.line() for v in targets(rows)),
     ]
+    if any(r.measure == "barrier release" for r in rows):
+        out += [
+            "### Barrier release side by side: p50 (p99) ms",
+            "",
+            side_by_side(rows),
+            "",
+            "### Barrier release from the last arrival sent, side by side: p50 (p99) ms",
+            "",
+            side_by_side(rows, "barrier release from send"),
+            "",
+        ]
+    out += ["### Targets", "", *(v.line() for v in targets(rows))]
     print("\n".join(out))
     if args.json:
         args.json.write_text(json.dumps([r.as_json() for r in rows], indent=1) + "\n")

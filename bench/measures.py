@@ -1,13 +1,18 @@
 """The measures, run from the parent: tricks-nats, the raw NATS floor, ZooKeeper and Redis.
 
-The parent plays the coordinator's part for tricks-nats (the experiment's buckets and the
-count watcher that releases waiters, as tests/helpers.py does) and times; the participants
-live in the worker processes, each with its own connection.
+The parent plays the coordinator's part for tricks-nats, as tests/helpers.py does: the
+experiment's buckets, the count watcher that releases waiters, the `Registrar` that answers the
+pods' registrations (protocol v2: a pod's `register_event` is a request to the coordinator,
+which does the JetStream increment and replies with the count) and the `Rosters` that
+`discover` reads. The participants (the pods) live in the worker processes, each with its own
+connection.
 
 Barrier release latency, for every system alike: from the last participant's increment being
-acknowledged (NATS ack, Redis INCR reply, ZooKeeper create reply) to the last participant
-released. "barrier total": from the parent's go (all participants arrive at once) to the last
-released. Deliveries: the NATS server's `out_msgs` (from /varz) over the operation.
+acknowledged (tricks-nats: the registrar's reply; Redis: the INCR reply; ZooKeeper: the create
+reply) to the last participant released. "barrier release from send": the same, from the last
+participant's increment being sent. "barrier total": from the parent's go (all participants
+arrive at once) to the last released. Deliveries: the NATS server's `out_msgs` (from /varz)
+over the operation.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from bench.report import FLOOR, NATS, REDIS, ZK, Row, latency_row
 now = time.monotonic
 BARRIER = "barrier release"
 BARRIER_TOTAL = "barrier total"
+BARRIER_FROM_SEND = "barrier release from send"
+DISCOVERY = "discovery"
+DISCOVERY_RUNNING = "discovery, all running"
 INCREMENTS = "event increments"
 TIMEOUT_S = 120.0
 Log = Callable[[str], None]
@@ -70,16 +78,24 @@ def vm_hwm_mb(pid: int | None) -> float | None:
 
 
 class CpuMeter:
-    """CPU seconds spent by the server, the coordinator (this process) and the workers."""
+    """CPU seconds spent by the server, the coordinator (this process, which hosts the
+    registrar and the count watcher for tricks-nats) and the pods (the worker processes).
+    Usable as a running sum over several windows (`begin` / `end`)."""
 
-    def __init__(self, server_pid: int | None, pool: Pool) -> None:
+    def __init__(self, server_pid: int | None, pool: Pool, coordinator: bool = True) -> None:
         import psutil
 
-        self.procs = {"server": [], "coordinator": [psutil.Process()], "workers": []}
+        self.procs: dict[str, list[Any]] = {"server": [], "coordinator": [], "pods": []}
         if server_pid:
             self.procs["server"].append(psutil.Process(server_pid))
-        self.procs["workers"] = [psutil.Process(p.pid) for p in pool.procs if p.pid]
-        self.start = self._read()
+        if coordinator:
+            self.procs["coordinator"].append(psutil.Process())
+        else:
+            del self.procs["coordinator"]
+        self.procs["pods"] = [psutil.Process(p.pid) for p in pool.procs if p.pid]
+        self.used = dict.fromkeys(self.procs, 0.0)
+        self.wall = 0.0
+        self.begin()
 
     def _read(self) -> dict[str, float]:
         out = {}
@@ -92,15 +108,27 @@ class CpuMeter:
             out[k] = total
         return out
 
-    def note(self, wall: float) -> str:
-        end = self._read()
-        used = {k: end[k] - self.start[k] for k in end}
-        return "cpu s: " + ", ".join(f"{k} {v:.2f}" for k, v in used.items()) + f" in {wall:.2f} s"
+    def begin(self) -> None:
+        self._start, self._t0 = self._read(), now()
 
+    def end(self) -> None:
+        stop = self._read()
+        for k in stop:
+            self.used[k] += stop[k] - self._start[k]
+        self.wall += now() - self._t0
 
-def _release(pairs: list[tuple[float, float]]) -> tuple[float, float]:
-    """(last increment acknowledged, last participant released)."""
-    return max(t for t, _ in pairs), max(r for _, r in pairs)
+    def note(self, wall: float | None = None) -> str:
+        """CPU seconds by process over the whole measure (ends the current window)."""
+        self.end()
+        wall = self.wall if wall is None else wall
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.used.items())
+        return f"cpu s: {parts} in {wall:.2f} s"
+
+    def per_op(self, ops: int, unit: str = "us", scale: float = 1e6) -> str:
+        """CPU per operation by process, from the windows summed so far."""
+        total = sum(self.used.values())
+        parts = ", ".join(f"{k} {v / ops * scale:.0f}" for k, v in self.used.items())
+        return f"cpu {unit}/op: {parts} (all {total / ops * scale:.0f})"
 
 
 def _flat(results: list[list[Any]]) -> list[Any]:
@@ -115,6 +143,8 @@ class NatsCtx:
     server: Any  # EmbeddedServer
     bus: Any  # Bus, the coordinator's
     exp: str
+    watcher: Any  # CountWatcher, the coordinator's
+    rosters: Any  # Rosters, the coordinator's
 
     @property
     def url(self) -> str:
@@ -129,16 +159,24 @@ class NatsCtx:
         varz = await asyncio.to_thread(self.monitor, "/varz")
         return int(varz["out_msgs"])
 
+    async def out_totals(self) -> tuple[int, int]:
+        """(messages, bytes) the server has sent so far."""
+        varz = await asyncio.to_thread(self.monitor, "/varz")
+        return int(varz["out_msgs"]), int(varz["out_bytes"])
+
     def rss(self) -> float | None:
         return vm_hwm_mb(self.server.pid)
 
 
 @contextlib.asynccontextmanager
 async def nats_experiment() -> AsyncIterator[NatsCtx]:
+    """An experiment's NATS side as the coordinator stands it up (tests/helpers.experiment):
+    buckets, the count watcher, the registrar answering the pods, the rosters."""
     from tricks_nats import protocol as p
     from tricks_nats.bus import Bus, Endpoint
     from tricks_nats.counting import CountWatcher
     from tricks_nats.natsserver import EmbeddedServer
+    from tricks_nats.registrar import Registrar, Rosters
 
     async with EmbeddedServer(monitor=True) as server:
         exp = p.new_experiment_id("bench")
@@ -147,7 +185,8 @@ async def nats_experiment() -> AsyncIterator[NatsCtx]:
         try:
             await bus.create_buckets()
             await watcher.start()
-            yield NatsCtx(server, bus, exp)
+            await Registrar(bus, watcher).start()
+            yield NatsCtx(server, bus, exp, watcher, Rosters(bus, watcher))
         finally:
             await watcher.stop()
             await bus.close()
@@ -167,6 +206,8 @@ class BarrierSystem:
     out_msgs: Callable[[], Awaitable[int]] | None = None
     rss: Callable[[], float | None] = lambda: None
     note: str = ""
+    server_pid: int | None = None  # for the CPU split of the all-at-once barriers
+    coordinator: bool = False  # this process does the system's work (tricks-nats)
 
 
 async def _waiting(bs: BarrierSystem, name: str, n: int, timeout: float = 60) -> None:
@@ -179,14 +220,17 @@ async def _waiting(bs: BarrierSystem, name: str, n: int, timeout: float = 60) ->
 
 async def run_barriers(bs: BarrierSystem, pool: Pool, plan: Plan, log: Log) -> list[Row]:
     """Per N: "barrier release" (N-1 participants arrived and wait, then the last arrives:
-    from its arrival acknowledged to the last participant released) and "barrier total"
-    (all N arrive at once: from the go to the last released)."""
+    from its arrival acknowledged to the last participant released), "barrier release from
+    send" (the same, from its arrival sent) and "barrier total" (all N arrive at once: from
+    the go to the last released; with the CPU each process spent on it)."""
     rows = []
     for n in plan.barrier_sizes:
         groups = split(n, pool.size)
         last = len(groups) - 1
         await pool.call(bs.open_op, [bs.open_kwargs(g) for g in groups])
-        release, total, deliveries = [], [], []
+        release, from_send, total, deliveries = [], [], [], []
+        meter = CpuMeter(bs.server_pid, pool, bs.coordinator)
+        measured = 0
         for rep in range(plan.warmup + plan.barrier_repeats[n]):
             name = f"r{n}-{rep}"
             if bs.prepare:
@@ -198,22 +242,28 @@ async def run_barriers(bs: BarrierSystem, pool: Pool, plan: Plan, log: Log) -> l
             if n > 1:
                 await _waiting(bs, name, n - 1)
                 await asyncio.sleep(0.1 + n * 0.0003)  # let the waiters go idle
-            t_incr, t_out = await pool.call_one(last, "barrier_last", **common)
+            t_sent, t_incr, t_out = await pool.call_one(last, "barrier_last", **common)
             others = _flat(await pool.call("collect", [{}] * len(groups)))
-            last_out = max([t_out, *(r for _, r in others)])
+            last_out = max([t_out, *(r for _, _, r in others)])
             # Deliveries are counted on the all-at-once barrier: no probe of ours runs then.
             name = f"t{n}-{rep}"
             if bs.prepare:
                 await bs.prepare(name)
             before = await bs.out_msgs() if bs.out_msgs else 0
+            if rep >= plan.warmup:
+                meter.begin()
             go = now()
-            pairs = _flat(await pool.call("barrier", [{**common, "name": name}] * len(groups)))
+            triples = _flat(await pool.call("barrier", [{**common, "name": name}] * len(groups)))
+            if rep >= plan.warmup:
+                meter.end()
+                measured += 1
             if bs.out_msgs:
                 await asyncio.sleep(0.05)
                 delta = await bs.out_msgs() - before
             if rep >= plan.warmup:
                 release.append(last_out - t_incr)
-                total.append(max(r for _, r in pairs) - go)
+                from_send.append(last_out - t_sent)
+                total.append(max(r for _, _, r in triples) - go)
                 if bs.out_msgs:
                     deliveries.append(delta)
         await pool.call(bs.close_op, [{}] * len(groups))
@@ -229,10 +279,23 @@ async def run_barriers(bs: BarrierSystem, pool: Pool, plan: Plan, log: Log) -> l
                 rss_mb=bs.rss(),
             )
         )
-        rows.append(latency_row(bs.system, BARRIER_TOTAL, n, total, note + "; all arrive at once"))
+        rows.append(
+            latency_row(
+                bs.system,
+                BARRIER_FROM_SEND,
+                n,
+                from_send,
+                note + "; as barrier release, from the last arrival sent",
+            )
+        )
+        cpu = meter.per_op(measured * n, "us", 1e6).replace("/op", "/participant")
+        rows.append(
+            latency_row(bs.system, BARRIER_TOTAL, n, total, note + f"; all arrive at once; {cpu}")
+        )
         log(
-            f"{bs.system} barrier N={n}: release {rows[-2].p50_ms:.1f} ms p50, "
-            f"total {rows[-1].p50_ms:.1f} ms, deliveries {rows[-2].deliveries}"
+            f"{bs.system} barrier N={n}: release {rows[-3].p50_ms:.1f} ms p50, from send "
+            f"{rows[-2].p50_ms:.1f}, total {rows[-1].p50_ms:.1f} ms, "
+            f"deliveries {rows[-3].deliveries}; {cpu}"
         )
     return rows
 
@@ -254,12 +317,16 @@ async def nats_barriers(ctx: NatsCtx, pool: Pool, plan: Plan, log: Log) -> list[
         waiting,
         out_msgs=ctx.out_msgs,
         rss=ctx.rss,
-        note="Driver.register_event + wait_event",
+        note="Driver.register_event (via the registrar) + wait_event",
+        server_pid=ctx.server.pid,
+        coordinator=True,
     )
     return await run_barriers(bs, pool, plan, log)
 
 
 async def nats_increments(ctx: NatsCtx, pool: Pool, plan: Plan, log: Log) -> list[Row]:
+    """Pods register an event in a loop: pod -> coordinator (registrar) -> JetStream counter
+    -> coordinator -> pod, one request per increment (Driver.register_event)."""
     rows = []
     most = max(plan.writers)
     groups = split(most, pool.size)
@@ -277,13 +344,13 @@ async def nats_increments(ctx: NatsCtx, pool: Pool, plan: Plan, log: Log) -> lis
         await asyncio.sleep(0.05)
         delta = await ctx.out_msgs() - before
         cpu = meter.note(now() - t0)
-        rows.append(_throughput_row(NATS, writers, results, deliveries=delta))
-        rows[-1].note += f"; {cpu}"
-        counted = await ctx.bus.count(event)
         done = sum(len(r["lat"]) for r in results)
+        rows.append(_throughput_row(NATS, writers, results, deliveries=delta))
+        rows[-1].note += f" via the registrar; {cpu}; {meter.per_op(max(done, 1))}"
+        counted = await ctx.bus.count(event)
         if counted != done:
             rows[-1].note += f"; COUNT MISMATCH: {counted} counted, {done} acknowledged"
-        log(f"tricks-nats increments x{writers}: {rows[-1].ops_per_s:.0f}/s")
+        log(f"tricks-nats increments x{writers}: {rows[-1].ops_per_s:.0f}/s; {rows[-1].note}")
     await pool.call("nats_close", [{}] * len(groups))
     return rows
 
@@ -301,109 +368,122 @@ def _throughput_row(
 
 
 async def nats_discovery(ctx: NatsCtx, pool: Pool, plan: Plan, log: Log) -> list[Row]:
-
     rows = []
     for n in plan.discovery_sizes:
         try:
-            rows.append(await _discovery(ctx, pool, plan, n))
+            got = await _discovery(ctx, pool, plan, n)
         except Exception as exc:
             log(f"tricks-nats discovery N={n} failed: {exc!r}")
-            rows.append(Row(NATS, "discovery", n, note=f"FAILED: {exc!r}"[:300]))
+            rows.append(Row(NATS, DISCOVERY, n, note=f"FAILED: {exc!r}"[:300]))
             await pool.call_all("close_all")
             continue
-        log(f"tricks-nats discovery N={n}: {rows[-1].p50_ms:.1f} ms p50")
+        rows.extend(got)
+        log(
+            f"tricks-nats discovery N={n}: {got[0].p50_ms:.1f} ms p50, "
+            f"{got[0].deliveries} deliveries a round; all running: {got[1].p50_ms:.1f} ms p50"
+        )
     return rows
 
 
-async def _discovery(ctx: NatsCtx, pool: Pool, plan: Plan, n: int) -> Row:
-    """Each round uses a fresh experiment: nats-server allows 1000 consumers per stream, and
-    the watchers of a finished discover linger as consumers for a while."""
+async def _discovery(ctx: NatsCtx, pool: Pool, plan: Plan, n: int) -> list[Row]:
+    """N pods call `discover(tag, N)` before any pod of the tag runs; the coordinator then
+    runs the N pods one by one (`Rosters.started`: the roster, then `<tag>_start`). From the
+    N-th pod's start being recorded to the last discover returned. Then the same N pods call
+    `discover(tag, N)` again at once, all pods running (one look at the roster each).
+    A fresh tag per round (one roster each) on the bench's experiment."""
     from tricks_nats import protocol as p
-    from tricks_nats.bus import Bus, Endpoint
 
     groups = split(n, pool.size)
-    lat, deliveries, setup = [], [], []
-    for rep in range(plan.discovery_repeats[n]):
-        exp = p.new_experiment_id(f"bench-d{n}-{rep}")
-        bus = await Bus.open(Endpoint(ctx.url), exp, name="bench-coordinator-d")
-        stream = p.stream_of(p.pods_bucket(exp))
-        try:
-            await bus.create_buckets()
-            await pool.call("nats_open", [{"url": ctx.url, "exp": exp, "ids": g} for g in groups])
-            tag = "pod"
-            before = await ctx.out_msgs()
+    lat, deliveries, sent_bytes, setup = [], [], [], []
+    look, look_deliveries, look_bytes = [], [], []
+    meter = CpuMeter(ctx.server.pid, pool)
+    rounds = plan.discovery_repeats[n]
+    await pool.call("nats_open", [{"url": ctx.url, "exp": ctx.exp, "ids": g} for g in groups])
+    try:
+        for rep in range(rounds):
+            tag = f"d{n}-{rep}"
+            msgs0, bytes0 = await ctx.out_totals()
+            meter.begin()
             t0 = now()
-            # N waiters discover while the pods start (the first N-1 run one by one, the
-            # waiters see each), then the N-th pod runs. (With the N-1 pods running first,
-            # 1000 discovers at once fail: their consumer creation times out.)
             await pool.call(
                 "nats_discover_arm", [{"tag": tag, "n": n, "timeout": TIMEOUT_S}] * len(groups)
             )
-            filt = f"$KV.{p.pods_bucket(exp)}.{tag}.*"
-            await _consumers_settled(bus, pool, stream, filt, n, 0)
+            await _discoverers_waiting(ctx, pool, p.start_event(tag), n)
             for i in range(n - 1):
-                await bus.put_pod(p.PodRecord(tag=tag, pod_id=i, ip="127.0.0.1"))
-            last_seq = int((await bus.js.stream_info(stream)).state.last_seq)
-            await _consumers_settled(bus, pool, stream, filt, n, last_seq)
-            await asyncio.sleep(0.3)  # let the waiters digest what the server sent them
+                await ctx.rosters.started(tag, i, _pod_ip(i))
+            await asyncio.sleep(0.1 + n * 0.0003)  # nothing reaches the waiters meanwhile
             setup.append(now() - t0)
-            await bus.put_pod(p.PodRecord(tag=tag, pod_id=n - 1, ip="127.0.0.1"))
-            put = now()
+            started = now()
+            await ctx.rosters.started(tag, n - 1, _pod_ip(n - 1))
             released = _flat(await pool.call("collect", [{}] * len(groups)))
-            lat.append(max(released) - put)
+            lat.append(max(released) - started)
+            meter.end()
             await asyncio.sleep(0.05)
-            deliveries.append(await ctx.out_msgs() - before)
-            await pool.call("nats_close", [{}] * len(groups))
-        finally:
-            await bus.delete_buckets()
-            await bus.close()
-    return latency_row(
+            msgs1, bytes1 = await ctx.out_totals()
+            deliveries.append(msgs1 - msgs0)
+            sent_bytes.append(bytes1 - bytes0)
+            # All running: N discovers at once, each a count read and a roster read.
+            go = now()
+            done = _flat(
+                await pool.call(
+                    "nats_discover_all", [{"tag": tag, "n": n, "timeout": TIMEOUT_S}] * len(groups)
+                )
+            )
+            look.append(max(done) - go)
+            await asyncio.sleep(0.05)
+            msgs2, bytes2 = await ctx.out_totals()
+            look_deliveries.append(msgs2 - msgs1)
+            look_bytes.append(bytes2 - bytes1)
+    finally:
+        await pool.call("nats_close", [{}] * len(groups))
+    mb = statistics.median(sent_bytes) / 1e6
+    wait_row = latency_row(
         NATS,
-        "discovery",
+        DISCOVERY,
         n,
         lat,
-        f"{len(groups)} procs, {len(lat)} rounds; from the N-th record put; deliveries: "
-        f"the whole round (N waiters x N records); a round took {statistics.median(setup):.1f} s",
+        f"{len(groups)} procs, {len(lat)} rounds; roster (v2): N discover(tag, N) wait, then "
+        f"the coordinator runs the N pods one by one; from the N-th pod's start recorded to "
+        f"the last discover returned; deliveries: the whole round (coordinator's writes "
+        f"included), {statistics.median(deliveries) / n:.1f} per pod, {mb:.1f} MB sent; "
+        f"a round took {statistics.median(setup):.1f} s; "
+        f"{meter.per_op(rounds * n, 'ms', 1e3).replace('/op', '/pod')}",
         deliveries=statistics.median(deliveries),
         rss_mb=ctx.rss(),
     )
+    look_row = latency_row(
+        NATS,
+        DISCOVERY_RUNNING,
+        n,
+        look,
+        f"{len(groups)} procs, {len(look)} rounds; N discover(tag, N) at once, all N running: "
+        f"from the go to the last returned; {statistics.median(look_deliveries) / n:.1f} "
+        f"deliveries per call, {statistics.median(look_bytes) / 1e6:.1f} MB sent",
+        deliveries=statistics.median(look_deliveries),
+    )
+    return [wait_row, look_row]
 
 
-async def _consumers_settled(
-    bus: Any, pool: Pool, stream: str, filt: str, n: int, seq: int, timeout: float = 300
-) -> None:
-    """Wait until `n` consumers filter on `filt` and were all sent everything up to `seq`."""
-    deadline = now() + timeout
+def _pod_ip(i: int) -> str:
+    return f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}"
+
+
+async def _discoverers_waiting(ctx: NatsCtx, pool: Pool, start: str, n: int) -> None:
+    """Until the `n` discovers all wait for `<tag>_start` to reach `n` (their subscriptions
+    are on the server); a discover that failed fails the round."""
+    from tricks_nats import protocol as p
+
+    subject = p.reached_subject(ctx.exp, start, n)
+    deadline = now() + 120
     while now() < deadline:
         failed = [f for f in await pool.call_all("pending_failure") if f]
         if failed:
             raise RuntimeError(f"a discover failed: {failed[0]}")
-        info = await bus.js.stream_info(stream)
-        if info.state.consumer_count < n:  # cheap, before listing them all
-            await asyncio.sleep(0.1)
-            continue
-        found = []
-        offset = 0
-        while True:
-            reply = await bus.nc.request(
-                f"$JS.API.CONSUMER.LIST.{stream}", json.dumps({"offset": offset}).encode(), 5
-            )
-            page = json.loads(reply.data)
-            consumers = page.get("consumers") or []
-            for c in consumers:
-                cfg = c.get("config", {})
-                if cfg.get("filter_subject") == filt or filt in (cfg.get("filter_subjects") or []):
-                    found.append(c)
-            offset += len(consumers)
-            if not consumers or offset >= page.get("total", 0):
-                break
-        if len(found) >= n and all(
-            c.get("delivered", {}).get("stream_seq", 0) >= seq and not c.get("num_pending")
-            for c in found
-        ):
+        subs = await asyncio.to_thread(ctx.monitor, f"/subsz?subs=1&limit=1&test={subject}")
+        if int(subs.get("total", 0)) >= n:
             return
-        await asyncio.sleep(0.25)
-    raise TimeoutError(f"{n} discover watchers did not settle on {filt}")
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{n} discovers never all waited on {start}")
 
 
 async def nats_floor(ctx: NatsCtx, pool: Pool, plan: Plan, log: Log) -> list[Row]:
@@ -514,6 +594,7 @@ async def _zookeeper(hosts: str, pid: int, pool: Pool, plan: Plan, log: Log) -> 
         prepare=prepare,
         rss=lambda: vm_hwm_mb(pid),
         note="kazoo DoubleBarrier.enter, forceSync=no",
+        server_pid=pid,
     )
     try:
         rows = await run_barriers(bs, pool, plan, log)
@@ -522,6 +603,8 @@ async def _zookeeper(hosts: str, pid: int, pool: Pool, plan: Plan, log: Log) -> 
         await pool.call("zk_open", [{"hosts": hosts, "k": len(g)} for g in groups])
         for writers in plan.writers:
             per = [len(g) for g in split(writers, pool.size)]
+            meter = CpuMeter(pid, pool, coordinator=False)
+            t0 = now()
             results = await pool.call(
                 "zk_increments",
                 [
@@ -534,7 +617,11 @@ async def _zookeeper(hosts: str, pid: int, pool: Pool, plan: Plan, log: Log) -> 
                 ],
             )
             rows.append(_throughput_row(ZK, writers, results))
-            rows[-1].note += " (kazoo Counter: get + versioned set)"
+            done = max(1, sum(len(r["lat"]) for r in results))
+            rows[-1].note += (
+                f" (kazoo Counter: get + versioned set); {meter.note(now() - t0)}; "
+                f"{meter.per_op(done)}"
+            )
             log(f"ZooKeeper increments x{writers}: {rows[-1].ops_per_s:.0f}/s")
         await pool.call("zk_close", [{}] * len(groups))
     finally:
@@ -580,6 +667,7 @@ async def _redis(port: int, pid: int, pool: Pool, plan: Plan, log: Log) -> list[
         waiting,
         rss=lambda: vm_hwm_mb(pid),
         note="INCR + SUBSCRIBE/PUBLISH",
+        server_pid=pid,
     )
     try:
         rows = await run_barriers(bs, pool, plan, log)
@@ -590,6 +678,8 @@ async def _redis(port: int, pid: int, pool: Pool, plan: Plan, log: Log) -> list[
     await pool.call("redis_open", [{"port": port, "k": len(g)} for g in groups])
     for writers in plan.writers:
         per = [len(g) for g in split(writers, pool.size)]
+        meter = CpuMeter(pid, pool, coordinator=False)
+        t0 = now()
         results = await pool.call(
             "redis_increments",
             [
@@ -598,6 +688,8 @@ async def _redis(port: int, pid: int, pool: Pool, plan: Plan, log: Log) -> list[
             ],
         )
         rows.append(_throughput_row(REDIS, writers, results))
+        done = max(1, sum(len(r["lat"]) for r in results))
+        rows[-1].note += f"; {meter.note(now() - t0)}; {meter.per_op(done)}"
         log(f"Redis increments x{writers}: {rows[-1].ops_per_s:.0f}/s")
     await pool.call("redis_close", [{}] * len(groups))
     return rows
@@ -607,6 +699,7 @@ def _unavailable(system: str, plan: Plan, note: str) -> list[Row]:
     rows = []
     for n in plan.barrier_sizes:
         rows.append(Row(system, BARRIER, n, note=note))
+        rows.append(Row(system, BARRIER_FROM_SEND, n, note=note))
         rows.append(Row(system, BARRIER_TOTAL, n, note=note))
     rows.extend(Row(system, INCREMENTS, w, note=note) for w in plan.writers)
     return rows

@@ -69,20 +69,25 @@ class Worker:
 
     async def _member(
         self, system: str, i: int, name: str, n: int, timeout: float
-    ) -> tuple[float, float]:
-        """One participant: arrive (+1), then wait for n; (arrival acknowledged, released)."""
+    ) -> tuple[float, float, float]:
+        """One participant: arrive (+1), then wait for n; (arrival sent, arrival
+        acknowledged, released)."""
         if system == "nats":
             d = self.drivers[i]
+            t_sent = now()
+            # Protocol v2: a request to the coordinator's registrar, which does the JetStream
+            # increment and answers with the count (Bus.register).
             await d.register_event(name)
             t_incr = now()
             await d.wait_event(name, n, timeout=timeout)
-            return t_incr, now()
+            return t_sent, t_incr, now()
         if system == "redis":
             r, ps = self.redis[i]
             channel = f"{name}:go"
             await ps.subscribe(channel)
             # The server's confirmation: subscribed strictly before our INCR.
             await _next_message(ps, "subscribe", channel.encode())
+            t_sent = now()
             value = await r.incr(name)
             t_incr = now()
             if value >= n:
@@ -91,7 +96,7 @@ class Worker:
                 await _next_message(ps, "message", channel.encode())
             released = now()
             await ps.unsubscribe(channel)
-            return t_incr, released
+            return t_sent, t_incr, released
         assert self.pool is not None
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self.pool, _zk_enter, self.zk[i], f"/bench/{name}", n, i)
@@ -99,7 +104,7 @@ class Worker:
 
     async def barrier(
         self, system: str, name: str, n: int, timeout: float
-    ) -> list[tuple[float, float]]:
+    ) -> list[tuple[float, float, float]]:
         """Every participant of this worker arrives at once."""
         count = self._members(system)
         async with asyncio.timeout(timeout):
@@ -119,7 +124,7 @@ class Worker:
 
     async def barrier_last(
         self, system: str, name: str, n: int, timeout: float
-    ) -> tuple[float, float]:
+    ) -> tuple[float, float, float]:
         """The last participant arrives (after `barrier_arm(skip_last=True)`)."""
         return await self._member(system, self._members(system) - 1, name, n, timeout)
 
@@ -140,6 +145,9 @@ class Worker:
         return {"start": start, "end": now(), "lat": [x for xs in lats for x in xs]}
 
     async def nats_discover_arm(self, tag: str, n: int, timeout: float) -> int:
+        """Every driver of this worker starts `discover(tag, n)` (before the pods run); each
+        one's return time comes back through `collect`."""
+
         async def one(d: Any) -> float:
             peers = await d.discover(tag, n, timeout=timeout)
             assert len(peers) >= n, (len(peers), n)
@@ -147,6 +155,18 @@ class Worker:
 
         self.pending = [asyncio.create_task(one(d)) for d in self.drivers]
         return len(self.pending)
+
+    async def nats_discover_all(self, tag: str, n: int, timeout: float) -> list[float]:
+        """Every driver of this worker calls `discover(tag, n)` at once, with the pods
+        already running (a look at the roster); their return times."""
+
+        async def one(d: Any) -> float:
+            peers = await d.discover(tag, n, timeout=timeout)
+            assert len(peers) >= n, (len(peers), n)
+            return now()
+
+        async with asyncio.timeout(timeout):
+            return list(await asyncio.gather(*(one(d) for d in self.drivers)))
 
     async def pending_failure(self) -> str | None:
         """The first error among this worker's started participants, if any failed."""
@@ -354,7 +374,7 @@ async def _next_message(ps: Any, kind: str, channel: bytes) -> None:
             return
 
 
-def _zk_enter(client: Any, path: str, n: int, i: int) -> tuple[float, float]:
+def _zk_enter(client: Any, path: str, n: int, i: int) -> tuple[float, float, float]:
     from kazoo.recipe.barrier import DoubleBarrier
 
     timed = _TimedCreate(client)
@@ -362,17 +382,20 @@ def _zk_enter(client: Any, path: str, n: int, i: int) -> tuple[float, float]:
     barrier.enter()
     if not barrier.participating:
         raise RuntimeError("kazoo DoubleBarrier.enter failed")
-    return timed.created_at, now()
+    return timed.sent_at, timed.created_at, now()
 
 
 class _TimedCreate:
-    """A KazooClient as DoubleBarrier sees it, noting when our node's create returned."""
+    """A KazooClient as DoubleBarrier sees it, noting when our node's create was sent and
+    when it returned."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
+        self.sent_at = 0.0
         self.created_at = 0.0
 
     def create(self, *args: Any, **kwargs: Any) -> Any:
+        self.sent_at = now()
         result = self._client.create(*args, **kwargs)
         self.created_at = now()
         return result
