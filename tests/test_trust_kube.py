@@ -15,13 +15,14 @@ import pytest
 
 from tricks_nats import env as E
 from tricks_nats.natsserver import EmbeddedServer
-from tricks_nats.running import UpOptions, up
+from tricks_nats.running import up
 from tricks_nats.runtimes import PodEvent, PodPlan
 from tricks_nats.runtimes import kube_objects as ko
 from tricks_nats.runtimes.kubernetes import KubernetesRuntime
 from tricks_nats.spec import parse
 
 from .kube_cluster import Cluster, PodContext, kubeconfig
+from .test_kubernetes import _options
 
 NS = "trials"
 EXP = "trust-20260101-000000-abcd"
@@ -132,21 +133,6 @@ experiment:
   image: example/prog:latest
   command: [python, prog.py]
 """
-
-
-def _options(tmp_path: Path, kubecfg: Path, server: EmbeddedServer, **more: Any) -> UpOptions:
-    return UpOptions(
-        runs_dir=tmp_path / "runs",
-        nats_url=server.url,
-        pod_nats_url=server.url,
-        runtime="kubernetes",
-        grace=1.0,
-        kubeconfig=str(kubecfg),
-        context="emulator",
-        namespace=NS,
-        concurrency=3,
-        **more,
-    )
 
 
 async def test_a_run_whose_pod_someone_else_deleted_fails(

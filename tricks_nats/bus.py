@@ -327,22 +327,19 @@ class Bus:
         however often this request is retried: it keeps `msg_id`). Returns the count right
         after it."""
         _check_event(event)
-        headers = {p.MSG_ID_HEADER: msg_id}
-        if pod:
-            headers[p.POD_HEADER] = pod
         subject = p.event_subject(self.exp, event)
+        headers = _headers(msg_id, pod)
         reply = await self._request(subject, b"", f"register event {event!r}", headers)
         try:
             answer = msgspec.json.decode(reply.data, type=p.EventReply)
-            if answer.error:
-                raise TricksError(f"registering {event!r} refused: {answer.error.description}")
-            if answer.val is not None:
-                return int(answer.val)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            raise TricksError(
-                f"registering {event!r}: not a count in the reply: {reply.data[:100]!r}"
-            ) from exc
-        raise TricksError(f"registering {event!r}: not a count in the reply: {reply.data[:100]!r}")
+            value = int(answer.val) if answer.val is not None else None
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            answer, value = p.EventReply(), None
+        if answer.error:
+            raise TricksError(f"registering {event!r} refused: {answer.error.description}")
+        if value is None:
+            raise TricksError(f"registering {event!r}: no count in the reply {reply.data[:100]!r}")
+        return value
 
     async def increment(
         self, event: str, *, msg_id: str | None = None, pod: str | None = None
@@ -351,9 +348,7 @@ class Bus:
         publish with the same `msg_id` counts once). Returns the count right after it (from
         the ack, or for a duplicate, read back from the original message)."""
         _check_event(event)
-        headers = {p.INCR_HEADER: "1", p.MSG_ID_HEADER: msg_id or f"c.{secrets.token_hex(12)}"}
-        if pod:
-            headers[p.POD_HEADER] = pod
+        headers = {p.INCR_HEADER: "1", **_headers(msg_id or f"c.{secrets.token_hex(12)}", pod)}
         subject = p.count_subject(self.exp, event)
         reply = await self._request(subject, b"", f"count event {event!r}", headers)
         try:
@@ -672,6 +667,10 @@ class Bus:
                 f"timed out after {timeout:g}s discovering {count} pods of "
                 f"{tag!r} ({len(live)} running)"
             ) from exc
+
+
+def _headers(msg_id: str, pod: str | None) -> dict[str, str]:
+    return {p.MSG_ID_HEADER: msg_id, **({p.POD_HEADER: pod} if pod else {})}
 
 
 def _check_event(event: str) -> None:
