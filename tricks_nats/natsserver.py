@@ -93,7 +93,8 @@ class EmbeddedServer:
     supervise: bool = True
     restarts: int = 0
     restarted: asyncio.Event = field(default_factory=asyncio.Event)
-    _watchdog: Watchdog = field(default_factory=Watchdog)
+    #: Kills the server (and removes its config file) if we die; may be shared with `up`.
+    watchdog: Watchdog = field(default_factory=Watchdog)
     _supervisor: asyncio.Task[None] | None = None
     _stopping: bool = False
     _work: Path = Path(".")
@@ -142,7 +143,7 @@ class EmbeddedServer:
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(_config(self.host, self.port, self._store, self.users, http))
-        self._watchdog.remove_on_death(conf)
+        self.watchdog.remove_on_death(conf)
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 find_binary(),
@@ -153,14 +154,14 @@ class EmbeddedServer:
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
             )
-            self._watchdog.guard(self._proc.pid)
+            self.watchdog.guard(self._proc.pid)
             ready = asyncio.get_running_loop().create_future()
             self._drain = asyncio.create_task(self._read_log(ready), name="nats-server-log")
             await asyncio.wait_for(ready, READY_TIMEOUT_S)
         finally:
             with contextlib.suppress(OSError):
                 conf.unlink()
-            self._watchdog.forget_file(conf)
+            self.watchdog.forget_file(conf)
 
     async def _supervise(self) -> None:
         """If the server dies mid-run, start it again on the same port and store."""
@@ -174,7 +175,7 @@ class EmbeddedServer:
                     await self._drain
             if self._stopping:
                 return
-            self._watchdog.release(proc.pid)
+            self.watchdog.release(proc.pid)
             self.restarts += 1
             if self.restarts > MAX_RESTARTS:
                 self._give_up(f"nats-server died {self.restarts} times (exit {code}); gave up")
@@ -249,7 +250,7 @@ class EmbeddedServer:
             with contextlib.suppress(Exception):
                 await self._drain
             self._drain = None
-        self._watchdog.close()
+        self.watchdog.close()
         if self._tmp:
             self._tmp.cleanup()
             self._tmp = None

@@ -23,9 +23,13 @@ from tricks_nats.errors import TricksError, UsageError
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # heavy modules are imported when a run starts
-    from tricks_nats.coordinator import Outcome
+    from tricks_nats.bus import Endpoint
+    from tricks_nats.coordinator import Outcome, PodEndpoint
+    from tricks_nats.natsserver import EmbeddedServer
+    from tricks_nats.records import RunRecords
     from tricks_nats.runtimes import PodPlan, Runtime
     from tricks_nats.spec import Experiment
+    from tricks_nats.watchdog import Watchdog
 
 
 @dataclass
@@ -98,16 +102,16 @@ def _kube_options(opts: UpOptions, exp: Experiment, exp_id: str) -> dict[str, An
 class _Nats:
     """NATS for one run: the coordinator's way in, the pods', the observers' (state file)."""
 
-    endpoint: Any
-    pods: Any
-    observer: Any
-    server: Any = None
+    endpoint: Endpoint
+    pods: PodEndpoint
+    observer: Endpoint
+    server: EmbeddedServer | None = None
     shared: bool = False
 
 
 @contextlib.asynccontextmanager
 async def _nats_for(
-    exp_id: str, opts: UpOptions, records_root: Path, runtime: str = "local"
+    exp_id: str, opts: UpOptions, records: RunRecords, guard: Watchdog, runtime: str = "local"
 ) -> AsyncIterator[_Nats]:
     from tricks_nats.bus import Endpoint
     from tricks_nats.coordinator import PodEndpoint
@@ -133,7 +137,9 @@ async def _nats_for(
     pod = User.random("pod", p.pod_permissions(exp_id))
     observer = User.random("observer", p.observer_permissions(exp_id))
     server = EmbeddedServer(
-        users=[coordinator, pod, observer], log_path=records_root / "nats-server.log"
+        users=[coordinator, pod, observer],
+        log_path=records.root / "nats-server.log",
+        watchdog=guard,  # one watchdog for the server and the state file
     )
     async with server:
         yield _Nats(
@@ -197,7 +203,7 @@ def _is_placeholder(root: Path) -> bool:
 def _write_early_verdict(
     exp: Experiment,
     exp_id: str,
-    records: Any,
+    records: RunRecords,
     runtime: Runtime,
     started_at: float,
     reason: str,
@@ -233,15 +239,15 @@ async def _run(
     opts: UpOptions,
     runtime: Runtime,
     runtime_name: str,
-    records: Any,
-    guard: Any,
+    records: RunRecords,
+    guard: Watchdog,
 ) -> Outcome:
     from tricks_nats import statefile
     from tricks_nats.bus import Bus
     from tricks_nats.coordinator import Coordinator
     from tricks_nats.journal import JournalPublisher
 
-    async with _nats_for(exp_id, opts, records.root, runtime_name) as nats:
+    async with _nats_for(exp_id, opts, records, guard, runtime_name) as nats:
         bus = await Bus.open(nats.endpoint, exp_id, name=f"tricks-coordinator-{exp_id}")
         if nats.shared and opts.on_notice:
             opts.on_notice(
@@ -288,7 +294,7 @@ async def _run(
             await bus.close()
 
 
-def _create_records(runs_dir: Path, exp_id: str, exp: Experiment) -> Any:
+def _create_records(runs_dir: Path, exp_id: str, exp: Experiment) -> RunRecords:
     """The run's directory, or one line saying why it cannot be (exit 2)."""
     from tricks_nats.records import RunRecords
 
