@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from tricks_nats.cli import kube
 
+from tricks_nats.cli import kube
 from tricks_nats.errors import SpecError, TricksError
 
 app = typer.Typer(

@@ -11,9 +11,9 @@ from typing import Any
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tricks_nats.cli.app import app
 from typer.testing import CliRunner
 
+from tricks_nats.cli.app import app
 from tricks_nats.errors import SpecError
 from tricks_nats.protocol import parse_count
 from tricks_nats.spec import parse
