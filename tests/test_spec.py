@@ -205,6 +205,119 @@ def test_every_error_is_reported_at_once() -> None:
     assert [e.split(": ", 1)[0] for e in found] == ["s.yaml:5:3", "s.yaml:8:13", "s.yaml:10:19"]
 
 
+def test_errors_inside_unions_are_each_located_by_their_path() -> None:
+    found = errors("""\
+        experiment:
+        - tag: a
+          command: [python, 3]
+          env: [{name: A, value: [1]}, {name: B, value: {x: 1}}, {name: 3}, 4, {nam: C}]
+          workflow: {start: {name: go, value: 0}, stop: {name: go}}
+          resources: {requests: {cpu: [1]}, limits: 2}
+        runtime: 3
+        timeout: -0.5
+        """)
+    assert found == [
+        "s.yaml:3:21: experiment[0].command[1]: expected str, got 3",
+        "s.yaml:4:26: experiment[0].env[0].value: expected bool | int | float | str, got [1]",
+        "s.yaml:4:49: experiment[0].env[1].value: expected bool | int | float | str, got {'x': 1}",
+        "s.yaml:4:65: experiment[0].env[2].name: expected str, got 3",
+        "s.yaml:4:69: experiment[0].env[3]: expected a mapping, got an integer",
+        "s.yaml:4:72: experiment[0].env[4]: missing required key 'name'",
+        "s.yaml:4:73: experiment[0].env[4].nam: unknown key 'nam' (did you mean 'name'?); "
+        "known keys: name, value",
+        "s.yaml:5:39: experiment[0].workflow.start.value: expected int >= 1, got 0",
+        "s.yaml:5:49: experiment[0].workflow.stop: missing required key 'value'",
+        "s.yaml:6:31: experiment[0].resources.requests.cpu: expected int | float | str, got [1]",
+        "s.yaml:6:45: experiment[0].resources.limits: expected a mapping, got an integer",
+        "s.yaml:7:10: runtime: expected one of local, kubernetes, got 3",
+        "s.yaml:8:10: timeout: expected float > 0.0, got -0.5",
+    ]
+
+
+def test_wrong_types_deep_in_lists_of_mappings_are_located() -> None:
+    found = errors("""\
+        experiment:
+        - tag: server
+          command: [python, server.py]
+          env:
+          - name: PORT
+            value: 7000
+          - name: MODE
+            value: [fast]
+        - tag: client
+          command: [python, client.py]
+          replicas: 2.0
+          env:
+            PEERS: {server: 1}
+          workflow:
+            start: {value: 1}
+            stop: [client_stop]
+        """)
+    assert found == [
+        "s.yaml:8:12: experiment[0].env[1].value: expected bool | int | float | str, got ['fast']",
+        "s.yaml:11:13: experiment[1].replicas: expected int, got 2.0",
+        "s.yaml:13:12: experiment[1].env.PEERS: expected bool | int | float | str, "
+        "got {'server': 1}",
+        "s.yaml:15:12: experiment[1].workflow.start: missing required key 'name'",
+        "s.yaml:16:11: experiment[1].workflow.stop: expected a mapping, got a list",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        # a Literal given a non-string: msgspec's text said "expected str"
+        ("runtime: 3", "3:10: runtime: expected one of local, kubernetes, got 3"),
+        ("apiVersion: 1", "3:13: apiVersion: expected one of v1, got 1"),
+        (
+            "tag: a, on_failure: ~",
+            "2:24: experiment[0].on_failure: expected one of stop, continue, got None",
+        ),
+        # a struct in a union: msgspec's text said "expected object, got [...]"
+        ("tag: a, workflow: [go]", "2:22: experiment[0].workflow: expected a mapping, got a list"),
+        # NaN passes JSON Schema's bounds, not msgspec's (nor so the spec's)
+        ("timeout: .nan", "3:10: timeout: expected float > 0.0, got nan"),
+        # a bound applies to a value of its type only: one error, the type's, as msgspec finds
+        ("tag: a, replicas: .nan", "2:22: experiment[0].replicas: expected int, got nan"),
+        ("tag: a, replicas: -0.5", "2:22: experiment[0].replicas: expected int, got -0.5"),
+        # JSON Schema's integer takes 2.0; msgspec, and so the spec, do not
+        ("tag: a, replicas: 2.0", "2:22: experiment[0].replicas: expected int, got 2.0"),
+        # an int no float can hold is still an int, checked against its bound...
+        (
+            "tag: a, replicas: " + "9" * 400,
+            "2:22: experiment[0].replicas: expected int <= 100000 (a run has at most 100000 pods), "
+            f"got {'9' * 18}...{'9' * 19}",
+        ),
+        # ...but it is no float (msgspec: "Number out of range")
+        ("timeout: 1" + "0" * 400, f"3:10: timeout: expected float, got 1{'0' * 17}...{'0' * 19}"),
+    ],
+)
+def test_errors_from_structured_paths(written: str, expected: str) -> None:
+    """Where JSON Schema and msgspec differ, or msgspec's text said less; `written` goes in the
+    one tag if it starts with `tag: `, else at the top level."""
+    tag, top = (written, "") if written.startswith("tag: ") else ("tag: a", written)
+    text = f"experiment:\n- {{{tag}, command: x}}\n{top}\n"
+    assert errors(text) == [f"s.yaml:{expected}"]
+
+
+def test_each_missing_key_is_its_own_error() -> None:
+    assert errors("experiment:\n- {tag: a, command: x, workflow: {start: {}}}\n") == [
+        "s.yaml:2:42: experiment[0].workflow.start: missing required key 'name'",
+        "s.yaml:2:42: experiment[0].workflow.start: missing required key 'value'",
+    ]
+
+
+def test_a_valid_spec_does_not_import_the_schema_validator() -> None:
+    probe = (
+        "import sys\nfrom tricks_nats.spec import load\nload('examples/ring/ring.yaml')\n"
+        "print('jsonschema' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert result.stdout.strip() == "False", result.stdout + result.stderr
+
+
 def test_kubernetes_runtime_needs_an_image_not_a_command() -> None:
     assert parse("experiment:\n- {tag: a, image: busybox}\n", runtime="kubernetes").tags
     assert "has no 'image'" in errors("experiment:\n- {tag: a, command: x}\n", "kubernetes")[0]

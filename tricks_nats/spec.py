@@ -2,8 +2,9 @@
 
 msgspec stops at the first error and reports a path, not a line. Users want every mistake at once,
 each pointing into their file, so we build the data from the YAML parser's events ourselves
-(keeping each value's position), walk the msgspec types collecting every error, and only then
-convert. No spec can exhaust the machine: reading and checking are linear in the spec, and the
+(keeping each value's position). A valid spec converts at once; an invalid one is validated
+against the spec's JSON Schema, whose every error has a structured path, hence a position.
+No spec can exhaust the machine: reading and checking are linear in the spec, and the
 MAX_* bounds below (size, nesting, aliases, pods, tag length) are located errors like any other.
 """
 
@@ -13,6 +14,7 @@ import contextlib
 import difflib
 import functools
 import gc
+import operator
 import re
 import typing
 from collections.abc import Iterator
@@ -47,6 +49,8 @@ MAX_TAG_LENGTH = 63
 TAG_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_-]{{0,{MAX_TAG_LENGTH - 1}}}$")
 
 Scalar = str | int | float | bool
+Runtime = Literal["local", "kubernetes"]
+OnFailure = Literal["stop", "continue"]
 
 
 class Condition(msgspec.Struct, forbid_unknown_fields=True):
@@ -83,7 +87,7 @@ class TagSpec(msgspec.Struct, forbid_unknown_fields=True):
     resources: Resources | None = None  # kubernetes runtime only
     #: stop: the first failed pod fails the run and the rest are stopped after the grace
     #: period; continue: a failure is recorded and the run goes on.
-    on_failure: Literal["stop", "continue"] = "stop"
+    on_failure: OnFailure = "stop"
 
 
 class Spec(msgspec.Struct, forbid_unknown_fields=True):
@@ -91,7 +95,7 @@ class Spec(msgspec.Struct, forbid_unknown_fields=True):
     apiVersion: Literal["v1"] = "v1"
     name: str | None = None
     timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    runtime: Literal["local", "kubernetes"] | None = None
+    runtime: Runtime | None = None
 
 
 @dataclass(frozen=True)
@@ -134,122 +138,139 @@ class Experiment:
         return sum(t.replicas for t in self.tags)
 
 
-# --- schema walk ---------------------------------------------------------------------------
+# --- structural checks ---------------------------------------------------------------------
+
+#: JSON Schema types by msgspec's names for them, in msgspec's order in a union.
+_TYPE_NAMES = {
+    "boolean": "bool",
+    "integer": "int",
+    "number": "float",
+    "string": "str",
+    "object": "object",
+    "array": "array",
+    "null": "null",
+}
+#: JSON Schema's bounds, as msgspec writes them.
+_BOUNDS = {
+    "minimum": (">=", operator.ge),
+    "maximum": ("<=", operator.le),
+    "exclusiveMinimum": (">", operator.gt),
+    "exclusiveMaximum": ("<", operator.lt),
+}
+#: JSON Schema sorts a Literal's values; a message lists them as written.
+_WRITTEN = {frozenset(typing.get_args(t)): typing.get_args(t) for t in (Runtime, OnFailure)}
 
 
 @functools.cache
-def _type_info(typ: Any) -> msgspec.inspect.Type:
-    """Computed once per type, not once per value (it walks the whole type)."""
-    return msgspec.inspect.type_info(typ)
+def _validator() -> Any:
+    """The spec's JSON Schema, checked as msgspec checks it: 2.0 is no int, a number is a float
+    only if a float can hold it, a bound is checked on a value of its type, and NaN is within
+    no bound."""
+    import jsonschema  # only for an invalid spec
+
+    base = jsonschema.Draft202012Validator
+
+    def bound(keyword: str) -> Any:
+        shown, within = _BOUNDS[keyword]
+
+        def check(validator: Any, limit: Any, instance: Any, schema: Any) -> Iterator[Any]:
+            # only on a value of the bound's type (-0.5 for an int has one error, the type's);
+            # NaN is within no bound
+            typed = validator.is_type(instance, schema.get("type", "number"))
+            if typed and not within(instance, limit):
+                yield jsonschema.ValidationError(f"{instance!r} is not {shown} {limit}")
+
+        return check
+
+    types = base.TYPE_CHECKER.redefine_many(
+        {
+            "integer": lambda _, v: type(v) is int,
+            "number": lambda _, v: type(v) is float or (type(v) is int and abs(v) < 2**1024),
+        }
+    )
+    bounds = {keyword: bound(keyword) for keyword in _BOUNDS}
+    cls = jsonschema.validators.extend(base, validators=bounds, type_checker=types)  # type: ignore[no-untyped-call]
+    return cls(json_schema())
 
 
-@functools.cache
-def _fields(cls: type) -> dict[str, tuple[msgspec.inspect.Field, Any]]:
-    """A struct's fields by their name in the spec, each with its (annotated) type."""
-    info = _type_info(cls)
-    assert isinstance(info, msgspec.inspect.StructType)
-    hints = typing.get_type_hints(cls, include_extras=True)
-    return {f.encode_name: (f, hints[f.name]) for f in info.fields}
+def _check_schema(data: Any, loc: _Located) -> None:
+    """Every structural error, located by the path JSON Schema validation gives it."""
+    # a mapping missing two keys has two `required` errors, and each names both
+    seen: set[tuple[PathT, str]] = set()
+    for error in _validator().iter_errors(data):
+        for path, message, key in _messages(error):
+            if (path, message) not in seen:
+                seen.add((path, message))
+                loc.at(path, message, key=key)
 
 
-def _check(value: Any, typ: Any, path: PathT, loc: _Located) -> None:
-    if typ is str and type(value) is str:  # most values: no need to ask msgspec
-        return
-    info = _type_info(typ)
-    if isinstance(info, msgspec.inspect.StructType):
-        _check_struct(value, info, path, loc)
-    elif isinstance(info, msgspec.inspect.ListType):
-        if not isinstance(value, list):
-            loc.at(path, f"expected a list, got {_type_name(value)}")
-            return
-        if info.min_length and len(value) < info.min_length:
-            loc.at(path, f"needs at least {info.min_length} entry")
-        item_type = _list_item(typ)
-        for i, item in enumerate(value):
-            _check(item, item_type, (*path, i), loc)
-    elif isinstance(info, msgspec.inspect.UnionType):
-        _check_union(value, typ, info, path, loc)
-    else:
-        _check_leaf(value, typ, path, loc)
-
-
-def _list_item(typ: Any) -> Any:
-    if typing.get_origin(typ) is Annotated:
-        typ = typing.get_args(typ)[0]
-    return typing.get_args(typ)[0]
-
-
-def _check_struct(value: Any, info: msgspec.inspect.StructType, path: PathT, loc: _Located) -> None:
-    if not isinstance(value, dict):
-        loc.at(path, f"expected a mapping, got {_type_name(value)}")
-        return
-    names = _fields(info.cls)
-    for key in value:
-        if key not in names:
-            # a hint for a typo, not for a novel (difflib is quadratic in the key's length)
-            hint = [] if len(key) > 40 else difflib.get_close_matches(key, names, n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            known = ", ".join(names)
-            loc.at(
-                (*path, key),
-                f"unknown key {_shown(key)}{suggestion}; known keys: {known}",
-                key=True,
-            )
-    for name, (f, typ) in names.items():
-        if name in value:
-            if value[name] is None and f.default is None:
-                continue
-            _check(value[name], typ, (*path, name), loc)
-        elif f.required:
-            loc.at(path, f"missing required key {name!r}")
-
-
-def _check_union(
-    value: Any, typ: Any, info: msgspec.inspect.UnionType, path: PathT, loc: _Located
-) -> None:
-    options = [a for a in typing.get_args(typ) if a is not type(None)]
-    if value is None and len(options) < len(typing.get_args(typ)):
-        return
-    # Descend into the option that matches the value's shape, for located inner errors.
-    for option in options:
-        origin = typing.get_origin(option) or option
-        if isinstance(value, list) and origin is list:
-            _check(value, option, path, loc)
-            return
-        if isinstance(value, dict) and (
-            origin is dict or (isinstance(origin, type) and issubclass(origin, msgspec.Struct))
-        ):
-            if origin is dict:
-                _check_dict(value, option, path, loc)
-            else:
-                _check(value, option, path, loc)
-            return
-    _check_leaf(value, typ, path, loc)
-
-
-def _check_dict(value: dict[Any, Any], typ: Any, path: PathT, loc: _Located) -> None:
-    _, value_type = typing.get_args(typ)
-    for key, item in value.items():
-        _check_leaf(item, value_type, (*path, key), loc)
-
-
-def _check_leaf(value: Any, typ: Any, path: PathT, loc: _Located) -> None:
-    try:
-        msgspec.convert(value, typ)
-    except msgspec.ValidationError as exc:
-        message = str(exc).split(" - at `", 1)[0].split(", got ", 1)[0].replace("`", "")
-        message = message.replace(" | null", "")
-        if message.startswith("Invalid enum value"):
-            options = [typ, *typing.get_args(typ)]
-            literals = [
-                a for o in options if typing.get_origin(o) is Literal for a in typing.get_args(o)
-            ]
-            allowed = ", ".join(map(str, literals))
-            message = f"expected one of {allowed}"
-        message = message[0].lower() + message[1:] if message else "invalid value"
-        if path[-1:] == ("replicas",) and "<=" in message:
+def _messages(error: Any) -> Iterator[tuple[PathT, str, bool]]:
+    """(path, message, whether it is about the key) for one JSON Schema error."""
+    path: PathT = tuple(error.absolute_path)
+    kind, want, value, schema = error.validator, error.validator_value, error.instance, error.schema
+    if kind == "anyOf":
+        branch = _branch(error.context)
+        if branch is not None:
+            for inner in branch:
+                yield from _messages(inner)
+        else:
+            wanted = [e.validator_value for e in error.context if _wrong_type(e)]
+            yield path, _expected(wanted, value), False
+    elif kind == "additionalProperties":
+        known = list(schema.get("properties", {}))
+        for name in value:
+            if name not in known:
+                yield (*path, name), _unknown_key(name, known), True
+    elif kind == "required":
+        for name in want:
+            if name not in value:
+                yield path, f"missing required key {name!r}", False
+    elif kind == "type":
+        yield path, _expected([want], value), False
+    elif kind == "enum":
+        allowed = ", ".join(map(str, _WRITTEN.get(frozenset(want), want)))
+        yield path, f"expected one of {allowed}, got {_shown(value)}", False
+    elif kind in _BOUNDS:
+        typ = schema.get("type", "number")
+        bound = float(want) if typ == "number" else want
+        message = f"expected {_TYPE_NAMES.get(typ, typ)} {_BOUNDS[kind][0]} {bound}"
+        if path[-1:] == ("replicas",) and kind == "maximum":
             message += f" (a run has at most {MAX_PODS} pods)"
-        loc.at(path, f"{message}, got {_shown(value)}")
+        yield path, f"{message}, got {_shown(value)}", False
+    elif kind == "minItems":
+        yield path, f"needs at least {want} entr{'y' if want == 1 else 'ies'}", False
+    else:  # a keyword the spec's schema does not use (yet)
+        yield path, error.message, False
+
+
+def _wrong_type(error: Any) -> bool:
+    """Whether `error` says its schema is for another type of value than the one given."""
+    return bool(error.validator == "type" and not error.relative_path)
+
+
+def _branch(errors: list[Any]) -> list[Any] | None:
+    """The errors of the first union member for the value's type (a list for a list...): the
+    ones to report. None if no member is for that type."""
+    branches: dict[Any, list[Any]] = {}
+    for e in errors:
+        branches.setdefault(e.relative_schema_path[0], []).append(e)
+    fitting = (b for b in branches.values() if not any(map(_wrong_type, b)))
+    return next(fitting, None)
+
+
+def _expected(types: list[str], value: Any) -> str:
+    types = sorted(set(types) - {"null"} or types, key=list(_TYPE_NAMES).index)
+    if types in (["object"], ["array"]):
+        shape = "a mapping" if types == ["object"] else "a list"
+        return f"expected {shape}, got {_type_name(value)}"
+    return f"expected {' | '.join(_TYPE_NAMES[t] for t in types)}, got {_shown(value)}"
+
+
+def _unknown_key(name: str, known: list[str]) -> str:
+    # a hint for a typo, not for a novel (difflib is quadratic in the key's length)
+    hint = [] if len(name) > 40 else difflib.get_close_matches(name, known, n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f"unknown key {_shown(name)}{suggestion}; known keys: {', '.join(known)}"
 
 
 # --- cross-field checks ------------------------------------------------------------------
@@ -478,11 +499,11 @@ def _parse(text: str, source: str, runtime: str | None, base_dir: Path | None) -
     chosen = runtime or (declared if declared in ("local", "kubernetes") else None) or "local"
     spec: Spec | None = None
     with contextlib.suppress(_TooMany):
-        try:  # fast, and enough for a valid spec; the walk finds (and places) every error
+        try:  # fast, and enough for a valid spec; the schema finds (and places) every error
             spec = msgspec.convert(data, Spec)
         except msgspec.ValidationError as exc:
-            _check(data, Spec, (), loc)
-            if not loc.found:  # the walk should find what msgspec found; never hide it
+            _check_schema(data, loc)
+            if not loc.found:  # the schema should find what msgspec found; never hide it
                 loc.add(1, 1, f"invalid spec: {exc}")
         _check_semantics(data, loc, chosen)
     if loc.found or spec is None:
@@ -533,17 +554,6 @@ def load(path: str | Path, *, runtime: str | None = None) -> Experiment:
 def json_schema() -> dict[str, Any]:
     """The spec's JSON Schema, for editors (`tricks-nats schema`)."""
     return msgspec.json.schema(Spec)
-
-
-def conditions(exp: Experiment) -> list[tuple[Tag, str, Condition]]:
-    """Every (tag, 'start'|'stop', condition) of the experiment."""
-    out = []
-    for t in exp.tags:
-        if t.start:
-            out.append((t, "start", t.start))
-        if t.stop:
-            out.append((t, "stop", t.stop))
-    return out
 
 
 __all__ = [
