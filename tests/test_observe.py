@@ -276,6 +276,7 @@ def test_live_view_shows_pods_by_state_and_condition_progress(tmp_path: Path) ->
 
     from rich.console import Console
 
+    from tricks_nats.entries import EventEntry, PodEntry
     from tricks_nats.liveview import LiveView
     from tricks_nats.spec import load
 
@@ -283,13 +284,10 @@ def test_live_view_shows_pods_by_state_and_condition_progress(tmp_path: Path) ->
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "server-5.log").write_text("starting\nboom: address in use\n")
     view.on_start("ring-1", tmp_path)
-    base = {"ts": 1.0, "experiment": "ring-1"}
     for i in range(6):
-        view.on_journal({**base, "kind": "pod", "tag": "server", "pod_id": i, "state": "running"})
-    view.on_journal(
-        {**base, "kind": "pod", "tag": "server", "pod_id": 5, "state": "failed", "exit_code": 1}
-    )
-    view.on_journal({**base, "kind": "event", "name": "server-connected", "count": 4})
+        view.on_journal(PodEntry(tag="server", pod_id=i, state="running"))
+    view.on_journal(PodEntry(tag="server", pod_id=5, state="failed", exit_code=1))
+    view.on_journal(EventEntry(name="server-connected", count=4))
     out = io.StringIO()
     Console(file=out, width=120, color_system=None).print(view.render())
     text = out.getvalue()

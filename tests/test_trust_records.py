@@ -22,6 +22,7 @@ import pytest
 from tricks_nats import bus as bus_module
 from tricks_nats import natsserver
 from tricks_nats.bus import Bus, Endpoint
+from tricks_nats.entries import Entry, EventEntry, PodEntry
 from tricks_nats.errors import RuntimeFailure
 from tricks_nats.records import PodSummary, RunRecords, Summary
 from tricks_nats.running import UpOptions, up
@@ -149,9 +150,9 @@ async def start_up(tmp_path: Path, spec_text: str, **kw: Any) -> tuple[asyncio.T
     running = asyncio.Event()
     seen: list[str] = []
 
-    def on_journal(entry: dict[str, Any]) -> None:
-        if entry["kind"] == "pod" and entry["state"] == "running":
-            seen.append(entry["tag"])
+    def on_journal(entry: Entry) -> None:
+        if isinstance(entry, PodEntry) and entry.state == "running":
+            seen.append(entry.tag)
             if len(seen) == 3:
                 running.set()
 
@@ -219,10 +220,10 @@ def fill(disk: Path) -> None:
 def test_the_summary_is_written_on_a_disk_that_filled_up(tmp_path) -> None:
     with tiny_disk(tmp_path / "disk") as disk:
         records = RunRecords.create(disk, "exp-1", "spec: text\n", pods=3)
-        records.journal("pod", tag="a", pod_id=0, state="running")
+        records.write(PodEntry(tag="a", pod_id=0, state="running"))
         fill(disk)
         for i in range(100):  # the journal cannot be written any more: counted, not raised
-            records.journal("event", name="e", count=i)
+            records.write(EventEntry(name="e", count=i))
         assert records.journal_lost > 0
         pods = [PodSummary(tag="a", pod_id=i, state="exited", exit_code=0) for i in range(3)]
         now = time.time()

@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
-
-import msgspec
 
 from tricks_nats import protocol as p
 from tricks_nats.bus import Bus
+from tricks_nats.entries import Entry, encode
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +20,10 @@ log = logging.getLogger(__name__)
 class JournalPublisher:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
-        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[Entry | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
-    def __call__(self, entry: dict[str, Any]) -> None:
+    def __call__(self, entry: Entry) -> None:
         self._queue.put_nowait(entry)
 
     def start(self) -> None:
@@ -33,9 +31,9 @@ class JournalPublisher:
 
     async def _run(self) -> None:
         while (entry := await self._queue.get()) is not None:
-            subject = p.journal_subject(self.bus.exp, str(entry.get("kind", "other")))
+            subject = p.journal_subject(self.bus.exp_id, entry.kind)
             try:
-                await self.bus.publish(subject, msgspec.json.encode(entry))
+                await self.bus.publish(subject, encode(entry))
             except Exception as exc:  # the journal file is the record; NATS is a view of it
                 log.debug("journal publish failed: %s", exc)
 

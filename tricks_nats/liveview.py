@@ -16,6 +16,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from tricks_nats.entries import Entry, EventEntry, PodEntry, VerdictEntry, WorkflowEntry
 from tricks_nats.spec import Experiment
 
 STATES = ("pending", "running", "done", "failed")
@@ -52,22 +53,18 @@ class LiveView:
     def on_start(self, experiment: str, run_dir: Path) -> None:
         self.experiment, self.run_dir = experiment, run_dir
 
-    def on_journal(self, entry: dict[str, Any]) -> None:
-        kind = entry.get("kind")
-        if kind == "pod":
-            key = (str(entry["tag"]), int(entry["pod_id"]))
-            state = str(entry["state"])
-            self.pods[key] = {"exited": "done", "stopped": "done"}.get(state, state)
-            if state == "failed":
-                self.failures.append(f"{key[0]}-{key[1]}")
-        elif kind == "event":
-            self.counts[str(entry["name"])] = int(entry["count"])
-        elif kind == "workflow":
-            (self.launched if entry.get("action") == "start" else self.stopping).add(
-                str(entry.get("tag"))
-            )
-        elif kind == "verdict":
-            self.verdict = str(entry.get("verdict"))
+    def on_journal(self, entry: Entry) -> None:
+        match entry:
+            case PodEntry(tag=tag, pod_id=pod_id, state=state):
+                self.pods[(tag, pod_id)] = {"exited": "done", "stopped": "done"}.get(state, state)
+                if state == "failed":
+                    self.failures.append(f"{tag}-{pod_id}")
+            case EventEntry(name=name, count=count):
+                self.counts[name] = count
+            case WorkflowEntry(tag=tag, action=action):
+                (self.launched if action == "start" else self.stopping).add(tag)
+            case VerdictEntry(verdict=verdict):
+                self.verdict = verdict
 
     def _waiting_for(self, tag: Any) -> str:
         parts = []

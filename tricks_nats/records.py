@@ -1,9 +1,7 @@
 """Run records: `runs/<experiment-id>/` with spec.yaml, journal.jsonl, logs/ and summary.json.
 
-The journal is one JSON object per line, the schema `watch --json` streams too:
-`ts` (Unix seconds), `experiment`, `kind` (pod | event | workflow | verdict) and per kind:
-pod: tag, pod_id, state, exit_code?; event: name, count, pod?; workflow: tag, action, condition;
-verdict: verdict, reason?.
+The journal is one JSON object per line, the schema `watch --json` streams too: its entries,
+their fields and their encoding are `tricks_nats.entries`.
 """
 
 from __future__ import annotations
@@ -14,9 +12,11 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import msgspec
+
+from tricks_nats.entries import Entry, EntryT, encode
+from tricks_nats.protocol import pod_name
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class RunRecords:
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self._journal = (root / "journal.jsonl").open("ab")
-        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        #: Called with every entry written (stamped), in order; one that raises is dropped.
+        self.listeners: list[Callable[[Entry], None]] = []
         #: Journal lines that could not be written.
         self.journal_lost = 0
 
@@ -81,13 +82,14 @@ class RunRecords:
         return records
 
     def log_path(self, tag: str, pod_id: int) -> Path:
-        return self.logs / f"{tag}-{pod_id}.log"
+        return self.logs / f"{pod_name(tag, pod_id)}.log"
 
-    def journal(self, kind: str, **fields: Any) -> dict[str, Any]:
-        entry = {"ts": round(time.time(), 6), "experiment": self.experiment, "kind": kind}
-        entry.update({k: v for k, v in fields.items() if v is not None})
+    def write(self, entry: EntryT) -> EntryT:
+        """Stamp the entry (`ts` now, `experiment`), append it to the journal, tell the
+        listeners; return it stamped."""
+        entry = msgspec.structs.replace(entry, ts=round(time.time(), 6), experiment=self.experiment)
         try:
-            self._journal.write(msgspec.json.encode(entry) + b"\n")
+            self._journal.write(encode(entry) + b"\n")
             self._journal.flush()
         except (OSError, ValueError) as exc:
             self.journal_lost += 1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import assert_never
+
+from tricks_nats.entries import Entry, EventEntry, PodEntry, VerdictEntry, WorkflowEntry
 
 _STATE_COLOURS = {
     "running": "green",
@@ -29,42 +31,48 @@ def _paint(text: str, colour: str | None, enabled: bool) -> str:
     return typer.style(text, fg=colour)
 
 
-def describe(entry: dict[str, Any], *, colour: bool = False) -> str:
-    ts = float(entry.get("ts", 0))
+def describe(entry: Entry, *, colour: bool = False) -> str:
+    ts = entry.ts
     stamp = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
-    kind = entry.get("kind")
-    if kind == "pod":
-        state = str(entry.get("state"))
-        extra = f" (exit {entry['exit_code']})" if entry.get("exit_code") is not None else ""
-        if entry.get("reason"):
-            extra += f": {entry['reason']}"
-        painted = _paint(state, _STATE_COLOURS.get(state), colour)
-        text = f"{entry.get('tag')}-{entry.get('pod_id')} {painted}{extra}"
-    elif kind == "event":
-        by = f" by {entry['pod']}" if entry.get("pod") else ""
-        text = f"event {_paint(str(entry.get('name')), 'cyan', colour)} = {entry.get('count')}{by}"
-    elif kind == "workflow":
-        c = entry.get("condition") or {}
-        action = "starting" if entry.get("action") == "start" else "stopping"
-        label = f"{action} {entry.get('tag')}"
-        text = f"{c.get('name')} {c.get('value')} -> {_paint(label, 'magenta', colour)}"
-    elif kind == "verdict":
-        verdict = str(entry.get("verdict"))
-        text = f"verdict {_paint(verdict, _VERDICT_COLOURS.get(verdict), colour)}"
-        if entry.get("reason"):
-            text += f": {entry['reason']}"
-    else:
-        text = str({k: v for k, v in entry.items() if k not in ("ts", "experiment")})
+    match entry:
+        case PodEntry():
+            extra = f" (exit {entry.exit_code})" if entry.exit_code is not None else ""
+            if entry.reason:
+                extra += f": {entry.reason}"
+            painted = _paint(entry.state, _STATE_COLOURS.get(entry.state), colour)
+            text = f"{entry.tag}-{entry.pod_id} {painted}{extra}"
+        case EventEntry():
+            by = f" by {entry.pod}" if entry.pod else ""
+            text = f"event {_paint(entry.name, 'cyan', colour)} = {entry.count}{by}"
+        case WorkflowEntry():
+            c = entry.condition
+            action = "starting" if entry.action == "start" else "stopping"
+            label = f"{action} {entry.tag}"
+            text = f"{c.name} {c.value} -> {_paint(label, 'magenta', colour)}"
+        case VerdictEntry():
+            text = f"verdict {_paint(entry.verdict, _VERDICT_COLOURS.get(entry.verdict), colour)}"
+            if entry.reason:
+                text += f": {entry.reason}"
+        case _:
+            assert_never(entry)
     return f"{stamp} {text}"
 
 
-def matches(entry: dict[str, Any], tags: list[str], kinds: list[str]) -> bool:
+def matches(entry: Entry, tags: list[str], kinds: list[str]) -> bool:
     """The `--tag` / `--kind` filters of `watch`."""
-    if kinds and entry.get("kind") not in kinds:
+    if kinds and entry.kind not in kinds:
         return False
-    if not tags or entry.get("kind") == "verdict":
+    if not tags:
         return True
-    if entry.get("tag") in tags:
-        return True
-    name, pod = str(entry.get("name", "")), str(entry.get("pod", ""))
-    return any(name in (f"{t}_start", f"{t}_stop") or pod.startswith(f"{t}-") for t in tags)
+    match entry:
+        case PodEntry() | WorkflowEntry():
+            return entry.tag in tags
+        case EventEntry():
+            pod = entry.pod or ""
+            return any(
+                entry.name in (f"{t}_start", f"{t}_stop") or pod.startswith(f"{t}-") for t in tags
+            )
+        case VerdictEntry():
+            return True
+        case _:
+            assert_never(entry)

@@ -7,12 +7,16 @@ in the optional extra `report`, imported only when a picture is asked for.
 
 from __future__ import annotations
 
-import json
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import msgspec
+
+from tricks_nats import entries
+from tricks_nats.entries import WorkflowEntry
 from tricks_nats.errors import UsageError
+from tricks_nats.records import PodSummary, Summary
 
 COLOURS = {
     "succeeded": "#2e9e44",
@@ -47,61 +51,55 @@ class Run:
     ended_at: float
     bars: list[Bar]
     markers: list[Marker]
-    summary: dict[str, Any]
+    summary: Summary
 
 
-def outcome_of(pod: dict[str, Any]) -> str:
-    if pod.get("started_at") is None:
+def outcome_of(pod: PodSummary) -> str:
+    if pod.started_at is None:
         return "never started"
-    if pod.get("stopped_by_workflow"):
+    if pod.stopped_by_workflow:
         return "stopped by workflow"
-    return "succeeded" if pod.get("exit_code") == 0 else "failed"
+    return "succeeded" if pod.exit_code == 0 else "failed"
 
 
 def load_run(run_dir: Path) -> Run:
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        summary = msgspec.json.decode((run_dir / "summary.json").read_bytes(), type=Summary)
+    except (OSError, msgspec.DecodeError) as exc:
         raise UsageError(f"{run_dir}: no readable summary.json (is this a run directory?)") from exc
-    t0 = float(summary["started_at"])
-    end = float(summary["ended_at"])
+    t0, end = summary.started_at, summary.ended_at
     bars = []
-    for pod in summary["pods"]:
-        start = pod.get("started_at")
-        stop = pod.get("stopped_at") or end
+    for pod in summary.pods:
+        start, stop = pod.started_at, pod.stopped_at or end
         bars.append(
             Bar(
-                pod=f"{pod['tag']}-{pod['pod_id']}",
-                tag=pod["tag"],
-                start=(float(start) - t0) if start is not None else 0.0,
-                stop=(float(stop) - t0) if start is not None else 0.0,
+                pod=f"{pod.tag}-{pod.pod_id}",
+                tag=pod.tag,
+                start=(start - t0) if start is not None else 0.0,
+                stop=(stop - t0) if start is not None else 0.0,
                 outcome=outcome_of(pod),
             )
         )
     markers = []
-    journal = run_dir / "journal.jsonl"
-    if journal.exists():
-        for line in journal.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if entry.get("kind") == "workflow":
-                c = entry.get("condition", {})
-                markers.append(
-                    Marker(
-                        at=float(entry["ts"]) - t0,
-                        label=f"{c.get('name')} {c.get('value')} -> "
-                        f"{entry.get('action')} {entry.get('tag')}",
-                    )
+    journal: list[entries.Entry] = []
+    with contextlib.suppress(OSError):  # no journal: a timeline without its markers
+        journal = entries.read(run_dir / "journal.jsonl")
+    for entry in journal:
+        if isinstance(entry, WorkflowEntry):
+            c = entry.condition
+            markers.append(
+                Marker(
+                    at=entry.ts - t0,
+                    label=f"{c.name} {c.value} -> {entry.action} {entry.tag}",
                 )
-    return Run(summary["experiment"], summary["verdict"], t0, end, bars, markers, summary)
+            )
+    return Run(summary.experiment, summary.verdict, t0, end, bars, markers, summary)
 
 
 def text_summary(run: Run) -> str:
     lines = [f"{run.experiment}: {run.verdict} in {run.ended_at - run.started_at:.2f}s"]
-    if run.summary.get("reason"):
-        lines.append(f"  reason: {run.summary['reason']}")
+    if run.summary.reason:
+        lines.append(f"  reason: {run.summary.reason}")
     for tag in dict.fromkeys(b.tag for b in run.bars):
         bars = [b for b in run.bars if b.tag == tag]
         outcomes: dict[str, int] = {}
@@ -115,7 +113,7 @@ def text_summary(run: Run) -> str:
         )
         shown = ", ".join(f"{n} {o}" for o, n in outcomes.items())
         lines.append(f"  {tag}: {len(bars)} pods ({shown}), {span}")
-    events = run.summary.get("events", {})
+    events = run.summary.events
     if events:
         lines.append("  events: " + ", ".join(f"{k}={v}" for k, v in sorted(events.items())))
     for m in run.markers:
