@@ -79,14 +79,14 @@ async def baseline(n: int, command: list[str] | str) -> float:
     from tricks_nats import env as E
     from tricks_nats import protocol as p
     from tricks_nats.bus import Bus, Endpoint
-    from tricks_nats.counting import CountWatcher
+    from tricks_nats.counting import CountKeeper
     from tricks_nats.natsserver import EmbeddedServer
     from tricks_nats.registrar import Registrar
 
     async with EmbeddedServer() as server:
         exp = p.new_experiment_id("bench-baseline")
         bus = await Bus.open(Endpoint(server.url), exp, name="bench-baseline")
-        watcher = CountWatcher(bus, lambda _e, _v, _pod: None)
+        watcher = CountKeeper(bus, lambda _e, _v, _pod: None)
         procs: list[asyncio.subprocess.Process] = []
         try:
             await bus.create_buckets()

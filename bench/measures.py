@@ -143,7 +143,7 @@ class NatsCtx:
     server: Any  # EmbeddedServer
     bus: Any  # Bus, the coordinator's
     exp: str
-    watcher: Any  # CountWatcher, the coordinator's
+    watcher: Any  # CountKeeper, the coordinator's
     rosters: Any  # Rosters, the coordinator's
 
     @property
@@ -174,14 +174,14 @@ async def nats_experiment() -> AsyncIterator[NatsCtx]:
     buckets, the count watcher, the registrar answering the pods, the rosters."""
     from tricks_nats import protocol as p
     from tricks_nats.bus import Bus, Endpoint
-    from tricks_nats.counting import CountWatcher
+    from tricks_nats.counting import CountKeeper
     from tricks_nats.natsserver import EmbeddedServer
     from tricks_nats.registrar import Registrar, Rosters
 
     async with EmbeddedServer(monitor=True) as server:
         exp = p.new_experiment_id("bench")
         bus = await Bus.open(Endpoint(server.url), exp, name="bench-coordinator")
-        watcher = CountWatcher(bus, lambda _e, _v, _pod: None)
+        watcher = CountKeeper(bus, lambda _e, _v, _pod: None)
         try:
             await bus.create_buckets()
             await watcher.start()

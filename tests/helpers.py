@@ -15,8 +15,8 @@ import pytest
 
 from tricks_nats import protocol as p
 from tricks_nats.bus import Bus, Endpoint
-from tricks_nats.coordinator import Coordinator, Outcome, PodEndpoint
-from tricks_nats.counting import CountWatcher
+from tricks_nats.coordinator import Coordinator, Outcome
+from tricks_nats.counting import CountKeeper
 from tricks_nats.driver import Config, Driver
 from tricks_nats.natsserver import EmbeddedServer
 from tricks_nats.records import RunRecords
@@ -29,7 +29,7 @@ from tricks_nats.spec import parse
 class Experiment:
     exp: str
     bus: Bus
-    watcher: CountWatcher
+    watcher: CountKeeper
     url: str
     rosters: Rosters
     changes: list[tuple[str, int, str | None]] = field(default_factory=list)
@@ -56,7 +56,7 @@ async def experiment(server: EmbeddedServer, name: str = "test") -> AsyncIterato
     exp = p.new_experiment_id(name)
     bus = await Bus.open(Endpoint(server.url), exp, name="test-coordinator")
     changes: list[tuple[str, int, str | None]] = []
-    watcher = CountWatcher(bus, lambda e, v, pod: changes.append((e, v, pod)))
+    watcher = CountKeeper(bus, lambda e, v, pod: changes.append((e, v, pod)))
     try:
         await bus.create_buckets()
         await watcher.start()
@@ -123,8 +123,7 @@ async def make_run(
         rec = RunRecords.create(tmp_path, exp_id, spec)
         records.append(rec)
         runtime = FakeRuntime(programs, refuse=kw.pop("refuse", ()))
-        pods = PodEndpoint(Endpoint(nats_server.url), nats_server.host, nats_server.port)
-        coord = Coordinator(exp, exp_id, bus, runtime, rec, pods, **kw)
+        coord = Coordinator(exp, exp_id, bus, runtime, rec, Endpoint(nats_server.url), **kw)
         return Run(coord, runtime, rec)
 
     yield make

@@ -244,12 +244,12 @@ async def test_pod_permissions_reach_only_their_experiment(tmp_path) -> None:
             for e in (exp_a, exp_b)
         ]
         try:
-            from tricks_nats.counting import CountWatcher
+            from tricks_nats.counting import CountKeeper
             from tricks_nats.registrar import Registrar
 
             for b in buses:
                 await b.create_buckets()
-                await Registrar(b, CountWatcher(b, lambda *_: None)).start()
+                await Registrar(b, CountKeeper(b, lambda *_: None)).start()
             own = Config(
                 tag="t",
                 replicas=1,

@@ -23,11 +23,13 @@ import yaml
 
 from tricks_nats import env as E
 from tricks_nats.driver import Config, Driver
+from tricks_nats.entries import Entry, PodEntry
 from tricks_nats.errors import UsageError
 from tricks_nats.natsserver import EmbeddedServer
 from tricks_nats.running import UpOptions, up
 from tricks_nats.runtimes import PodEvent, PodPlan
 from tricks_nats.runtimes import kube_objects as ko
+from tricks_nats.runtimes.kube_options import KubeOptions
 from tricks_nats.runtimes.kubernetes import KubernetesRuntime
 from tricks_nats.spec import parse
 
@@ -492,16 +494,20 @@ async def _client(ctx: PodContext) -> int:
 
 
 def _options(tmp_path: Path, kubecfg: Path, server: EmbeddedServer, **more: Any) -> UpOptions:
+    kube: dict[str, Any] = {
+        "kubeconfig": str(kubecfg),
+        "context": "emulator",
+        "namespace": NS,
+        "pod_nats_url": server.url,
+        "concurrency": 3,
+    }
+    kube.update({k: more.pop(k) for k in list(more) if k in KubeOptions.__dataclass_fields__})
     return UpOptions(
         runs_dir=tmp_path / "runs",
         nats_url=server.url,
-        pod_nats_url=server.url,
         runtime="kubernetes",
         grace=1.0,
-        kubeconfig=str(kubecfg),
-        context="emulator",
-        namespace=NS,
-        concurrency=3,
+        runtime_options={"kubernetes": KubeOptions(**kube)},
         **more,
     )
 
@@ -648,9 +654,9 @@ async def test_ctrl_c_deletes_every_pod(
 ) -> None:
     running = 0
 
-    def on_journal(entry: dict[str, Any]) -> None:
+    def on_journal(entry: Entry) -> None:
         nonlocal running
-        if entry["kind"] == "pod" and entry.get("state") == "running":
+        if isinstance(entry, PodEntry) and entry.state == "running":
             running += 1
             if running == 3:  # every server runs; clients wait for an event nobody sends
                 os.kill(os.getpid(), signal.SIGINT)
@@ -666,11 +672,10 @@ async def test_a_bad_context_is_bad_input(
     cluster: Cluster, kubecfg: Path, nats_server: EmbeddedServer, tmp_path: Path
 ) -> None:
     exp = parse(SPEC, "kring.yaml", runtime="kubernetes")
-    opts = _options(tmp_path, kubecfg, nats_server)
-    opts.context = "nope"
+    opts = _options(tmp_path, kubecfg, nats_server, context="nope")
     with pytest.raises(UsageError, match=r"context 'nope' not found .*known: emulator, dead"):
         await up(exp, opts)
-    opts.context = None  # the current context points at a closed port
+    opts = _options(tmp_path, kubecfg, nats_server, context=None)  # current: a closed port
     with pytest.raises(UsageError, match=r"cannot use the Kubernetes cluster: .*cannot reach"):
         await up(exp, opts)
     assert not [r for r in cluster if r.action == kmock.action.CREATE]

@@ -28,7 +28,7 @@ import pytest
 from tricks_nats import env as E
 from tricks_nats import protocol as p
 from tricks_nats.bus import Bus, Endpoint
-from tricks_nats.counting import CountWatcher
+from tricks_nats.counting import CountKeeper
 from tricks_nats.driver import Config, Driver, SyncDriver
 from tricks_nats.errors import (
     ConfigError,
@@ -133,7 +133,7 @@ async def coordinator(endpoint: Endpoint, exp: str, *, create: bool) -> AsyncIte
     """The coordinator's NATS side of experiment `exp`: count watcher and registrar (and with
     `create`, its buckets; a restarted server keeps them in its store)."""
     bus = await Bus.open(endpoint, exp, name="test-coordinator")
-    watcher = CountWatcher(bus, lambda *_: None)
+    watcher = CountKeeper(bus, lambda *_: None)
     try:
         if create:
             await bus.create_buckets()
@@ -377,8 +377,12 @@ async def test_the_shell_reports_a_permissions_violation_at_once_with_exit_1(
     async with two_experiments(tmp_path) as (server, pod_a, bus_a, bus_b):
         creds = {"user": pod_a.name, "password": pod_a.password}
         # The credentials are good: with their own experiment they work.
-        assert await shell(pod_env(bus_a.exp, server.url, **creds), "event", "x") == (0, "1\n", "")
-        wrong = pod_env(bus_b.exp, server.url, **creds)
+        assert await shell(pod_env(bus_a.exp_id, server.url, **creds), "event", "x") == (
+            0,
+            "1\n",
+            "",
+        )
+        wrong = pod_env(bus_b.exp_id, server.url, **creds)
         for args in (("discover", "server", "--timeout", "60"), ("event", "x")):
             code, out, err = await shell(wrong, *args)
             assert (code, out) == (1, ""), (args, err)
@@ -391,7 +395,7 @@ async def test_the_shell_reports_a_permissions_violation_at_once_with_exit_1(
 async def test_the_python_driver_raises_permission_denied_for_every_call(tmp_path: Path) -> None:
     async with two_experiments(tmp_path) as (server, pod_a, bus_a, bus_b):
         creds = {"user": pod_a.name, "password": pod_a.password}
-        async with Driver(pod_config(bus_a.exp, server.url, **creds)) as own:
+        async with Driver(pod_config(bus_a.exp_id, server.url, **creds)) as own:
             assert await own.register_event("x") == 1
         calls: list[tuple[str, Callable[[Driver], Any]]] = [
             ("register_event", lambda d: d.register_event("x")),
@@ -400,12 +404,12 @@ async def test_the_python_driver_raises_permission_denied_for_every_call(tmp_pat
             ("discover", lambda d: d.discover("server")),
             ("discover n", lambda d: d.discover("server", 2, timeout=60)),
         ]
-        async with Driver(pod_config(bus_b.exp, server.url, **creds)) as d:
+        async with Driver(pod_config(bus_b.exp_id, server.url, **creds)) as d:
             together = {what: await raised(call(d)) for what, call in calls}
         # ... and each call on a connection of its own, where it is the first violation.
         alone = {}
         for what, call in calls:
-            async with Driver(pod_config(bus_b.exp, server.url, **creds)) as fresh:
+            async with Driver(pod_config(bus_b.exp_id, server.url, **creds)) as fresh:
                 alone[what] = await raised(call(fresh))
         for got in (together, alone):
             assert {what: type(exc).__name__ for what, exc in got.items()} == {

@@ -259,7 +259,11 @@ async def test_a_shared_server_is_named_not_isolated_and_left_clean(tmp_path) ->
             names = [s.config.name for s in await bus.js.streams_info()]
         finally:
             await bus.close()
-        kept = sorted(d.name for d in (tmp_path / "runs").iterdir())
+        runs = [
+            (json.loads((d / "summary.json").read_text()), d.name)
+            for d in (tmp_path / "runs").iterdir()
+        ]
+        kept = [name for _, name in sorted(runs, key=lambda r: r[0]["started_at"])]  # run order
         assert len(kept) == 2
         # The first run's streams are gone, the second's (--keep) are still there.
         assert not any(kept[0] in (n or "") for n in names), names

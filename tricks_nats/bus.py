@@ -11,7 +11,8 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -20,11 +21,20 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.kv import KeyValue
 
 from tricks_nats import protocol as p
+from tricks_nats.endpoint import Endpoint as Endpoint  # re-exported: the bus's address
+from tricks_nats.endpoint import Secret
 from tricks_nats.errors import NatsUnavailable, PermissionDenied, TricksError, WaitTimeout
+from tricks_nats.tasks import Tasks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,15 +45,6 @@ RECOVERY_S = 20.0
 #: How long a request waits in all while NATS answers but the coordinator has not yet (a
 #: registration while hundreds of pods start on a small machine).
 PATIENCE_S = 300.0
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where NATS is and how to log in; `url` never carries the password."""
-
-    url: str
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
 
 
 async def connect(
@@ -90,7 +91,7 @@ async def connect(
         options["reconnected_cb"] = on_reconnect
     if endpoint.user:
         options["user"] = endpoint.user
-        options["password"] = _Secret(endpoint.password or "")  # kept in nc.options
+        options["password"] = Secret(endpoint.password or "")  # kept in nc.options
     if exp:
         options["inbox_prefix"] = p.inbox_prefix(exp)
     loop = asyncio.get_running_loop()
@@ -112,17 +113,6 @@ async def connect(
     return nc
 
 
-class _Secret(str):
-    """A password that does not show itself in a repr (nats-py keeps its options)."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-    __str__ = __repr__
-
-
 def _reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     if "authorization" in text.lower():
@@ -133,23 +123,23 @@ def _reason(exc: BaseException) -> str:
 class Bus:
     """One experiment's state in NATS: its counts, its rosters, its notifications."""
 
-    def __init__(self, nc: Client, exp: str, errors: list[BaseException] | None = None) -> None:
+    def __init__(self, nc: Client, exp_id: str, errors: list[BaseException] | None = None) -> None:
         self.nc = nc
-        self.exp = exp
+        self.exp_id = exp_id
         self.js = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
         self._pods: KeyValue | None = None
         #: Asynchronous errors the server sent this connection (e.g. permission violations).
         self.errors = errors if errors is not None else []
         #: Called (as tasks) after a reconnect: what a server restart may have lost is redone.
-        self.reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
-        self._hook_tasks: set[asyncio.Task[None]] = set()
+        self._reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
+        #: Reconnect hooks running, and requests being answered (`serve`).
+        self._tasks = Tasks()
         #: Set when NATS is known to be gone for good: every call then fails at once.
         self.gone: str | None = None
         #: Requests in flight by subject (lowercased, as the server's errors name it), so a
         #: permissions violation fails its request at once instead of after the retries.
         self._in_flight: dict[str, set[asyncio.Task[Any]]] = {}
         self._denied: dict[asyncio.Task[Any], str] = {}
-        self._serving: set[asyncio.Task[None]] = set()
         #: Notifications waited for: a close ends those waits with an error.
         self._arrivals: set[asyncio.Future[Msg | None]] = set()
         #: Requests waiting for an answer, by the last token of their reply subject.
@@ -157,7 +147,18 @@ class Bus:
         self._reply_sub: tuple[str, Any] | None = None
 
     @classmethod
-    async def open(cls, endpoint: Endpoint, exp: str, *, name: str, budget: float = 1.5) -> Bus:
+    async def open(
+        cls,
+        endpoint: Endpoint,
+        exp: str,
+        *,
+        name: str,
+        budget: float = 1.5,
+        keep_reconnecting: bool = True,
+        on_closed: Callable[[], Awaitable[None]] | None = None,
+    ) -> Bus:
+        """Connect for one experiment (`budget`: seconds to keep trying; an observer that
+        must not wait for a server that went away passes 0 and keep_reconnecting=False)."""
         errors: list[BaseException] = []
         holder: list[Bus] = []
 
@@ -175,7 +176,9 @@ class Bus:
             exp=exp,
             errors=errors,
             budget=budget,
+            keep_reconnecting=keep_reconnecting,
             on_error=on_error,
+            on_closed=on_closed,
             on_reconnect=reconnected,
         )
         bus = cls(nc, exp, errors)
@@ -184,20 +187,18 @@ class Bus:
 
     def after_reconnect(self) -> None:
         log.info("reconnected to NATS; catching up")
-        for hook in list(self.reconnect_hooks):
-            task = asyncio.create_task(self._run_hook(hook))
-            self._hook_tasks.add(task)
-            task.add_done_callback(self._hook_tasks.discard)
+        for hook in list(self._reconnect_hooks):
+            self._tasks.spawn(self._run_hook(hook))
 
     @contextlib.contextmanager
     def on_reconnect(self, hook: Callable[[], Awaitable[None]]) -> Iterator[None]:
         """Run `hook` after every reconnect while the block lasts."""
-        self.reconnect_hooks.append(hook)
+        self._reconnect_hooks.append(hook)
         try:
             yield
         finally:
             with contextlib.suppress(ValueError):  # close() may have cleared the list
-                self.reconnect_hooks.remove(hook)
+                self._reconnect_hooks.remove(hook)
 
     @staticmethod
     async def _run_hook(hook: Callable[[], Awaitable[None]]) -> None:
@@ -214,14 +215,11 @@ class Bus:
 
     async def close(self) -> None:
         """Close the connection; errors on the way out (a dead server) are logged, not raised."""
-        self.reconnect_hooks.clear()
+        self._reconnect_hooks.clear()
         for arrival in self._arrivals:
             if not arrival.done():
                 arrival.set_exception(TricksError("the driver was closed while waiting"))
-        tasks = [*self._hook_tasks, *self._serving]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.cancel()
         try:
             if self.gone is None and self.nc.is_connected:
                 await asyncio.wait_for(self.nc.drain(), PUBLISH_TIMEOUT_S)
@@ -266,17 +264,33 @@ class Bus:
                     log.warning("request on %r not answered: %s", msg.subject, exc)
 
         async def on_msg(msg: Msg) -> None:
-            task = asyncio.create_task(answer(msg))
-            self._serving.add(task)
-            task.add_done_callback(self._serving.discard)
+            self._tasks.spawn(answer(msg))
 
         await self.nc.subscribe(subject, cb=on_msg)
+
+    # -- streams ----------------------------------------------------------------------------
+
+    async def follow(
+        self,
+        subject: str,
+        handler: Callable[[StreamMsg], Awaitable[None]],
+        *,
+        new_only: bool = False,
+        resume: bool = True,
+    ) -> Follower:
+        """Every message of the stream that holds `subject`, in order, once each (an ordered
+        consumer), from the first (or, with `new_only`, from now on). With `resume`, a
+        reconnect follows the stream again from the first message not yet handled (the
+        server may have restarted and lost the consumer)."""
+        follower = Follower(self, subject, handler, resume=resume)
+        await follower.start(new_only)
+        return follower
 
     # -- buckets (coordinator) ------------------------------------------------------------
 
     async def create_buckets(self) -> None:
         """Create this experiment's streams and buckets on file storage; idempotent."""
-        counts = p.counts_bucket(self.exp)
+        counts = p.counts_bucket(self.exp_id)
         try:
             await self.js.add_stream(
                 StreamConfig(
@@ -291,7 +305,7 @@ class Bus:
             )
             self._pods = await self.js.create_key_value(
                 KeyValueConfig(
-                    bucket=p.pods_bucket(self.exp),
+                    bucket=p.pods_bucket(self.exp_id),
                     history=1,
                     storage=StorageType.FILE,
                     direct=True,
@@ -299,8 +313,8 @@ class Bus:
             )
             await self.js.add_stream(
                 StreamConfig(
-                    name=p.journal_stream(self.exp),
-                    subjects=[p.journal_subject(self.exp)],
+                    name=p.journal_stream(self.exp_id),
+                    subjects=[p.journal_subject(self.exp_id)],
                     storage=StorageType.FILE,
                     max_msg_size=64 * 1024,
                 )
@@ -310,9 +324,9 @@ class Bus:
 
     async def delete_buckets(self) -> None:
         streams = [
-            p.stream_of(p.counts_bucket(self.exp)),
-            p.stream_of(p.pods_bucket(self.exp)),
-            p.journal_stream(self.exp),
+            p.stream_of(p.counts_bucket(self.exp_id)),
+            p.stream_of(p.pods_bucket(self.exp_id)),
+            p.journal_stream(self.exp_id),
         ]
         for stream in streams:
             try:
@@ -326,8 +340,8 @@ class Bus:
         """A pod's registration: ask the coordinator to add one to `event` (exactly once
         however often this request is retried: it keeps `msg_id`). Returns the count right
         after it."""
-        _check_event(event)
-        subject = p.event_subject(self.exp, event)
+        p.check_name(event)
+        subject = p.event_subject(self.exp_id, event)
         headers = _headers(msg_id, pod)
         reply = await self._request(subject, b"", f"register event {event!r}", headers)
         try:
@@ -347,9 +361,9 @@ class Bus:
         """The coordinator's write: add exactly one to `event` in the counts stream (a retried
         publish with the same `msg_id` counts once). Returns the count right after it (from
         the ack, or for a duplicate, read back from the original message)."""
-        _check_event(event)
+        p.check_name(event)
         headers = {p.INCR_HEADER: "1", **_headers(msg_id or f"c.{secrets.token_hex(12)}", pod)}
-        subject = p.count_subject(self.exp, event)
+        subject = p.count_subject(self.exp_id, event)
         reply = await self._request(subject, b"", f"count event {event!r}", headers)
         try:
             ack = msgspec.json.decode(reply.data, type=p.PubAckOrError)
@@ -442,7 +456,7 @@ class Bus:
     def _denial(self, subject: str) -> PermissionDenied:
         return PermissionDenied(
             f"NATS refused {subject!r}: these credentials do not reach "
-            f"experiment {self.exp!r} (permissions violation)"
+            f"experiment {self.exp_id!r} (permissions violation)"
         )
 
     async def ride_out(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -476,7 +490,7 @@ class Bus:
                 there = await self._experiment_there()
                 if there is False:
                     raise TricksError(
-                        f"experiment {self.exp!r} is not running on this NATS (no counts bucket)"
+                        f"experiment {self.exp_id!r} is not running on this NATS (no counts bucket)"
                     ) from last
                 if there:  # NATS answers: only the coordinator is slow; keep waiting for it
                     deadline = min(first + PATIENCE_S, max(deadline, loop.time() + RECOVERY_S))
@@ -489,7 +503,7 @@ class Bus:
     async def _experiment_there(self) -> bool | None:
         """Whether JetStream has this experiment's counts: True, False (it answered 404), or
         None when it does not answer (a restart in progress)."""
-        stream = p.stream_of(p.counts_bucket(self.exp))
+        stream = p.stream_of(p.counts_bucket(self.exp_id))
         try:
             reply = await self.nc.request(
                 f"$JS.API.STREAM.INFO.{stream}", b"", timeout=PUBLISH_TIMEOUT_S
@@ -513,7 +527,7 @@ class Bus:
 
     async def _value_at(self, seq: int, event: str) -> int:
         """The total right after the message at `seq` (the original of a duplicate publish)."""
-        stream = p.stream_of(p.counts_bucket(self.exp))
+        stream = p.stream_of(p.counts_bucket(self.exp_id))
         reply = await self._request(
             f"$JS.API.DIRECT.GET.{stream}",
             msgspec.json.encode({"seq": seq}),
@@ -528,8 +542,8 @@ class Bus:
 
     async def count(self, event: str) -> int:
         """The current count of `event` (0 when never registered)."""
-        stream = p.stream_of(p.counts_bucket(self.exp))
-        subject = f"$JS.API.DIRECT.GET.{stream}.{p.count_subject(self.exp, event)}"
+        stream = p.stream_of(p.counts_bucket(self.exp_id))
+        subject = f"$JS.API.DIRECT.GET.{stream}.{p.count_subject(self.exp_id, event)}"
         reply = await self._request(subject, b"", f"read event {event!r}")
         if _not_found(reply):
             return 0
@@ -571,7 +585,7 @@ class Bus:
     async def _wait_notified(self, event: str, value: int) -> int:
         """One subscription: the count once it is >= value, or as read after a notification."""
         arrived: asyncio.Future[Msg | None] = asyncio.get_running_loop().create_future()
-        sub = await self.nc.subscribe(p.reached_subject(self.exp, event, value), future=arrived)
+        sub = await self.nc.subscribe(p.reached_subject(self.exp_id, event, value), future=arrived)
         self._arrivals.add(arrived)
 
         async def recheck() -> None:  # a notification sent while we were away is lost
@@ -607,14 +621,14 @@ class Bus:
 
     async def pods(self) -> KeyValue:
         if self._pods is None:
-            bucket = p.pods_bucket(self.exp)
+            bucket = p.pods_bucket(self.exp_id)
             try:
                 self._pods = await self.ride_out(
                     "open the pods bucket", lambda: self.js.key_value(bucket)
                 )
             except nats.js.errors.NotFoundError as exc:
                 raise TricksError(
-                    f"experiment {self.exp!r} is not running on this NATS (no pods bucket)"
+                    f"experiment {self.exp_id!r} is not running on this NATS (no pods bucket)"
                 ) from exc
             except (nats.errors.Error, nats.js.errors.Error) as exc:
                 raise _unavailable("open the pods bucket", exc) from exc
@@ -628,8 +642,8 @@ class Bus:
 
     async def roster(self, tag: str) -> list[p.PodRecord]:
         """The running pods of `tag` now: one direct get, no consumer."""
-        stream = p.stream_of(p.pods_bucket(self.exp))
-        subject = f"$JS.API.DIRECT.GET.{stream}.{p.roster_subject(self.exp, tag)}"
+        stream = p.stream_of(p.pods_bucket(self.exp_id))
+        subject = f"$JS.API.DIRECT.GET.{stream}.{p.roster_subject(self.exp_id, tag)}"
         reply = await self._request(subject, b"", f"discover {tag!r}")
         if _not_found(reply) or not reply.data:
             return []
@@ -669,13 +683,133 @@ class Bus:
             ) from exc
 
 
+@dataclass(frozen=True)
+class StreamMsg:
+    """One stored message, as `Bus.follow` hands it over."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    #: Its sequence number in the stream (0 if the server did not say).
+    seq: int
+
+
+class Follower:
+    """An ordered consumer of one stream that can pick up where it was (see Bus.follow)."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        subject: str,
+        handler: Callable[[StreamMsg], Awaitable[None]],
+        *,
+        resume: bool,
+    ) -> None:
+        self.bus = bus
+        self.subject = subject
+        self.handler = handler
+        self.resume = resume
+        #: The stream sequence of the last message handed over.
+        self.last_seq = 0
+        self._sub: Any = None
+
+    async def start(self, new_only: bool) -> None:
+        await self._subscribe(DeliverPolicy.NEW if new_only else DeliverPolicy.ALL, None)
+        if self.resume:
+            self.bus._reconnect_hooks.append(self._resubscribe)
+
+    async def _subscribe(self, policy: DeliverPolicy, from_seq: int | None) -> None:
+        config = ConsumerConfig(deliver_policy=policy)
+        if from_seq is not None:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq
+            )
+        self._sub = await self.bus.js.subscribe(
+            self.subject, ordered_consumer=True, cb=self._on_msg, config=config, idle_heartbeat=2.0
+        )
+
+    async def _on_msg(self, msg: Msg) -> None:
+        seq = 0
+        with contextlib.suppress(Exception):  # a message without JetStream metadata
+            seq = msg.metadata.sequence.stream
+        self.last_seq = max(self.last_seq, seq)
+        await self.handler(StreamMsg(msg.subject, msg.data, dict(msg.headers or {}), seq))
+
+    async def _resubscribe(self) -> None:
+        old, self._sub = self._sub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        await self.bus.ride_out(
+            f"follow {self.subject!r} again",
+            lambda: self._subscribe(DeliverPolicy.ALL, self.last_seq + 1),
+        )
+
+    async def stop(self) -> None:
+        """Stop following; errors on the way (a dead server) are logged, not raised."""
+        with contextlib.suppress(ValueError):  # close() may have cleared the hooks
+            self.bus._reconnect_hooks.remove(self._resubscribe)
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # closing anyway; nothing to recover
+                log.debug("unsubscribing from %r: %s", self.subject, exc)
+
+
+@dataclass(frozen=True)
+class ExperimentState:
+    """What a server holds of one experiment (`tricks-nats status`)."""
+
+    experiment: str
+    #: When its streams were created (Unix seconds), if the server said.
+    created: float | None
+    counts: dict[str, int]
+    #: Its last `verdict` journal entry, as stored, if it has one.
+    verdict_entry: bytes | None
+
+
+async def survey(endpoint: Endpoint, only: str | None = None) -> list[ExperimentState]:
+    """Every experiment the server at `endpoint` holds (or only `only`): one connection, one
+    stream listing, then each experiment's counts and last verdict entry."""
+    nc = await connect(endpoint, name="tricks-status", exp=only, budget=0)
+    try:
+        js = nc.jetstream()
+        found = []
+        for info in await js.streams_info():
+            exp = p.experiment_of_stream(info.config.name or "")
+            if exp is None or (only and exp != only):
+                continue
+            found.append(await _state_of(Bus(nc, exp), info.created))
+        return found
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+async def _state_of(bus: Bus, created: Any) -> ExperimentState:
+    counts: dict[str, int] = {}
+    prefix = f"$KV.{p.counts_bucket(bus.exp_id)}."
+    with contextlib.suppress(nats.js.errors.Error):
+        stream = p.stream_of(p.counts_bucket(bus.exp_id))
+        detail = await bus.js.stream_info(stream, subjects_filter=">")
+        for subject in detail.state.subjects or {}:
+            if subject.startswith(prefix):
+                counts[subject[len(prefix) :]] = await bus.count(subject[len(prefix) :])
+    verdict = None
+    with contextlib.suppress(Exception):
+        journal = p.journal_stream(bus.exp_id)
+        last = await bus.js.get_last_msg(journal, p.journal_subject(bus.exp_id, "verdict"))
+        verdict = last.data
+    when = None
+    if created:
+        with contextlib.suppress(ValueError, TypeError):
+            when = datetime.fromisoformat(str(created)).timestamp()
+    return ExperimentState(bus.exp_id, when, counts, verdict)
+
+
 def _headers(msg_id: str, pod: str | None) -> dict[str, str]:
     return {p.MSG_ID_HEADER: msg_id, **({p.POD_HEADER: pod} if pod else {})}
-
-
-def _check_event(event: str) -> None:
-    if not p.NAME_RE.match(event):
-        raise TricksError(f"bad event name {event!r}: letters, digits, '-' or '_' only")
 
 
 def _not_found(reply: Msg) -> bool:

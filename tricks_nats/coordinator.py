@@ -1,8 +1,9 @@
-"""The coordinator: launches tags, counts lifecycle events, applies workflows, decides the verdict.
+"""The coordinator: carries out what the workflow decides, and turns what happens into facts.
 
-Everything that happens (a pod runs or exits, a count moves, a timeout, Ctrl-C) becomes one
-item on one queue, handled in order by one loop: no locks, no polling, no races between a pod's
-exit and the count it moves.
+Data flows one way: the runtime's pod events, the counts, the timers and signals become facts
+on one queue; one loop feeds each fact to the pure `Workflow` (workflow.py) and applies the
+actions it returns (launch, terminate, journal, rosters, finish). No decision is made here: the
+coordinator owns the queue, the timers, the effects and the teardown.
 """
 
 from __future__ import annotations
@@ -12,61 +13,45 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 from tricks_nats import env as E
 from tricks_nats import protocol as p
 from tricks_nats.bus import Bus, Endpoint
-from tricks_nats.counting import CountWatcher
+from tricks_nats.counting import CountKeeper
+from tricks_nats.entries import VerdictEntry
 from tricks_nats.errors import NatsUnavailable, TricksError
-from tricks_nats.records import PodSummary, RunRecords, Summary
+from tricks_nats.records import RunRecords, Summary
 from tricks_nats.registrar import Registrar, Rosters
 from tricks_nats.runtimes import PodEvent, PodPlan, Runtime
-from tricks_nats.spec import Condition, Experiment, Tag
+from tricks_nats.spec import Experiment, Tag
+from tricks_nats.tasks import Tasks
+from tricks_nats.workflow import (
+    Aborted,
+    Action,
+    AddToRoster,
+    ArmFailFast,
+    Begin,
+    CountChanged,
+    Fact,
+    Finish,
+    GraceOver,
+    Interrupted,
+    Journal,
+    KeepLogTail,
+    KillNow,
+    Launch,
+    PodExited,
+    PodRunning,
+    RemoveFromRoster,
+    Settled,
+    StopFailed,
+    Terminate,
+    TimedOut,
+    Verdict,
+    Workflow,
+)
 
 log = logging.getLogger(__name__)
-
-Verdict = Literal["succeeded", "failed", "timed_out", "interrupted", "error"]
-
-
-@dataclass
-class _Interrupt:
-    force: bool = False
-
-
-@dataclass
-class _Abort:
-    """The run cannot go on (NATS gone for good): end it now with verdict `error`."""
-
-    reason: str
-
-
-@dataclass
-class _FailFast:
-    pass
-
-
-@dataclass
-class _Count:
-    event: str
-    value: int
-    pod: str | None
-
-
-@dataclass
-class _TagState:
-    tag: Tag
-    started: bool = False
-    stop_requested: bool = False
-
-
-@dataclass
-class PodEndpoint:
-    """NATS as the pods see it (host and port may differ from the coordinator's view)."""
-
-    endpoint: Endpoint
-    host: str
-    port: int
 
 
 @dataclass
@@ -80,10 +65,6 @@ class Outcome:
         self.exit_code = {"succeeded": 0, "interrupted": 130}.get(self.verdict, 1)
 
 
-def _met(cond: Condition | None, item: _Count) -> bool:
-    return cond is not None and cond.name == item.event and item.value >= cond.value
-
-
 class Coordinator:
     def __init__(
         self,
@@ -92,7 +73,7 @@ class Coordinator:
         bus: Bus,
         runtime: Runtime,
         records: RunRecords,
-        pods_nats: PodEndpoint,
+        pods_nats: Endpoint,
         *,
         grace: float = 5.0,
         timeout: float | None = None,
@@ -105,35 +86,29 @@ class Coordinator:
         self.pods_nats = pods_nats
         self.grace = grace
         self.timeout = timeout if timeout is not None else exp.timeout
-        self.queue: asyncio.Queue[PodEvent | _Count | _Interrupt | _FailFast | _Abort] = (
-            asyncio.Queue()
-        )
-        self._first_failure: str | None = None  # the one that fails the run (on_failure: stop)
-        self._first_failed: str | None = None  # the first pod failure of any tag, explained
-        self._fail_timer: asyncio.TimerHandle | None = None
-        self.tags = {t.tag: _TagState(t) for t in exp.tags}
-        self.pods: dict[tuple[str, int], PodSummary] = {
-            (t.tag, i): PodSummary(tag=t.tag, pod_id=i) for t in exp.tags for i in range(t.replicas)
-        }
-        self.watcher = CountWatcher(bus, self._on_count)
-        self._stoppers: set[asyncio.Task[None]] = set()
-        self._forwarder: asyncio.Task[None] | None = None
-        self._tearing_down = False
-        self._forced = False
+        self.workflow = Workflow(exp)
+        self.queue: asyncio.Queue[Fact] = asyncio.Queue()
+        self.keeper = CountKeeper(bus, self._on_count)
         lifecycle = {n for t in exp.tags for n in (p.start_event(t.tag), p.stop_event(t.tag))}
-        self.registrar = Registrar(bus, self.watcher, lifecycle)
-        self.rosters = Rosters(bus, self.watcher)
+        self.registrar = Registrar(bus, self.keeper, lifecycle)
+        self.rosters = Rosters(bus, self.keeper)
+        self._fail_timer: asyncio.TimerHandle | None = None
+        self._stoppers = Tasks()
+        self._forwarder: asyncio.Task[None] | None = None
+        #: Seconds the pods get to stop at the end (0 after a second Ctrl-C).
+        self._stop_grace = grace
+        self._hurry = False
 
     # -- public ---------------------------------------------------------------------------
 
     def interrupt(self, *, force: bool = False) -> None:
         """Ask the run to stop (Ctrl-C); a second call kills pods without a grace period."""
-        self.queue.put_nowait(_Interrupt(force=force))
+        self.queue.put_nowait(Interrupted(force=force))
 
     def abort(self, reason: str) -> None:
         """End the run at once with verdict `error` (NATS is gone for good)."""
         self.bus.mark_gone(reason)
-        self.queue.put_nowait(_Abort(reason))
+        self.queue.put_nowait(Aborted(reason))
 
     def plans(self, tag: Tag) -> list[PodPlan]:
         return [self._plan(tag, i) for i in range(tag.replicas)]
@@ -142,50 +117,43 @@ class Coordinator:
         """Run to a verdict. Whatever happens (an exception of ours, NATS gone, a runtime
         error), the pods are stopped, and the verdict and summary are written."""
         started_at = time.time()
-        verdict: Verdict = "error"
-        reason: str | None = "the coordinator stopped before a verdict"
         try:
-            verdict, reason = await self._run_loop()
+            await self._run_loop()
         except NatsUnavailable as exc:
             self.bus.mark_gone(str(exc))
-            verdict, reason = "error", f"NATS went away: {exc}"
+            await self._apply(self.workflow.handle(Aborted(f"NATS went away: {exc}")))
         except Exception as exc:
             log.debug("the coordinator failed", exc_info=True)
-            verdict, reason = "error", f"{type(exc).__name__}: {exc}"
+            await self._apply(self.workflow.handle(Aborted(f"{type(exc).__name__}: {exc}")))
         finally:
+            if not self.workflow.finishing:  # cancelled: tear down with no new decisions
+                cut = Aborted("the coordinator stopped before a verdict")
+                await self._apply(self.workflow.handle(cut))
             try:
                 await self._teardown()
             except Exception as exc:
                 log.warning("stopping the pods: %s", exc, exc_info=log.isEnabledFor(10))
-                if verdict == "succeeded":
-                    verdict, reason = "error", f"stopping the pods failed: {exc}"
-            if verdict == "succeeded":
-                failed = [s for s in self.pods.values() if s.state == "failed"]
-                if failed:
-                    verdict = "failed"
-                    reason = "; ".join(
-                        f"{s.tag}-{s.pod_id} exited with {s.exit_code}"
-                        + (f" ({s.reason})" if s.reason else "")
-                        for s in failed[:5]
-                    ) + (" ..." if len(failed) > 5 else "")
+                self.workflow.handle(StopFailed(str(exc)))
+            verdict, reason = self.workflow.verdict()
             outcome = self._conclude(verdict, reason, started_at)
         return outcome
 
-    async def _run_loop(self) -> tuple[Verdict, str | None]:
-        await self.watcher.start()
+    async def _run_loop(self) -> None:
+        await self.keeper.start()
         await self.registrar.start()
         self._forwarder = asyncio.create_task(self._forward_runtime(), name="runtime-events")
         try:
             async with asyncio.timeout(self.timeout) as deadline:
-                return await self._loop()
+                await self._loop()
         except TimeoutError:
             if not deadline.expired():
                 raise
-            return "timed_out", f"the experiment ran out of time ({self.timeout:g}s)"
+            assert self.timeout is not None
+            await self._apply(self.workflow.handle(TimedOut(self.timeout)))
 
     def _conclude(self, verdict: Verdict, reason: str | None, started_at: float) -> Outcome:
         """Journal the verdict and write the summary; neither may raise (a full disk)."""
-        self.records.journal("verdict", verdict=verdict, reason=reason)
+        self.records.write(VerdictEntry(verdict=verdict, reason=reason))
         summary = Summary(
             experiment=self.exp_id,
             name=self.exp.name,
@@ -193,8 +161,8 @@ class Coordinator:
             reason=reason,
             started_at=started_at,
             ended_at=time.time(),
-            pods=list(self.pods.values()),  # spec order, then pod id
-            events=dict(self.watcher.counts),
+            pods=list(self.workflow.pods.values()),  # spec order, then pod id
+            events=dict(self.keeper.counts),
             runtime=self.runtime.name,
             journal_lost=self.records.journal_lost,
         )
@@ -203,179 +171,83 @@ class Coordinator:
 
     # -- the loop -------------------------------------------------------------------------
 
-    async def _loop(self) -> tuple[Verdict, str | None]:
-        for state in self.tags.values():
-            if state.tag.start is None:
-                await self._start_tag(state, None)
-        await self._resync()
-        while True:
-            if self._idle():
+    async def _loop(self) -> None:
+        await self._apply(self.workflow.handle(Begin()))
+        while not self.workflow.finishing:
+            if self._quiet():
                 await self._resync()
-                if self._idle():
-                    return self._finish()
-            item = await self.queue.get()
-            if isinstance(item, _Interrupt):
-                self._forced = item.force
-                return "interrupted", "interrupted by a signal"
-            if isinstance(item, _FailFast):
-                return "failed", f"{self._first_failure}; stopped the rest"
-            if isinstance(item, _Abort):
-                return "error", item.reason
-            if isinstance(item, _Count):
-                await self._count_changed(item)
-            else:
-                await self._pod_event(item)
+                if self._quiet():
+                    await self._apply(self.workflow.handle(Settled()))
+                    continue
+            await self._apply(self.workflow.handle(await self.queue.get()))
 
-    def _idle(self) -> bool:
-        """Nothing can happen any more: no pod alive, no tag that could still start."""
-        alive = any(s.state in ("launching", "running") for s in self.pods.values())
-        return not alive and self.queue.empty()
-
-    def _finish(self) -> tuple[Verdict, str | None]:
-        waiting = [s for s in self.tags.values() if not s.started and not s.stop_requested]
-        if not waiting:
-            return "succeeded", None
-        notes = [self._first_failed] if self._first_failed else []  # the likely cause first
-        for s in waiting:
-            cond = s.tag.start
-            assert cond is not None
-            have = self.watcher.counts.get(cond.name, 0)
-            notes.append(
-                f"tag {s.tag.tag!r} never started: {cond.name!r} reached {have} of "
-                f"{cond.value} and no pod is left to register it"
-            )
-        return "failed", "; ".join(notes)
+    def _quiet(self) -> bool:
+        """No pod alive and no fact waiting: only a count read straight from NATS can help."""
+        return not self.workflow.alive() and self.queue.empty()
 
     async def _resync(self) -> None:
-        """Read the counts that pending conditions need straight from NATS (a pod may have
-        registered an event just before it exited, ahead of the stream consumer)."""
-        names = {c.name for s in self.tags.values() for c in (s.tag.start, s.tag.stop) if c}
-        for name in sorted(names):
+        """Read the counts that conditions need straight from NATS (a pod may have registered
+        an event just before it exited, ahead of the stream consumer); a count that moved
+        arrives as a fact."""
+        for name in self.workflow.conditions():
             value = await self.bus.count(name)
-            if value > self.watcher.counts.get(name, 0):
-                await self.watcher.advance(name, value)
-        while not self.queue.empty():
-            item = self.queue.get_nowait()
-            if isinstance(item, _Count):
-                await self._count_changed(item)
-            elif isinstance(item, (_Interrupt, _FailFast, _Abort)):
-                self.queue.put_nowait(item)
-                return
-            else:
-                await self._pod_event(item)
+            if value > self.keeper.counts.get(name, 0):
+                await self.keeper.advance(name, value)
 
     def _on_count(self, event: str, value: int, pod: str | None) -> None:
-        self.queue.put_nowait(_Count(event, value, pod))
+        self.queue.put_nowait(CountChanged(event, value, pod))
 
     async def _forward_runtime(self) -> None:
         while True:
-            self.queue.put_nowait(await self.runtime.events.get())
+            self.queue.put_nowait(_fact(await self.runtime.events.get()))
 
-    # -- counts and workflows -------------------------------------------------------------
+    # -- effects --------------------------------------------------------------------------
 
-    async def _count_changed(self, item: _Count) -> None:
-        # Judge by the value this item carries, not the latest count: the journal then shows
-        # each workflow action right after the event value that caused it.
-        self.records.journal("event", name=item.event, count=item.value, pod=item.pod)
-        for state in self.tags.values():
-            if _met(state.tag.stop, item) and not state.stop_requested:
-                await self._stop_tag(state, state.tag.stop)
-            if not state.started and not state.stop_requested and _met(state.tag.start, item):
-                await self._start_tag(state, state.tag.start)
+    async def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case Journal(entry):
+                    self.records.write(entry)
+                case Launch(tag, pod_id):
+                    await self._launch(tag, pod_id)
+                case Terminate(tag, pod_id):
+                    self._stoppers.spawn(self.runtime.terminate(tag, pod_id, self.grace))
+                case ArmFailFast():
+                    self._fail_timer = asyncio.get_running_loop().call_later(
+                        self.grace, self.queue.put_nowait, GraceOver()
+                    )
+                case AddToRoster(tag, pod_id, ip):
+                    await self.rosters.started(tag, pod_id, ip)
+                case RemoveFromRoster(tag, pod_id, listed):
+                    await self._unlist(tag, pod_id, listed)
+                case KeepLogTail(tag, pod_id):
+                    self.workflow.pods[(tag, pod_id)].last_log_lines = self._tail(tag, pod_id)
+                case Finish(grace=grace):
+                    self._stop_grace = self.grace if grace else 0.0
+                    if self._fail_timer is not None:
+                        self._fail_timer.cancel()
+                case KillNow():
+                    self._hurry = True
 
-    async def _start_tag(self, state: _TagState, cond: Condition | None) -> None:
-        state.started = True
-        tag = state.tag
-        if cond is not None:
-            self.records.journal(
-                "workflow",
-                tag=tag.tag,
-                action="start",
-                condition={"name": cond.name, "value": cond.value},
-            )
-        for plan in self.plans(tag):
-            pod = self.pods[(tag.tag, plan.pod_id)]
-            pod.state = "launching"
-            self.records.journal("pod", tag=tag.tag, pod_id=plan.pod_id, state="pending")
-            await asyncio.sleep(0)  # between launches, let the registrar answer pods
-            try:
-                await self.runtime.launch(plan)
-            except TricksError as exc:
-                await self.runtime.events.put(
-                    PodEvent("exited", tag.tag, plan.pod_id, exit_code=127, reason=str(exc))
-                )
+    async def _launch(self, tag: str, pod_id: int) -> None:
+        await asyncio.sleep(0)  # between launches, let the registrar answer pods
+        try:
+            await self.runtime.launch(self._plan(self.exp.tag(tag), pod_id))
+        except TricksError as exc:
+            self.queue.put_nowait(PodExited(tag, pod_id, time.time(), 127, reason=str(exc)))
 
-    async def _stop_tag(self, state: _TagState, cond: Condition | None) -> None:
-        state.stop_requested = True
-        if cond is not None:
-            self.records.journal(
-                "workflow",
-                tag=state.tag.tag,
-                action="stop",
-                condition={"name": cond.name, "value": cond.value},
-            )
-        for (tag, pod_id), pod in self.pods.items():
-            if tag != state.tag.tag:
-                continue
-            if pod.state in ("launching", "running"):
-                pod.stopped_by_workflow = True
-                task = asyncio.create_task(self.runtime.terminate(tag, pod_id, self.grace))
-                self._stoppers.add(task)
-                task.add_done_callback(self._stoppers.discard)
-            elif pod.state == "pending":
-                pod.state = "stopped"
-                pod.stopped_by_workflow = True
-                pod.reason = "stopped by its workflow before it started"
-
-    # -- pods -----------------------------------------------------------------------------
-
-    async def _pod_event(self, ev: PodEvent) -> None:
-        pod = self.pods.get((ev.tag, ev.pod_id))
-        if pod is None:
-            log.warning("ignoring an event for unknown pod %s", ev.name)
+    async def _unlist(self, tag: str, pod_id: int, listed: bool) -> None:
+        if not self.workflow.finishing:
+            await self.rosters.stopped(tag, pod_id, listed=listed)
             return
-        now = time.time()
-        if ev.kind == "running":
-            pod.state, pod.started_at, pod.ip = "running", now, ev.ip
-            self.records.journal("pod", tag=ev.tag, pod_id=ev.pod_id, state="running", ip=ev.ip)
-            await self.rosters.started(ev.tag, ev.pod_id, ev.ip or "")
-            return
-        pod.stopped_at, pod.exit_code = now, ev.exit_code
-        if ev.reason:
-            pod.reason = ev.reason
-        pod.log_bytes_lost = ev.log_bytes_lost
-        pod.log_incomplete = ev.log_incomplete
-        if pod.stopped_by_workflow or self._tearing_down:
-            pod.state = "stopped"
-        else:
-            pod.state = "exited" if ev.exit_code == 0 else "failed"
-        self.records.journal(
-            "pod",
-            tag=ev.tag,
-            pod_id=ev.pod_id,
-            state=pod.state,
-            exit_code=ev.exit_code,
-            reason=ev.reason,
-        )
-        if pod.state == "failed":
-            pod.last_log_lines = self._tail(ev.tag, ev.pod_id)
-            if self._first_failed is None:
-                self._first_failed = _explain(pod)
-            self._on_failure(pod)
-        await self.rosters.stopped(ev.tag, ev.pod_id, listed=pod.started_at is not None)
-
-    def _on_failure(self, pod: PodSummary) -> None:
-        """The first failure of a tag with `on_failure: stop` fails the run; pods still running
-        get the grace period to finish on their own (pods failing at the same moment report
-        their own exit codes), then the rest are stopped."""
-        if self._tearing_down or self._first_failure is not None:
-            return
-        if self.exp.tag(pod.tag).on_failure != "stop":
-            return
-        self._first_failure = _explain(pod)
-        self._fail_timer = asyncio.get_running_loop().call_later(
-            self.grace, self.queue.put_nowait, _FailFast()
-        )
+        try:  # stopping: a record that NATS is gone for must not stop the others
+            await self.rosters.stopped(tag, pod_id, listed=listed)
+        except NatsUnavailable as exc:
+            if self.bus.gone is None:
+                log.warning("could not record the stop of %s: %s", p.pod_name(tag, pod_id), exc)
+            self.bus.mark_gone(str(exc))  # the other pods' records: at once, not 20 s each
+        except TricksError as exc:
+            log.warning("could not record the stop of %s: %s", p.pod_name(tag, pod_id), exc)
 
     def _tail(self, tag: str, pod_id: int, lines: int = 10) -> list[str]:
         try:
@@ -397,12 +269,12 @@ class Coordinator:
             E.EXP_ID: self.exp_id,
             E.TRICKS_IP: ep.host,
             E.TRICKS_PORT: str(ep.port),
-            E.NATS_URL: ep.endpoint.url,
+            E.NATS_URL: ep.url,
             E.PROTOCOL: p.VERSION,
         }
-        if ep.endpoint.user:
-            env[E.NATS_USER] = ep.endpoint.user
-            env[E.NATS_PASSWORD] = ep.endpoint.password or ""
+        if ep.user:
+            env[E.NATS_USER] = ep.user
+            env[E.NATS_PASSWORD] = ep.password or ""
         return PodPlan(
             tag=tag.tag,
             pod_id=pod_id,
@@ -418,11 +290,7 @@ class Coordinator:
 
     async def _teardown(self) -> None:
         """Stop every pod still alive, record how each ended, release everything."""
-        self._tearing_down = True
-        if self._fail_timer is not None:
-            self._fail_timer.cancel()
-        grace = 0.0 if self._forced else self.grace
-        closing = asyncio.create_task(self.runtime.aclose(grace))
+        closing = asyncio.create_task(self.runtime.aclose(self._stop_grace))
         while not closing.done() or not self.queue.empty():
             getter = asyncio.ensure_future(self.queue.get())
             await asyncio.wait({closing, getter}, return_when=asyncio.FIRST_COMPLETED)
@@ -431,52 +299,38 @@ class Coordinator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await getter
                 continue
-            item = getter.result()
-            if isinstance(item, _Interrupt) and item.force and not self._forced:
-                self._forced = True
+            await self._apply(self.workflow.handle(getter.result()))
+            if self._hurry and self._stop_grace > 0:
+                self._stop_grace = 0.0
                 closing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await closing
                 closing = asyncio.create_task(self.runtime.aclose(0.0))
-            elif isinstance(item, PodEvent):
-                await self._settle(item)
-            elif isinstance(item, _Count):
-                self.records.journal("event", name=item.event, count=item.value, pod=item.pod)
         await closing
-        # Events the runtime reported last, after the forwarder saw them.
+        await self._drain_runtime()  # events the runtime reported last
+        if self._forwarder is not None:
+            self._forwarder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._forwarder
+        await self._stoppers.cancel()
+        await self._drain_runtime()
+        await self.keeper.stop()
+
+    async def _drain_runtime(self) -> None:
         while not self.runtime.events.empty():
-            await self._settle(self.runtime.events.get_nowait())
-        for task in (self._forwarder, *self._stoppers):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await asyncio.gather(*self._stoppers, return_exceptions=True)
-        while not self.runtime.events.empty():
-            await self._settle(self.runtime.events.get_nowait())
-        await self.watcher.stop()
-        for pod in self.pods.values():
-            if pod.state == "pending":
-                pod.reason = pod.reason or "never started"
-
-    async def _settle(self, ev: PodEvent) -> None:
-        pod = self.pods.get((ev.tag, ev.pod_id))
-        if pod is None:
-            return
-        if ev.kind == "exited" and pod.state in ("launching", "running"):
-            try:
-                await self._pod_event(ev)
-            except NatsUnavailable as exc:  # NATS gone at the very end: keep the record anyway
-                if self.bus.gone is None:
-                    log.warning("could not record the stop of %s: %s", ev.name, exc)
-                self.bus.mark_gone(str(exc))  # the other pods' records: at once, not 20 s each
-            except TricksError as exc:
-                log.warning("could not record the stop of %s: %s", ev.name, exc)
-        elif ev.kind == "running":
-            pod.state, pod.started_at, pod.ip = "running", time.time(), ev.ip
+            await self._apply(self.workflow.handle(_fact(self.runtime.events.get_nowait())))
 
 
-def _explain(pod: PodSummary) -> str:
-    """`server-0 failed (exit 127): <why>`, the why when the runtime knows one."""
-    what = f"{pod.tag}-{pod.pod_id} failed (exit {pod.exit_code})"
-    return f"{what}: {pod.reason}" if pod.reason else what
+def _fact(ev: PodEvent) -> PodRunning | PodExited:
+    """A runtime's report as a fact, stamped with the time it arrived."""
+    if ev.kind == "running":
+        return PodRunning(ev.tag, ev.pod_id, time.time(), ev.ip)
+    return PodExited(
+        ev.tag,
+        ev.pod_id,
+        time.time(),
+        ev.exit_code,
+        ev.reason,
+        log_bytes_lost=ev.log_bytes_lost,
+        log_incomplete=ev.log_incomplete,
+    )

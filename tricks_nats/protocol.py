@@ -11,11 +11,22 @@ import time
 
 import msgspec
 
+from tricks_nats.errors import UsageError
+
 VERSION = "2"
 
 #: Event names and tags: one NATS subject token, one KV key, a Kubernetes-friendly word.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 EXPERIMENT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def check_name(name: object, what: str = "event name") -> str:
+    """`name` if it is a valid event name or tag (NAME_RE), else a UsageError saying why: the
+    one check every API (driver, shell driver, bus) makes before a name reaches a subject."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UsageError(f"bad {what} {name!r}: letters, digits, '-' or '_' only")
+    return name
+
 
 INCR_HEADER = "Nats-Incr"
 MSG_ID_HEADER = "Nats-Msg-Id"

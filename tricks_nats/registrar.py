@@ -17,7 +17,7 @@ import msgspec
 
 from tricks_nats import protocol as p
 from tricks_nats.bus import Bus
-from tricks_nats.counting import CountWatcher
+from tricks_nats.counting import CountKeeper
 
 _POD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*-[0-9]+$")
 
@@ -25,14 +25,14 @@ _POD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*-[0-9]+$")
 class Registrar:
     """Answers pods' registrations: +1 each, whatever else the request carries."""
 
-    def __init__(self, bus: Bus, watcher: CountWatcher, reserved: Iterable[str] = ()) -> None:
+    def __init__(self, bus: Bus, keeper: CountKeeper, reserved: Iterable[str] = ()) -> None:
         self.bus = bus
-        self.watcher = watcher
+        self.keeper = keeper
         #: Events only the coordinator counts (`<tag>_start`, `<tag>_stop`).
         self.reserved = frozenset(reserved)
 
     async def start(self) -> None:
-        await self.bus.serve(p.event_subject(self.bus.exp, "*"), self.handle)
+        await self.bus.serve(p.event_subject(self.bus.exp_id, "*"), self.handle)
         await self.bus.flush()  # the server knows we answer before the first pod starts
 
     def refusal(self, event: str, msg_id: str) -> str | None:
@@ -55,16 +55,16 @@ class Registrar:
         if pod is not None and not _POD_RE.match(pod):
             pod = None  # informational only: never trusted, never echoed malformed
         value = await self.bus.increment(event, msg_id=p.pod_dedup_id(msg_id), pod=pod)
-        await self.watcher.advance(event, value, pod)
+        await self.keeper.advance(event, value, pod)
         return msgspec.json.encode(p.EventReply(val=str(value)))
 
 
 class Rosters:
     """Each tag's running pods, as `discover` reads them."""
 
-    def __init__(self, bus: Bus, watcher: CountWatcher) -> None:
+    def __init__(self, bus: Bus, keeper: CountKeeper) -> None:
         self.bus = bus
-        self.watcher = watcher
+        self.keeper = keeper
         self.running: dict[str, dict[int, str]] = {}
 
     async def started(self, tag: str, pod_id: int, ip: str) -> None:
@@ -87,4 +87,4 @@ class Rosters:
     async def _count(self, tag: str, pod_id: int, what: str) -> None:
         event = p.start_event(tag) if what == "start" else p.stop_event(tag)
         value = await self.bus.increment(event, msg_id=p.lifecycle_msg_id(tag, pod_id, what))
-        await self.watcher.advance(event, value)
+        await self.keeper.advance(event, value)

@@ -11,11 +11,10 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tricks_nats import protocol as p
 from tricks_nats.errors import TricksError, UsageError
@@ -24,10 +23,11 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # heavy modules are imported when a run starts
     from tricks_nats.bus import Endpoint
-    from tricks_nats.coordinator import Outcome, PodEndpoint
+    from tricks_nats.coordinator import Coordinator, Outcome
+    from tricks_nats.entries import Entry
     from tricks_nats.natsserver import EmbeddedServer
     from tricks_nats.records import RunRecords
-    from tricks_nats.runtimes import PodPlan, Runtime
+    from tricks_nats.runtimes import NatsRoute, PodPlan, Runtime
     from tricks_nats.spec import Experiment
     from tricks_nats.watchdog import Watchdog
 
@@ -39,63 +39,14 @@ class UpOptions:
     runtime: str | None = None
     grace: float = 5.0
     timeout: float | None = None
-    on_journal: Callable[[dict[str, Any]], None] | None = None
+    on_journal: Callable[[Entry], None] | None = None
     on_start: Callable[[str, Path], None] | None = None
     #: One line the user should read before the run (e.g. pods are not isolated).
     on_notice: Callable[[str], None] | None = None
     #: Keep the experiment's streams on a shared server after the run (--keep).
     keep: bool = False
-    # kubernetes runtime
-    kubeconfig: str | None = None
-    context: str | None = None
-    namespace: str | None = None
-    pod_nats_url: str | None = None
-    concurrency: int = 20
-    #: Seconds a pod may stay unschedulable before it fails (--schedule-timeout).
-    schedule_timeout: float = 300.0
-
-
-def split_url(url: str) -> tuple[str, str | None, str | None, str, int]:
-    """`nats://user:pass@host:port` -> (url without secrets, user, password, host, port)."""
-    if "://" not in url:
-        url = f"nats://{url}"
-    parts = urlsplit(url)
-    if parts.scheme not in ("nats", "tls") or not parts.hostname:
-        raise UsageError(f"--nats-url: expected nats://[user:password@]host[:port], got {url!r}")
-    try:
-        port = parts.port or 4222
-    except ValueError as exc:
-        raise UsageError(f"--nats-url: bad port in {url!r}") from exc
-    host = parts.hostname
-    clean = urlunsplit((parts.scheme, f"{host}:{port}", "", "", ""))
-    user = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    return clean, user, password, host, port
-
-
-def make_runtime(name: str, **options: Any) -> Runtime:
-    """The runtime called `name`; `options` go to runtimes that take any (kubernetes)."""
-    if name == "local":
-        from tricks_nats.runtimes.local import LocalRuntime
-
-        return LocalRuntime()
-    if name == "kubernetes":
-        from tricks_nats.runtimes.kubernetes import KubernetesRuntime
-
-        return KubernetesRuntime(**options)
-    raise UsageError(f"runtime {name!r} is not available (known: local, kubernetes)")
-
-
-def _kube_options(opts: UpOptions, exp: Experiment, exp_id: str) -> dict[str, Any]:
-    return {
-        "experiment": exp_id,
-        "kubeconfig": opts.kubeconfig,
-        "context": opts.context,
-        "namespace": opts.namespace,
-        "concurrency": opts.concurrency,
-        "schedule_timeout": opts.schedule_timeout,
-        "resources": {t.tag: t.resources for t in exp.tags if t.resources},
-    }
+    #: Each runtime's own options, by runtime name (e.g. "kubernetes": KubeOptions(...)).
+    runtime_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,7 +54,7 @@ class _Nats:
     """NATS for one run: the coordinator's way in, the pods', the observers' (state file)."""
 
     endpoint: Endpoint
-    pods: PodEndpoint
+    pods: Endpoint
     observer: Endpoint
     server: EmbeddedServer | None = None
     shared: bool = False
@@ -111,26 +62,16 @@ class _Nats:
 
 @contextlib.asynccontextmanager
 async def _nats_for(
-    exp_id: str, opts: UpOptions, records: RunRecords, guard: Watchdog, runtime: str = "local"
+    exp_id: str, route: NatsRoute, records: RunRecords, guard: Watchdog
 ) -> AsyncIterator[_Nats]:
     from tricks_nats.bus import Endpoint
-    from tricks_nats.coordinator import PodEndpoint
     from tricks_nats.natsserver import EmbeddedServer, User
 
-    nats_url = _kube_nats_url(opts) if runtime == "kubernetes" else opts.nats_url
-    if nats_url:
-        url, user, password, host, port = split_url(nats_url)
-        ep = Endpoint(url, user, password)
-        pod_url = opts.pod_nats_url
-        if pod_url is None and runtime == "kubernetes":
-            from tricks_nats.runtimes import kube_objects as ko
-
-            pod_url = ko.DEFAULT_POD_NATS_URL
-        pods = PodEndpoint(ep, host, port)
-        if pod_url:
-            purl, puser, ppassword, phost, pport = split_url(pod_url)
-            pod_ep = Endpoint(purl, puser or user, ppassword if puser else password)
-            pods = PodEndpoint(pod_ep, phost, pport)
+    if route.coordinator_url:
+        ep = Endpoint.from_url(route.coordinator_url)
+        pods = ep
+        if route.pods_url:
+            pods = Endpoint.from_url(route.pods_url, option="--pod-nats-url").with_login_of(ep)
         yield _Nats(ep, pods, ep, shared=True)
         return
     coordinator = User.random("coordinator")
@@ -144,7 +85,7 @@ async def _nats_for(
     async with server:
         yield _Nats(
             Endpoint(server.url, coordinator.name, coordinator.password),
-            PodEndpoint(Endpoint(server.url, pod.name, pod.password), server.host, server.port),
+            Endpoint(server.url, pod.name, pod.password),
             Endpoint(server.url, observer.name, observer.password),
             server,
         )
@@ -152,30 +93,25 @@ async def _nats_for(
 
 async def up(exp: Experiment, opts: UpOptions) -> Outcome:
     """Run `exp` to its end and return the outcome; records are written on every path."""
+    from tricks_nats import runtimes
     from tricks_nats.watchdog import Watchdog
 
     exp_id = p.new_experiment_id(exp.name)
     runtime_name = opts.runtime or exp.runtime or "local"
-    runtime = make_runtime(
-        runtime_name,
-        **(_kube_options(opts, exp, exp_id) if runtime_name == "kubernetes" else {}),
-    )
+    runtime = runtimes.create(runtime_name, exp, exp_id, opts.runtime_options)
     # Refuse a spec whose pods cannot start before anything is started or written.
     problems = runtime.check(_drafts(exp))
     if problems:
         raise UsageError(f"{exp.source}: " + "; ".join(problems))
-    if runtime_name == "kubernetes":
-        _kube_nats_url(opts)
-    prepare = getattr(runtime, "prepare", None)
-    if prepare is not None:  # kubernetes: reach the cluster (and fail) before anything starts
-        await prepare()
+    route = runtime.nats_route(opts.nats_url)
+    await runtime.prepare()  # e.g. reach the cluster (and fail) before anything starts
     records = _create_records(opts.runs_dir, exp_id, exp)
     if opts.on_journal:
         records.listeners.append(opts.on_journal)
     guard = Watchdog()  # removes the state file (it holds credentials) if we are killed
     started_at = time.time()
     try:
-        return await _run(exp, exp_id, opts, runtime, runtime_name, records, guard)
+        return await _run(exp, exp_id, opts, runtime, route, records, guard)
     except BaseException as exc:
         # Before the coordinator had a verdict (it writes its own on every path): say why.
         if not (records.root / "summary.json").is_file() or _is_placeholder(records.root):
@@ -209,10 +145,11 @@ def _write_early_verdict(
     reason: str,
     interrupted: bool,
 ) -> None:
+    from tricks_nats.entries import VerdictEntry
     from tricks_nats.records import PodSummary, Summary
 
     verdict = "interrupted" if interrupted else "error"
-    records.journal("verdict", verdict=verdict, reason=reason)
+    records.write(VerdictEntry(verdict=verdict, reason=reason))
     records.write_summary(
         Summary(
             experiment=exp_id,
@@ -238,7 +175,7 @@ async def _run(
     exp_id: str,
     opts: UpOptions,
     runtime: Runtime,
-    runtime_name: str,
+    route: NatsRoute,
     records: RunRecords,
     guard: Watchdog,
 ) -> Outcome:
@@ -247,7 +184,7 @@ async def _run(
     from tricks_nats.coordinator import Coordinator
     from tricks_nats.journal import JournalPublisher
 
-    async with _nats_for(exp_id, opts, records, guard, runtime_name) as nats:
+    async with _nats_for(exp_id, route, records, guard) as nats:
         bus = await Bus.open(nats.endpoint, exp_id, name=f"tricks-coordinator-{exp_id}")
         if nats.shared and opts.on_notice:
             opts.on_notice(
@@ -334,35 +271,16 @@ def _drafts(exp: Experiment) -> list[PodPlan]:
     ]
 
 
-def _kube_nats_url(opts: UpOptions) -> str:
-    """Pods on a cluster cannot reach an embedded server on this machine: the coordinator uses
-    --nats-url, or inside the cluster the NATS service of manifests/."""
-    from tricks_nats.runtimes import kube_objects as ko
-
-    if opts.nats_url:
-        return opts.nats_url
-    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.isfile(
-        "/var/run/secrets/kubernetes.io/serviceaccount/token"
-    )
-    if not in_cluster:
-        raise UsageError(
-            "the kubernetes runtime needs --nats-url: the NATS of manifests/ as this machine "
-            "reaches it (e.g. `kubectl -n tricks-nats port-forward svc/nats 4222` and "
-            "--nats-url nats://127.0.0.1:4222); pods use --pod-nats-url (default "
-            f"{ko.DEFAULT_POD_NATS_URL})"
-        )
-    return opts.pod_nats_url or ko.DEFAULT_POD_NATS_URL
-
-
 @contextlib.contextmanager
-def _signals(coord: Any) -> Any:
+def _signals(coord: Coordinator) -> Iterator[None]:
     """SIGINT/SIGTERM stop the run (grace period); a second one kills the pods at once."""
     loop = asyncio.get_running_loop()
-    seen = {"n": 0}
+    seen = 0
 
     def on_signal() -> None:
-        seen["n"] += 1
-        coord.interrupt(force=seen["n"] > 1)
+        nonlocal seen
+        seen += 1
+        coord.interrupt(force=seen > 1)
 
     installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):

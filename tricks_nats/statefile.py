@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from pathlib import Path
 
 import msgspec
@@ -96,7 +95,3 @@ def lookup(experiment: str) -> RunState | None:
         return msgspec.json.decode(path.read_bytes(), type=RunState)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return None
-
-
-def now() -> float:
-    return time.time()

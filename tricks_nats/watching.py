@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgspec
-
+from tricks_nats import entries, statefile
 from tricks_nats import protocol as p
-from tricks_nats import statefile
+from tricks_nats.entries import Entry, VerdictEntry
 from tricks_nats.errors import TricksError, UsageError
 
-Entry = dict[str, Any]
+if TYPE_CHECKING:
+    from tricks_nats.bus import ExperimentState
+    from tricks_nats.endpoint import Endpoint
+
+#: One experiment as `status` shows it.
+StatusRow = dict[str, Any]
 
 
 def resolve(experiment: str | None, runs_dir: Path) -> statefile.RunState:
@@ -53,13 +56,11 @@ def resolve(experiment: str | None, runs_dir: Path) -> statefile.RunState:
 
 
 def read_journal(run_dir: str | Path) -> list[Entry]:
-    entries = []
-    path = Path(run_dir) / "journal.jsonl"
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                entries.append(json.loads(line))
-    return entries
+    """A run's journal file; empty if there is none (yet)."""
+    try:
+        return entries.read(Path(run_dir) / "journal.jsonl")
+    except OSError:
+        return []
 
 
 async def follow(
@@ -68,34 +69,29 @@ async def follow(
     """Emit journal entries until the verdict; return the verdict (None if it never came)."""
     if state.finished or not state.nats_url:
         return _replay(read_journal(state.run_dir), emit, after=None)
-    from nats.js.api import DeliverPolicy
-
-    from tricks_nats.bus import Endpoint, connect
+    from tricks_nats.bus import Bus, Endpoint, StreamMsg
 
     seen: list[Entry] = []
     done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
-    async def on_msg(msg: Any) -> None:
-        try:
-            entry = msgspec.json.decode(msg.data)
-        except msgspec.DecodeError:
-            return
-        if not isinstance(entry, dict) or done.done():
+    async def on_msg(msg: StreamMsg) -> None:
+        entry = entries.decode(msg.data)
+        if entry is None or done.done():
             return
         seen.append(entry)
         emit(entry)
-        if entry.get("kind") == "verdict":
-            done.set_result(str(entry.get("verdict")))
+        if isinstance(entry, VerdictEntry):
+            done.set_result(entry.verdict)
 
     async def on_closed() -> None:
         if not done.done():
             done.set_exception(ConnectionError("the experiment's NATS went away"))
 
     try:
-        nc = await connect(
+        bus = await Bus.open(
             Endpoint(state.nats_url, state.user, state.password),
+            state.experiment,
             name="tricks-watch",
-            exp=state.experiment,
             budget=0,
             keep_reconnecting=False,
             on_closed=on_closed,
@@ -104,57 +100,46 @@ async def follow(
         # The run ended between reading its state and connecting: replay its records.
         return _replay(read_journal(state.run_dir), emit, after=None)
     try:
-        js = nc.jetstream()
-        policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
-        sub = await js.subscribe(
-            p.journal_subject(state.experiment),
-            ordered_consumer=True,
-            cb=on_msg,
-            deliver_policy=policy,
-        )
+        subject = p.journal_subject(state.experiment)
+        follower = await bus.follow(subject, on_msg, new_only=not from_start, resume=False)
         try:
             return await done
         except ConnectionError:
             pass
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await follower.stop()
     except TricksError:
         raise
     except Exception:  # the server stopped under us: the records have the rest
         pass
     finally:
-        with contextlib.suppress(Exception):
-            await nc.close()
+        await bus.close()
     # `up` writes the verdict to its journal file before it stops its NATS server.
     return _replay(read_journal(state.run_dir), emit, after=seen[-1] if seen else None)
 
 
 def _replay(
-    entries: list[Entry], emit: Callable[[Entry], None], *, after: Entry | None
+    journal: list[Entry], emit: Callable[[Entry], None], *, after: Entry | None
 ) -> str | None:
     start = 0
     if after is not None:
         with contextlib.suppress(ValueError):
-            start = entries.index(after) + 1
+            start = journal.index(after) + 1
     verdict = None
-    for entry in entries[start:]:
+    for entry in journal[start:]:
         emit(entry)
-        if entry.get("kind") == "verdict":
-            verdict = str(entry.get("verdict"))
+        if isinstance(entry, VerdictEntry):
+            verdict = entry.verdict
     return verdict
 
 
-async def status(nats_url: str | None) -> list[Entry]:
+async def status(nats_url: str | None) -> list[StatusRow]:
     """Experiments a NATS server holds (or, with no URL, those `up` is running here)."""
-    from tricks_nats.bus import Endpoint
+    from tricks_nats.endpoint import Endpoint
 
     if nats_url:
-        from tricks_nats.running import split_url
-
-        url, user, password, _, _ = split_url(nats_url)
-        return await _status_of(Endpoint(url, user, password), None)
-    rows: list[Entry] = []
+        return await _status_of(Endpoint.from_url(nats_url), None)
+    rows: list[StatusRow] = []
     for state in statefile.running():
         if state.nats_url:
             ep = Endpoint(state.nats_url, state.user, state.password)
@@ -162,51 +147,24 @@ async def status(nats_url: str | None) -> list[Entry]:
     return rows
 
 
-async def _status_of(endpoint: Any, only: str | None) -> list[Entry]:
-    from tricks_nats.bus import Bus, connect
+async def _status_of(endpoint: Endpoint, only: str | None) -> list[StatusRow]:
+    from tricks_nats.bus import survey
 
-    nc = await connect(endpoint, name="tricks-status", exp=only, budget=0)
-    try:
-        js = nc.jetstream()
-        infos = await js.streams_info()
-        rows = []
-        for info in infos:
-            exp = p.experiment_of_stream(info.config.name or "")
-            if exp is None or (only and exp != only):
-                continue
-            bus = Bus(nc, exp)
-            rows.append(await _row(bus, js, exp, info))
-        return sorted(rows, key=lambda r: r["age_s"])
-    finally:
-        await nc.close()
+    rows = [_row(state) for state in await survey(endpoint, only)]
+    return sorted(rows, key=lambda r: r["age_s"])
 
 
-async def _row(bus: Any, js: Any, exp: str, info: Any) -> Entry:
-    import nats.js.errors
-
-    counts: dict[str, int] = {}
-    prefix = f"$KV.{p.counts_bucket(exp)}."
-    with contextlib.suppress(nats.js.errors.Error):
-        detail = await js.stream_info(p.stream_of(p.counts_bucket(exp)), subjects_filter=">")
-        for subject in detail.state.subjects or {}:
-            if subject.startswith(prefix):
-                key = subject[len(prefix) :]
-                counts[key] = await bus.count(key)
+def _row(state: ExperimentState) -> StatusRow:
+    counts = state.counts
     started = sum(v for k, v in counts.items() if k.endswith("_start"))
     stopped = sum(v for k, v in counts.items() if k.endswith("_stop"))
     verdict = None
-    with contextlib.suppress(Exception):
-        last = await js.get_last_msg(p.journal_stream(exp), p.journal_subject(exp, "verdict"))
-        verdict = msgspec.json.decode(last.data).get("verdict")
-    created = info.created
-    age = 0.0
-    if created:
-        with contextlib.suppress(ValueError, TypeError):
-            from datetime import datetime
-
-            age = time.time() - datetime.fromisoformat(str(created)).timestamp()
+    if state.verdict_entry is not None:
+        entry = entries.decode(state.verdict_entry)
+        verdict = entry.verdict if isinstance(entry, VerdictEntry) else None
+    age = time.time() - state.created if state.created else 0.0
     return {
-        "experiment": exp,
+        "experiment": state.experiment,
         "age_s": round(age, 1),
         "running": started - stopped,
         "stopped": stopped,

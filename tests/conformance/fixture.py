@@ -3,7 +3,7 @@
 python -m tests.conformance.fixture permissions EXP
     print the pod permissions of experiment EXP as JSON (for a nats-server config)
 python -m tests.conformance.fixture serve --url URL --exp EXP [--user U --password P]
-    create EXP's buckets, follow its counts like the coordinator (CountWatcher), print
+    create EXP's buckets, follow its counts like the coordinator (CountKeeper), print
     `ready`, then answer one line per command read on stdin until EOF:
       pod TAG ID IP  -> put a running pod         gone TAG ID -> delete it
       count EVENT    -> the count                 incr EVENT  -> +1 as the coordinator
@@ -19,7 +19,7 @@ import sys
 
 from tricks_nats import protocol as p
 from tricks_nats.bus import Bus, Endpoint
-from tricks_nats.counting import CountWatcher
+from tricks_nats.counting import CountKeeper
 from tricks_nats.errors import TricksError
 from tricks_nats.registrar import Registrar, Rosters
 
@@ -41,7 +41,7 @@ async def _answer(bus: Bus, rosters: Rosters, words: list[str]) -> str:
 
 async def serve(url: str, exp: str, user: str | None, password: str | None) -> None:
     bus = await Bus.open(Endpoint(url, user, password), exp, name="conformance-fixture")
-    watcher = CountWatcher(bus, lambda _e, _v, _pod: None)
+    watcher = CountKeeper(bus, lambda _e, _v, _pod: None)
     rosters = Rosters(bus, watcher)
     try:
         await bus.create_buckets()

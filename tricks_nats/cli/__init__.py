@@ -1,1 +1,1 @@
-"""The `tricks-nats` command (installed as `tricks_nats.cli`)."""
+"""The `tricks-nats` command."""

@@ -7,18 +7,17 @@ Heavy imports (nats-py, the coordinator) happen inside the commands that need th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
 import typer
 
 from tricks_nats.cli import kube
-from tricks_nats.errors import SpecError, TricksError
+from tricks_nats.cli.output import fail, say
+from tricks_nats.errors import TricksError
 
 app = typer.Typer(
     name="tricks-nats",
@@ -32,33 +31,6 @@ app = typer.Typer(
 RuntimeOpt = Annotated[
     str | None, typer.Option("--runtime", help="local (default) or kubernetes; wins over the spec.")
 ]
-
-
-def _fail(exc: TricksError) -> NoReturn:
-    lines = exc.errors if isinstance(exc, SpecError) else [f"tricks-nats: error: {exc}"]
-    for line in lines:
-        _say(line, err=True)
-    raise typer.Exit(exc.exit_code)
-
-
-_closed: set[bool] = set()  # which of stdout (False) / stderr (True) a reader has closed
-
-
-def _say(line: str, *, err: bool = False) -> None:
-    """Print a line; a closed pipe (`up | head -1`) means "stop printing" there, never an
-    error: the run goes on to its verdict and exit code."""
-    if err in _closed:
-        return
-    try:
-        typer.echo(line, err=err)
-    except (BrokenPipeError, ValueError, OSError):
-        _closed.add(err)
-        stream = sys.stderr if err else sys.stdout
-        # Python flushes the stream again at exit: point it at /dev/null so that stays quiet.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, stream.fileno())
-            os.close(devnull)
 
 
 @app.callback()
@@ -84,7 +56,7 @@ def validate(
     try:
         exp = specmod.load(spec, runtime=runtime)
     except TricksError as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo(f"{spec}: ok ({len(exp.tags)} tags, {exp.pod_count} pods, runtime {exp.runtime})")
 
 
@@ -136,9 +108,11 @@ def up(
 ) -> None:
     """Run an experiment to its end: exit 0 succeeded, 1 failed, 2 bad input, 130 interrupted."""
     from tricks_nats import spec as specmod
+    from tricks_nats.entries import Entry, VerdictEntry, json_line
     from tricks_nats.render import describe
     from tricks_nats.running import UpOptions
     from tricks_nats.running import up as run_up
+    from tricks_nats.runtimes.kube_options import KubeOptions
 
     try:
         exp = specmod.load(spec, runtime=runtime)
@@ -148,22 +122,22 @@ def up(
 
             live = LiveView(exp)
 
-        def on_journal(entry: dict[str, Any]) -> None:
+        def on_journal(entry: Entry) -> None:
             if live is not None:
                 live.on_journal(entry)
             elif as_json:
-                _say(json.dumps(entry))
-            elif not quiet and entry["kind"] != "verdict":
-                _say(describe(entry))
+                say(json_line(entry))
+            elif not quiet and not isinstance(entry, VerdictEntry):
+                say(describe(entry))
 
         def on_start(exp_id: str, root: Path) -> None:
             if live is not None:
                 live.on_start(exp_id, root)
             elif not quiet and not as_json:
-                _say(f"experiment {exp_id}: records in {root}")
+                say(f"experiment {exp_id}: records in {root}")
 
         def on_notice(text: str) -> None:
-            _say(f"tricks-nats: note: {text}", err=True)
+            say(f"tricks-nats: note: {text}", err=True)
 
         opts = UpOptions(
             runs_dir=runs_dir,
@@ -175,11 +149,15 @@ def up(
             on_start=on_start,
             on_notice=on_notice,
             keep=keep,
-            kubeconfig=kubeconfig,
-            context=context,
-            namespace=namespace,
-            pod_nats_url=pod_nats_url,
-            schedule_timeout=schedule_timeout,
+            runtime_options={
+                "kubernetes": KubeOptions(
+                    kubeconfig=kubeconfig,
+                    context=context,
+                    namespace=namespace,
+                    pod_nats_url=pod_nats_url,
+                    schedule_timeout=schedule_timeout,
+                )
+            },
         )
         if live is not None:
             with live:
@@ -187,7 +165,7 @@ def up(
         else:
             outcome = asyncio.run(run_up(exp, opts))
     except TricksError as exc:
-        _fail(exc)
+        fail(exc)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     s = outcome.summary
@@ -197,7 +175,7 @@ def up(
     if outcome.reason:
         line += f": {outcome.reason}"
     if not as_json:
-        _say(line, err=outcome.exit_code != 0)
+        say(line, err=outcome.exit_code != 0)
     raise typer.Exit(outcome.exit_code)
 
 
@@ -226,7 +204,7 @@ def server(
     try:
         asyncio.run(serve())
     except TricksError as exc:
-        _fail(exc)
+        fail(exc)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 

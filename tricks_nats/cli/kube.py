@@ -11,7 +11,9 @@ from typing import Annotated
 
 import typer
 
+from tricks_nats.cli.output import fail
 from tricks_nats.errors import TricksError
+from tricks_nats.runtimes.kube_options import KubeOptions
 
 # -- options shared by the commands that use a cluster ----------------------------------------
 
@@ -35,8 +37,8 @@ ScheduleTimeoutOpt = Annotated[
         "scheduler's message (e.g. '0/3 nodes are available: insufficient cpu').",
     ),
 ]
-#: The default of --schedule-timeout (UpOptions.schedule_timeout).
-SCHEDULE_TIMEOUT = 300.0
+#: The default of --schedule-timeout.
+SCHEDULE_TIMEOUT = KubeOptions.schedule_timeout
 
 
 def down(
@@ -49,7 +51,6 @@ def down(
     ] = 5.0,
 ) -> None:
     """Delete every pod of an experiment on Kubernetes (by its labels)."""
-    from tricks_nats.cli.app import _fail
 
     async def run() -> list[str]:
         from tricks_nats.runtimes import kube_api
@@ -62,7 +63,7 @@ def down(
     try:
         names = asyncio.run(run())
     except TricksError as exc:
-        _fail(exc)
+        fail(exc)
     for name in names:
         typer.echo(f"deleted pod {name}")
     typer.echo(f"{experiment}: {len(names)} pod(s) deleted")

@@ -6,18 +6,13 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from tricks_nats.cli.output import fail
+from tricks_nats.entries import KINDS, Entry
 from tricks_nats.errors import TricksError
-
-KINDS = ("pod", "event", "workflow", "verdict")
-
-
-def _fail(exc: TricksError) -> None:
-    typer.echo(f"tricks-nats: error: {exc}", err=True)
-    raise typer.Exit(exc.exit_code)
 
 
 def watch(
@@ -47,6 +42,7 @@ def watch(
     ),
 ) -> None:
     """Stream an experiment's events as they happen; exit 0 when it ends (1 if it failed)."""
+    from tricks_nats.entries import json_line
     from tricks_nats.render import describe, matches
     from tricks_nats.watching import follow, resolve
 
@@ -59,9 +55,9 @@ def watch(
         raise typer.Exit(2)
     colour = sys.stdout.isatty() and not as_json
 
-    def emit(entry: dict[str, Any]) -> None:
+    def emit(entry: Entry) -> None:
         if matches(entry, list(tag or []), kinds):
-            typer.echo(json.dumps(entry) if as_json else describe(entry, colour=colour))
+            typer.echo(json_line(entry) if as_json else describe(entry, colour=colour))
 
     try:
         state = resolve(experiment, runs_dir)
@@ -69,7 +65,7 @@ def watch(
             typer.echo(f"watching {state.experiment}", err=True)
         verdict = asyncio.run(follow(state, emit, from_start=from_start))
     except TricksError as exc:
-        _fail(exc)
+        fail(exc)
         return
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -96,7 +92,7 @@ def status(
     try:
         rows = asyncio.run(get_status(nats_url))
     except TricksError as exc:
-        _fail(exc)
+        fail(exc)
         return
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -133,7 +129,7 @@ def report(
             draw(run, output)
             typer.echo(f"timeline written to {output}")
     except TricksError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def register(app: typer.Typer) -> None:

@@ -14,11 +14,13 @@ import logging
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
+from tricks_nats.cli.output import fail
 from tricks_nats.errors import TricksError, UsageError
+from tricks_nats.protocol import check_name
 
 if TYPE_CHECKING:
     from tricks_nats.driver import Driver
@@ -32,18 +34,6 @@ TimeoutOpt = Annotated[
     float | None,
     typer.Option("--timeout", min=0, help="Seconds to wait at most (default: forever); exit 1."),
 ]
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"tricks-nats: error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _check_name(name: str, what: str) -> None:
-    from tricks_nats.protocol import NAME_RE
-
-    if not NAME_RE.match(name):
-        raise UsageError(f"bad {what} {name!r}: letters, digits, '-' or '_' only")
 
 
 def _run(call: Callable[[Driver], Awaitable[T]], timeout: float | None = None) -> T:
@@ -70,13 +60,13 @@ def _run(call: Callable[[Driver], Awaitable[T]], timeout: float | None = None) -
     try:
         return asyncio.run(main())
     except TricksError as exc:
-        _fail(str(exc), exc.exit_code)
+        fail(exc)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except Exception as exc:  # a bug of ours: still one line for the script, details with -v
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise
-        _fail(f"unexpected {type(exc).__name__}: {exc} (run with -v for details)", 1)
+        fail(f"unexpected {type(exc).__name__}: {exc} (run with -v for details)", 1)
 
 
 def _skip_websocket_support() -> None:
@@ -98,11 +88,11 @@ def event(
 ) -> None:
     """Register event NAME once; print the count right after this registration."""
     try:
-        _check_name(name, "event name")
+        check_name(name, "event name")
         if key is not None and not ID_RE.match(key):
             raise UsageError(f"bad --id {key!r}: 1 to 100 letters, digits, '-', '_' or ':'")
     except UsageError as exc:
-        _fail(str(exc), exc.exit_code)
+        fail(exc)
 
     async def call(driver: Driver) -> int:
         if key is None:
@@ -119,9 +109,9 @@ def wait(
 ) -> None:
     """Block until event NAME has been registered VALUE times; print the count reached."""
     try:
-        _check_name(name, "event name")
+        check_name(name, "event name")
     except UsageError as exc:
-        _fail(str(exc), exc.exit_code)
+        fail(exc)
     typer.echo(_run(lambda driver: driver.wait_event(name, value, timeout), timeout))
 
 
@@ -138,9 +128,9 @@ def discover(
 ) -> None:
     """List the running pods of TAG, one `pod_id ip` line each (sorted by pod id)."""
     try:
-        _check_name(tag, "tag")
+        check_name(tag, "tag")
     except UsageError as exc:
-        _fail(str(exc), exc.exit_code)
+        fail(exc)
     peers = _run(lambda driver: driver.discover(tag, count, timeout), timeout)
     if as_json:
         rows = [{"tag": p.tag, "pod_id": p.pod_id, "ip": p.ip, "name": p.name} for p in peers]

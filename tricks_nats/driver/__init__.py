@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tricks_nats import env as E
 from tricks_nats.errors import ConfigError, NatsUnavailable, TricksError, WaitTimeout
-from tricks_nats.protocol import NAME_RE, PodRecord, event_msg_id
 from tricks_nats.protocol import VERSION as PROTOCOL_VERSION
+from tricks_nats.protocol import PodRecord, check_name, event_msg_id, pod_name
 
 __all__ = [
     "Config",
@@ -61,7 +61,7 @@ class Config:
 
     @property
     def pod(self) -> str:
-        return f"{self.tag}-{self.pod_id}"
+        return pod_name(self.tag, self.pod_id)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -157,7 +157,7 @@ class Driver:
         self, tag: str, count: int | None = None, timeout: float | None = None
     ) -> list[Peer]:
         """The running pods of `tag` now; with `count`, block until at least `count` run."""
-        _check_name(tag, "tag")
+        check_name(tag, "tag")
         if count is not None and count < 0:
             raise TricksError(f"count must be >= 0, got {count}")
         return await self.bus.discover(tag, count, timeout)
@@ -172,25 +172,20 @@ class Driver:
     async def register_with_id(self, name: str, key: str) -> int:
         """`register_event` with a caller-chosen id: calls with the same `key` (within 5
         minutes) count once, so a script can retry one safely (the shell's `event --id`)."""
-        _check_name(name, "event name")
+        check_name(name, "event name")
         c = self.config
         msg_id = event_msg_id(c.experiment, c.pod, name, key)
         return await self.bus.register(name, msg_id=msg_id, pod=c.pod)
 
     async def wait_event(self, name: str, value: int, timeout: float | None = None) -> int:
         """Block until event `name` has been registered at least `value` times."""
-        _check_name(name, "event name")
+        check_name(name, "event name")
         return await self.bus.wait_count(name, value, timeout)
 
     async def count(self, name: str) -> int:
         """The current count of event `name`, without waiting."""
-        _check_name(name, "event name")
+        check_name(name, "event name")
         return await self.bus.count(name)
-
-
-def _check_name(name: str, what: str) -> None:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise TricksError(f"bad {what} {name!r}: letters, digits, '-' or '_' only")
 
 
 class SyncDriver:

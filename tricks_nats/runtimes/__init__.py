@@ -2,17 +2,32 @@
 
 A runtime turns PodPlans into running pods and reports what happens to them as PodEvents on
 its `events` queue. It never decides anything about workflows; a runtime never imports another.
+Adding a runtime touches only this package: its module, and one line in `REGISTRY`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from tricks_nats.errors import UsageError
+from tricks_nats.protocol import pod_name
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
+
+    from tricks_nats.spec import Experiment
+
+#: Runtimes by name: (module, class). Modules are imported when a run uses them, so heavy
+#: clients (kubernetes-asyncio) load only for the runs that need them.
+REGISTRY: dict[str, tuple[str, str]] = {
+    "local": ("tricks_nats.runtimes.local", "LocalRuntime"),
+    "kubernetes": ("tricks_nats.runtimes.kubernetes", "KubernetesRuntime"),
+}
 
 
 @dataclass(frozen=True)
@@ -27,11 +42,10 @@ class PodPlan:
     env: dict[str, str]
     log_path: Path
     cwd: Path = field(default=Path("."))
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return f"{self.tag}-{self.pod_id}"
+        return pod_name(self.tag, self.pod_id)
 
 
 @dataclass(frozen=True)
@@ -55,7 +69,17 @@ class PodEvent:
 
     @property
     def name(self) -> str:
-        return f"{self.tag}-{self.pod_id}"
+        return pod_name(self.tag, self.pod_id)
+
+
+@dataclass(frozen=True)
+class NatsRoute:
+    """How NATS is reached in a run, as the runtime's pods need it."""
+
+    #: The server the coordinator uses; None: start an embedded one on this machine.
+    coordinator_url: str | None
+    #: The same server as the pods reach it; None: the coordinator's address.
+    pods_url: str | None = None
 
 
 class Runtime(Protocol):
@@ -64,8 +88,24 @@ class Runtime(Protocol):
     name: str
     events: asyncio.Queue[PodEvent]
 
+    @classmethod
+    def for_experiment(cls, exp: Experiment, exp_id: str, options: Any) -> Runtime:
+        """The runtime for one run; `options` is the runtime's own options object (None
+        when the user gave none)."""
+        ...
+
+    def nats_route(self, nats_url: str | None) -> NatsRoute:
+        """Where the coordinator and the pods reach NATS, given the user's --nats-url;
+        a UsageError if this runtime cannot work with that."""
+        ...
+
     def check(self, plans: Iterable[PodPlan]) -> list[str]:
         """Problems that would stop these pods from launching (e.g. a missing program)."""
+        ...
+
+    async def prepare(self) -> None:
+        """Reach what the pods need (a cluster) before anything starts; a UsageError if it
+        cannot be reached. A no-op for runtimes that need nothing."""
         ...
 
     async def launch(self, plan: PodPlan) -> None:
@@ -79,6 +119,17 @@ class Runtime(Protocol):
     async def aclose(self, grace: float) -> None:
         """Stop every pod still alive and release everything; nothing may outlive this."""
         ...
+
+
+def create(name: str, exp: Experiment, exp_id: str, options: Mapping[str, Any]) -> Runtime:
+    """The runtime called `name` for one run, with its options from `options[name]`."""
+    if name not in REGISTRY:
+        known = ", ".join(REGISTRY)
+        raise UsageError(f"runtime {name!r} is not available (known: {known})")
+    module, cls = REGISTRY[name]
+    factory = getattr(importlib.import_module(module), cls)
+    runtime: Runtime = factory.for_experiment(exp, exp_id, options.get(name))
+    return runtime
 
 
 def exit_code_of(returncode: int) -> int:

@@ -9,7 +9,8 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 
-from tricks_nats.runtimes import PodEvent, PodPlan
+from tricks_nats.protocol import pod_name
+from tricks_nats.runtimes import NatsRoute, PodEvent, PodPlan
 
 #: A pod's program: gets its plan and an event set when it is asked to stop; returns exit code.
 Program = Callable[[PodPlan, asyncio.Event], Awaitable[int]]
@@ -36,6 +37,19 @@ class FakeRuntime:
         self.terminated: list[str] = []
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._stops: dict[tuple[str, int], asyncio.Event] = {}
+
+    @classmethod
+    def for_experiment(cls, exp: object, exp_id: str, options: object) -> FakeRuntime:
+        """`options`: the programs by tag (a dict of Program)."""
+        if not isinstance(options, dict):
+            raise TypeError("the fake runtime's options are its programs by tag")
+        return cls(options)
+
+    def nats_route(self, nats_url: str | None) -> NatsRoute:
+        return NatsRoute(nats_url)
+
+    async def prepare(self) -> None:
+        pass
 
     def check(self, plans: Iterable[PodPlan]) -> list[str]:
         return [f"no program for tag {p.tag!r}" for p in plans if p.tag not in self.programs]
@@ -72,7 +86,7 @@ class FakeRuntime:
         task = self._tasks.get((tag, pod_id))
         if task is None or task.done():
             return
-        self.terminated.append(f"{tag}-{pod_id}")
+        self.terminated.append(pod_name(tag, pod_id))
         self._stops[(tag, pod_id)].set()
         done, _ = await asyncio.wait({task}, timeout=grace)
         if not done:

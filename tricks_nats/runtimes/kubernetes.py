@@ -30,16 +30,21 @@ import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import aiohttp
 from kubernetes_asyncio import client
 
 from tricks_nats import env as E
 from tricks_nats.errors import RuntimeFailure, UsageError
-from tricks_nats.runtimes import PodEvent, PodPlan
+from tricks_nats.runtimes import NatsRoute, PodEvent, PodPlan
 from tricks_nats.runtimes import kube_api as kapi
 from tricks_nats.runtimes import kube_objects as ko
+from tricks_nats.runtimes.kube_options import KubeOptions
+from tricks_nats.tasks import Tasks
+
+if TYPE_CHECKING:
+    from tricks_nats.spec import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +107,11 @@ class KubernetesRuntime:
         settle_timeout: float = 30.0,
         watch_give_up: float = 120.0,
         api_retry_budget: float = kapi.RETRY_BUDGET,
+        pod_nats_url: str | None = None,
     ) -> None:
         self.events: asyncio.Queue[PodEvent] = asyncio.Queue()
         self.experiment = experiment
+        self.pod_nats_url = pod_nats_url
         self.kubeconfig = kubeconfig
         self.context = context
         self.namespace = namespace or ""
@@ -123,7 +130,7 @@ class KubernetesRuntime:
         self._queue: asyncio.Queue[_Pod | None] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
         self._watcher: asyncio.Task[None] | None = None
-        self._helpers: set[asyncio.Task[Any]] = set()
+        self._helpers = Tasks()
         self._start_lock = asyncio.Lock()
         self._streams = 0
         self._rv = ""
@@ -131,6 +138,37 @@ class KubernetesRuntime:
         self._told: set[str] = set()  # warnings given once per run
 
     # -- setup ----------------------------------------------------------------------------
+
+    @classmethod
+    def for_experiment(
+        cls, exp: Experiment, exp_id: str, options: KubeOptions | None
+    ) -> KubernetesRuntime:
+        o = options or KubeOptions()
+        return cls(
+            experiment=exp_id,
+            kubeconfig=o.kubeconfig,
+            context=o.context,
+            namespace=o.namespace,
+            concurrency=o.concurrency,
+            schedule_timeout=o.schedule_timeout,
+            resources={t.tag: t.resources for t in exp.tags if t.resources},
+            pod_nats_url=o.pod_nats_url,
+        )
+
+    def nats_route(self, nats_url: str | None) -> NatsRoute:
+        """Pods on a cluster cannot reach an embedded server on this machine: the
+        coordinator uses --nats-url, or inside the cluster the NATS service of manifests/."""
+        pods = self.pod_nats_url or ko.DEFAULT_POD_NATS_URL
+        if nats_url:
+            return NatsRoute(nats_url, pods)
+        if kapi.in_cluster():
+            return NatsRoute(pods, pods)
+        raise UsageError(
+            "the kubernetes runtime needs --nats-url: the NATS of manifests/ as this machine "
+            "reaches it (e.g. `kubectl -n tricks-nats port-forward svc/nats 4222` and "
+            "--nats-url nats://127.0.0.1:4222); pods use --pod-nats-url (default "
+            f"{ko.DEFAULT_POD_NATS_URL})"
+        )
 
     def check(self, plans: Iterable[PodPlan]) -> list[str]:
         problems: dict[str, str] = {}
@@ -695,10 +733,7 @@ class KubernetesRuntime:
         self._watcher, self._workers = None, []
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro)
-        self._helpers.add(task)
-        task.add_done_callback(self._helpers.discard)
-        return task
+        return self._helpers.spawn(coro)
 
 
 def _write(path: Path, data: bytes) -> None:

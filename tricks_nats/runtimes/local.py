@@ -44,12 +44,15 @@ import threading
 from collections.abc import Callable, Iterable
 from io import FileIO
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tricks_nats import env as envnames
 from tricks_nats.errors import RuntimeFailure
-from tricks_nats.runtimes import PodEvent, PodPlan, exit_code_of
+from tricks_nats.runtimes import NatsRoute, PodEvent, PodPlan, exit_code_of
 from tricks_nats.watchdog import Watchdog, kill_cgroup, kill_pids, marked_pids, rmdir_cgroup
+
+if TYPE_CHECKING:
+    from tricks_nats.spec import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +209,17 @@ class LocalRuntime:
         self._made_cgroup: Path | None = None  # what to remove at the end
         self._ready = False
         self._closing = False
+
+    @classmethod
+    def for_experiment(cls, exp: Experiment, exp_id: str, options: Any) -> LocalRuntime:
+        return cls()
+
+    def nats_route(self, nats_url: str | None) -> NatsRoute:
+        """Pods run on this machine: they reach NATS where the coordinator does."""
+        return NatsRoute(nats_url)
+
+    async def prepare(self) -> None:
+        """Nothing to reach before the run."""
 
     @property
     def tracking(self) -> Literal["cgroup", "environ"]:
