@@ -267,10 +267,14 @@ def test_sigkill_of_up_leaves_no_pod_and_no_server(tmp_path: Path) -> None:
         family = psutil.Process(proc.pid).children(recursive=True)
         names = [p.name() for p in family]
         assert "nats-server" in names and names.count("sleep") == 6
+        server = next(p for p in family if p.name() == "nats-server").cmdline()
+        work = Path(server[server.index("-c") + 1]).parent  # its config, store and all
+        assert work.name.startswith("tricks-nats-") and work.is_dir()
     finally:
         proc.kill()
         proc.communicate()
-    _, alive = psutil.wait_procs(family, timeout=15)
+    _, alive = psutil.wait_procs(family, timeout=15)  # the watchdog among them
     left = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, [p.cmdline() for p in left]
     assert exp is not None and not exp_processes(exp)
+    assert not work.exists()  # the embedded server's temporary store went with it

@@ -122,6 +122,7 @@ class EmbeddedServer:
     async def start(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="tricks-nats-")
         self._work = Path(self._tmp.name)
+        self.watchdog.remove_on_death(self._work)  # its store too, if we are killed
         self._store = self.store_dir or self._work / "jetstream"
         self._store.mkdir(parents=True, exist_ok=True)
         self._stopping = False
