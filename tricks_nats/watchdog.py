@@ -117,6 +117,10 @@ def _main() -> None:
             os.killpg(pgid, signal.SIGKILL)
     for cgroup in sets["C"]:
         kill_cgroup(cgroup)
+    # Files first (credentials, a server's store): the hunt for marked processes below may
+    # take seconds, and nothing must stop their removal.
+    for path in sets["F"]:
+        remove_path(path)
     deadline = time.monotonic() + CLEANUP_S
     marks = sorted(sets["E"])
     while marks and time.monotonic() < deadline:
@@ -125,8 +129,6 @@ def _main() -> None:
             break
         kill_pids(pids)
         time.sleep(0.02)
-    for path in sets["F"]:
-        remove_path(path)
     cgroups = sorted(sets["C"])
     while cgroups and time.monotonic() < deadline:
         cgroups = [c for c in cgroups if not rmdir_cgroup(c)]
