@@ -423,3 +423,18 @@ def test_many_failures_are_summarised_in_the_verdict() -> None:
     assert verdict == "failed"
     assert reason is not None and reason.endswith("flaky-4 exited with 5 ...")
     assert "flaky-5" not in reason
+
+
+def test_alive_follows_launches_and_exits() -> None:
+    wf = W.Workflow(parse(TWO_TIERS, "<test>"))
+    assert not wf.alive()
+    wf.handle(W.Begin())
+    assert wf.alive()
+    wf.handle(W.PodRunning("server", 0, at=1.0))
+    wf.handle(W.PodExited("server", 0, at=2.0, exit_code=0))
+    wf.handle(W.PodExited("server", 0, at=2.0, exit_code=0))  # a repeat changes nothing
+    assert wf.alive()
+    wf.handle(W.PodExited("server", 1, at=2.0, exit_code=0))
+    assert not wf.alive()
+    wf.handle(W.CountChanged("ready", 2))
+    assert wf.alive()  # the client launches

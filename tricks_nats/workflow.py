@@ -200,6 +200,15 @@ class Workflow:
     def __init__(self, exp: Experiment) -> None:
         self.exp = exp
         self.tags = {t.tag: TagState(t) for t in exp.tags}
+        #: The tags whose start or stop condition names an event, in spec order: a count
+        #: looks at those only (a run of many tags counts `<tag>_start` once per pod).
+        self._waiting_on: dict[str, list[TagState]] = {}
+        for state in self.tags.values():
+            names = {c.name for c in (state.tag.start, state.tag.stop) if c is not None}
+            for name in names:
+                self._waiting_on.setdefault(name, []).append(state)
+        #: Pods launching or running.
+        self._alive = 0
         #: One record per pod, in spec order then pod id: the summary's `pods`.
         self.pods: dict[tuple[str, int], PodSummary] = {
             (t.tag, i): PodSummary(tag=t.tag, pod_id=i) for t in exp.tags for i in range(t.replicas)
@@ -219,7 +228,7 @@ class Workflow:
 
     def alive(self) -> bool:
         """Whether a pod is launching or running (while none is, only a count can help)."""
-        return any(pod.state in ALIVE for pod in self.pods.values())
+        return self._alive > 0
 
     def conditions(self) -> list[str]:
         """The counts the start and stop conditions depend on."""
@@ -259,6 +268,7 @@ class Workflow:
         for pod in self.pods.values():
             if pod.state == "launching":  # its launch was cut short: it never ran
                 pod.state = "pending"
+                self._alive -= 1
             if pod.state == "pending":
                 pod.reason = pod.reason or "never started"
         verdict, reason = self.decided or ("error", "the coordinator stopped before a verdict")
@@ -297,7 +307,7 @@ class Workflow:
         ]
         if self.finishing:
             return actions
-        for state in self.tags.values():
+        for state in self._waiting_on.get(fact.event, ()):
             if _met(state.tag.stop, fact) and not state.stop_requested:
                 actions += self._stop(state, state.tag.stop)
             if not state.started and not state.stop_requested and _met(state.tag.start, fact):
@@ -312,6 +322,7 @@ class Workflow:
             actions.append(Journal(_workflow_entry(tag, "start", cond)))
         for pod_id in range(state.tag.replicas):
             self.pods[(tag, pod_id)].state = "launching"
+            self._alive += 1
             actions.append(Journal(J.PodEntry(tag=tag, pod_id=pod_id, state="pending")))
             actions.append(Launch(tag, pod_id))
         return actions
@@ -349,6 +360,7 @@ class Workflow:
         pod = self.pods.get((fact.tag, fact.pod_id))
         if pod is None or pod.state not in ALIVE:
             return []
+        self._alive -= 1
         pod.stopped_at, pod.exit_code = fact.at, fact.exit_code
         if fact.reason:
             pod.reason = fact.reason
