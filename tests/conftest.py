@@ -20,6 +20,7 @@ import pytest
 from tricks_nats.natsserver import EmbeddedServer
 
 from .helpers import make_run  # noqa: F401 (a fixture: the coordinator on a fake runtime)
+from .kube_cluster import cluster, kubecfg  # noqa: F401 (fixtures: the Kubernetes API emulator)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

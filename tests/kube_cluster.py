@@ -44,6 +44,7 @@ from typing import Any
 import aiohttp.web
 import attrs
 import kmock
+import pytest
 import yaml
 
 from tricks_nats.runtimes import kube_objects as ko
@@ -551,3 +552,18 @@ def kubeconfig(path: Path, url: str) -> Path:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=1, sort_keys=True)
+
+
+# -- fixtures (conftest.py makes them visible to every test module) ------------------------------
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    async with Cluster() as emulator, kmock.Server(emulator):
+        try:
+            yield emulator
+        finally:
+            await emulator.stop_lives()
+
+
+@pytest.fixture
+def kubecfg(cluster: Cluster, tmp_path: Path) -> Path:
+    return kubeconfig(tmp_path / "kubeconfig", str(cluster.url).rstrip("/"))

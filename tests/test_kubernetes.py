@@ -34,24 +34,10 @@ from tricks_nats.runtimes.kubernetes import KubernetesRuntime
 from tricks_nats.spec import parse
 
 from .conftest import BIN, ROOT, cli_env
-from .kube_cluster import Cluster, PodContext, kubeconfig, processes
+from .kube_cluster import Cluster, PodContext, processes
 
 NS = "trials"
 EXP = "kexp-20260101-000000-abcd"
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    async with Cluster() as emulator, kmock.Server(emulator):
-        try:
-            yield emulator
-        finally:
-            await emulator.stop_lives()
-
-
-@pytest.fixture
-def kubecfg(cluster: Cluster, tmp_path: Path) -> Path:
-    return kubeconfig(tmp_path / "kubeconfig", str(cluster.url).rstrip("/"))
 
 
 @pytest.fixture

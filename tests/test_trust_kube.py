@@ -21,26 +21,12 @@ from tricks_nats.runtimes import kube_objects as ko
 from tricks_nats.runtimes.kubernetes import KubernetesRuntime
 from tricks_nats.spec import parse
 
-from .kube_cluster import Cluster, PodContext, kubeconfig
+from .kube_cluster import Cluster, PodContext
 from .test_kubernetes import _options
 
 NS = "trials"
 EXP = "trust-20260101-000000-abcd"
 NOTE = "tricks-nats: log may be incomplete: "
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    async with Cluster() as emulator, kmock.Server(emulator):
-        try:
-            yield emulator
-        finally:
-            await emulator.stop_lives()
-
-
-@pytest.fixture
-def kubecfg(cluster: Cluster, tmp_path: Path) -> Path:
-    return kubeconfig(tmp_path / "kubeconfig", str(cluster.url).rstrip("/"))
 
 
 def _runtime(kubecfg: Path, **more: Any) -> KubernetesRuntime:
