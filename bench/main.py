@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import localrun, measures, peers
+from bench import localrun, measures, metrics, peers
 from bench.measures import Plan
 from bench.pool import Pool
 from bench.report import (
@@ -59,7 +59,17 @@ FULL = Plan(
     cli_runs=20,
 )
 
-SECTIONS = ("floor", "barrier", "increments", "discovery", "zookeeper", "redis", "up", "cli")
+SECTIONS = (
+    "floor",
+    "barrier",
+    "increments",
+    "discovery",
+    "zookeeper",
+    "redis",
+    "up",
+    "metrics",
+    "cli",
+)
 
 
 def log(text: str) -> None:
@@ -113,6 +123,9 @@ async def run(plan: Plan, only: set[str]) -> list[Row]:
             localrun.local_runtime(plan.up_pods, plan.up_runs, plan.up_kinds, log),
             None,
         )
+    if want("metrics"):
+        quick = plan.cli_runs < FULL.cli_runs
+        await _guard("metrics", rows, NATS, metrics.metrics_rows(quick, log), None)
     if want("cli"):
         rows.extend(await asyncio.to_thread(localrun.cli_startup, plan.cli_runs))
     return rows

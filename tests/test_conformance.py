@@ -64,7 +64,7 @@ def run(tmp_path: Path, text: str) -> tuple[subprocess.CompletedProcess[str], Pa
 
 
 def check_run(result: subprocess.CompletedProcess[str], root: Path, tags: list[str]) -> None:
-    logs = {p.stem: p.read_text() for p in (root / "logs").iterdir()}
+    logs = {p.stem: p.read_text() for p in (root / "logs").glob("*.log")}
     assert result.returncode == 0, result.stderr + "\n".join(
         f"--- {name}\n{text}" for name, text in sorted(logs.items())
     )
@@ -118,7 +118,7 @@ def test_polyglot_ring_example(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     (root,) = list(runs.iterdir())
-    logs = {p.stem: p.read_text() for p in (root / "logs").iterdir()}
+    logs = {p.stem: p.read_text() for p in (root / "logs").glob("*.log")}
     assert result.returncode == 0, result.stderr + "\n".join(
         f"--- {name}\n{text}" for name, text in sorted(logs.items())
     )
@@ -131,7 +131,13 @@ def test_polyglot_ring_example(tmp_path: Path) -> None:
         assert f"client {i} (shell) via server" in logs[f"client-{i}"]
         assert "request 4 went 4 hops" in logs[f"client-{i}"]
     for i in range(2):
-        assert "request 4 went 4 hops" in logs[f"pyclient-{i}"]
+        assert "request 2 went 4 hops" in logs[f"pyclient-{i}"]
+    # every round trip recorded: by the shell clients (`tricks-nats record -`) and by the
+    # Python clients (`record`), 5 each
+    counts = {(m["name"], m["tag"]): m["count"] for m in summary["metrics"]}
+    assert counts[("request_ms", "client")] == 4 * 5
+    assert counts[("request_ms", "pyclient")] == 2 * 5
+    assert summary["metrics_dropped"] == {} and summary["metrics_rejected"] == 0
     pods = {(p["tag"], p["pod_id"]): p for p in summary["pods"]}
     assert all(pods[("client", i)]["exit_code"] == 0 for i in range(4))
     assert all(pods[("server", i)]["stopped_by_workflow"] for i in range(4))

@@ -615,6 +615,11 @@ async def test_the_ring_example_runs_on_the_emulator_through_the_cli(
     server_log = (run / "logs" / "server-0.log").read_text()
     assert "token went round the ring of 6" in server_log  # the container's own output
     assert "median round trip" in (run / "logs" / "client-5.log").read_text()
+    # metrics: the clients' records (through NATS) and the servers' log lines (a pattern
+    # applied to the log streams the runtime copies)
+    metrics = {(m["name"], m["tag"]): m["count"] for m in summary["metrics"]}
+    assert metrics == {("request_ms", "client"): 6 * 200, ("token_ms", "server"): 6}
+    assert summary["metrics_dropped"] == {} and summary["metrics_rejected"] == 0
     assert f"succeeded: {summary['experiment']}" in out
     assert cluster.pods() == {}, "every pod is deleted at the end"
 

@@ -245,10 +245,11 @@ async def test_report_draws_png_and_html(tmp_path: Path) -> None:
 async def test_report_errors_are_one_line(tmp_path: Path) -> None:
     proc = await start("report", str(tmp_path / "nope"))
     _, err = await proc.communicate()
-    assert proc.returncode == 2 and "no readable summary.json" in err.decode()
-    proc = await start("report", str(make_run(tmp_path)), "-o", str(tmp_path / "t.svg"))
+    assert proc.returncode == 2 and "no journal.jsonl or spec.yaml there" in err.decode()
+    proc = await start("report", str(make_run(tmp_path)), "-o", str(tmp_path / "t.gif"))
     _, err = await proc.communicate()
-    assert proc.returncode == 2 and "use a .png or .html file name" in err.decode()
+    assert proc.returncode == 2 and ".gif" in err.decode()
+    assert len(err.decode().strip().splitlines()) == 1
 
 
 def test_state_file_holds_secrets_only_while_running(tmp_path: Path) -> None:

@@ -61,10 +61,15 @@ def test_ring_example_end_to_end(tmp_path: Path) -> None:
     assert s["events"]["client_start"] == 6 and s["events"]["client_stop"] == 6
     assert min(c["started_at"] for c in clients) > max(x["started_at"] for x in servers)
     logs = sorted(p.name for p in (run / "logs").iterdir())
-    assert logs == sorted(
-        [f"server-{i}.log" for i in range(6)] + [f"client-{i}.log" for i in range(6)]
-    )
+    pods = [f"server-{i}" for i in range(6)] + [f"client-{i}" for i in range(6)]
+    assert logs == sorted(f"{pod}.{kind}" for pod in pods for kind in ("log", "ts"))
     assert "went 6 hops" in (run / "logs" / "client-0.log").read_text()
+    # results for free: each request's round trip (driver), each token's tour (log pattern)
+    metrics = {(m["name"], m["tag"]): m for m in s["metrics"]}
+    assert sorted(metrics) == [("request_ms", "client"), ("token_ms", "server")]
+    assert metrics[("request_ms", "client")]["count"] == 6 * 200
+    assert metrics[("token_ms", "server")]["count"] == 6
+    assert 0 < metrics[("request_ms", "client")]["p50"] <= metrics[("request_ms", "client")]["p99"]
     assert (run / "spec.yaml").read_text() == (ROOT / "examples/ring/ring.yaml").read_text()
     journal = [json.loads(line) for line in (run / "journal.jsonl").read_text().splitlines()]
     assert journal[-1] == {**journal[-1], "kind": "verdict", "verdict": "succeeded"}

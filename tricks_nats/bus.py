@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     KeyValueConfig,
     StorageType,
     StreamConfig,
@@ -319,6 +320,17 @@ class Bus:
                     max_msg_size=64 * 1024,
                 )
             )
+            await self.js.add_stream(
+                StreamConfig(
+                    name=p.metrics_stream(self.exp_id),
+                    subjects=[p.metrics_subject(self.exp_id)],
+                    storage=StorageType.FILE,
+                    duplicate_window=p.DUPLICATE_WINDOW_S,
+                    max_msg_size=p.MAX_BATCH_BYTES,
+                    max_bytes=p.METRICS_STREAM_BYTES,
+                    discard=DiscardPolicy.NEW,
+                )
+            )
         except (nats.js.errors.Error, nats.errors.Error) as exc:
             raise TricksError(f"cannot create the experiment's buckets: {exc}") from exc
 
@@ -327,6 +339,7 @@ class Bus:
             p.stream_of(p.counts_bucket(self.exp_id)),
             p.stream_of(p.pods_bucket(self.exp_id)),
             p.journal_stream(self.exp_id),
+            p.metrics_stream(self.exp_id),
         ]
         for stream in streams:
             try:
@@ -354,6 +367,20 @@ class Bus:
         if value is None:
             raise TricksError(f"registering {event!r}: no count in the reply {reply.data[:100]!r}")
         return value
+
+    async def store_batch(self, pod: str, body: bytes, msg_id: str) -> str | None:
+        """A pod's batch of samples into the metrics stream (retried like every request, under
+        one message id: stored once). None when stored, else why the stream refused it."""
+        subject = p.metrics_subject(self.exp_id, pod)
+        headers = {p.MSG_ID_HEADER: msg_id}
+        reply = await self._request(subject, body, "send metrics", headers)
+        try:
+            ack = msgspec.json.decode(reply.data, type=p.PubAckOrError)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return f"not an acknowledgement: {reply.data[:100]!r}"
+        if ack.error:
+            return ack.error.description or f"error {ack.error.code}"
+        return None
 
     async def increment(
         self, event: str, *, msg_id: str | None = None, pod: str | None = None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from tricks_nats import env as E
 from tricks_nats import protocol as p
 from tricks_nats.bus import Bus, Endpoint
+from tricks_nats.collector import Collector
 from tricks_nats.counting import CountKeeper
 from tricks_nats.entries import VerdictEntry
 from tricks_nats.errors import NatsUnavailable, TricksError
@@ -52,6 +53,9 @@ from tricks_nats.workflow import (
 )
 
 log = logging.getLogger(__name__)
+
+#: At the end, how long to wait for the pods' last metrics batches to be written.
+DRAIN_METRICS_S = 10.0
 
 
 @dataclass
@@ -92,6 +96,7 @@ class Coordinator:
         lifecycle = {n for t in exp.tags for n in (p.start_event(t.tag), p.stop_event(t.tag))}
         self.registrar = Registrar(bus, self.keeper, lifecycle)
         self.rosters = Rosters(bus, self.keeper)
+        self.collector = Collector(records.root, exp, bus)
         self._fail_timer: asyncio.TimerHandle | None = None
         self._stoppers = Tasks()
         self._forwarder: asyncio.Task[None] | None = None
@@ -140,6 +145,7 @@ class Coordinator:
 
     async def _run_loop(self) -> None:
         await self.keeper.start()
+        await self.collector.start()
         await self.registrar.start()
         self._forwarder = asyncio.create_task(self._forward_runtime(), name="runtime-events")
         try:
@@ -154,6 +160,12 @@ class Coordinator:
     def _conclude(self, verdict: Verdict, reason: str | None, started_at: float) -> Outcome:
         """Journal the verdict and write the summary; neither may raise (a full disk)."""
         self.records.write(VerdictEntry(verdict=verdict, reason=reason))
+        try:
+            metrics = self.collector.stats()
+        except Exception as exc:  # the verdict is written whatever happens here
+            log.warning("summarising the metrics: %s", exc, exc_info=log.isEnabledFor(10))
+            metrics = []
+        self.collector.close()
         summary = Summary(
             experiment=self.exp_id,
             name=self.exp.name,
@@ -165,6 +177,9 @@ class Coordinator:
             events=dict(self.keeper.counts),
             runtime=self.runtime.name,
             journal_lost=self.records.journal_lost,
+            metrics=metrics,
+            metrics_dropped=dict(self.collector.dropped_by_pod()),
+            metrics_rejected=self.collector.rejected,
         )
         self.records.write_summary(summary)
         return Outcome(verdict, reason, summary)
@@ -284,6 +299,7 @@ class Coordinator:
             env=env,
             log_path=self.records.log_path(tag.tag, pod_id),
             cwd=self.exp.base_dir,
+            on_output=self.collector.tap(tag.tag, pod_id, self.records.log_path(tag.tag, pod_id)),
         )
 
     # -- teardown -------------------------------------------------------------------------
@@ -314,6 +330,8 @@ class Coordinator:
                 await self._forwarder
         await self._stoppers.cancel()
         await self._drain_runtime()
+        await self.collector.drain(DRAIN_METRICS_S)
+        await self.collector.stop()
         await self.keeper.stop()
 
     async def _drain_runtime(self) -> None:

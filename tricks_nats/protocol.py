@@ -96,6 +96,46 @@ def experiment_of_stream(stream: str) -> str | None:
     return None
 
 
+def metrics_subject(exp: str, pod: str = "*") -> str:
+    """Pods publish their batches of samples here (a JetStream publish: the reply is the
+    metrics stream's acknowledgement); `pod` is `<tag>-<pod_id>`."""
+    return f"tricks.{exp}.metrics.{pod}"
+
+
+def metrics_stream(exp: str) -> str:
+    """The stream that holds the batches until the coordinator has written them."""
+    return f"tricks-{exp}-metrics"
+
+
+def metrics_msg_id(exp: str, pod: str, nonce: str) -> str:
+    """One per batch, identical across that batch's retries: stored and written once."""
+    return f"{exp}.{pod}.metrics.{nonce}"
+
+
+#: A batch's body is at most this many bytes (the stream refuses larger ones).
+MAX_BATCH_BYTES = 1 << 20
+#: What the metrics stream may hold at once: past it, batches are refused (and counted as
+#: dropped by the pod), so a pod that floods cannot fill the coordinator's disk.
+METRICS_STREAM_BYTES = 1 << 30
+#: Label keys: short identifiers; these five are the CSV's own columns.
+LABEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+RESERVED_LABELS = frozenset({"ts", "tag", "pod_id", "name", "value"})
+MAX_LABELS = 8
+MAX_LABEL_VALUE = 200
+
+
+class MetricsBatch(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True):
+    """Body of a batch: `samples` are `[ts, name, value]` or `[ts, name, value, {labels}]`
+    (ts: seconds since the epoch in the pod; value: a finite number; labels: strings);
+    `dropped`: samples this pod has dropped so far (cumulative: a full buffer, a refused
+    batch); `intervals`: expected milliseconds between samples, by metric name (declared
+    for coordination-omission correction)."""
+
+    samples: list[list[object]] = []
+    dropped: int = 0
+    intervals: dict[str, float] = {}
+
+
 def inbox_prefix(exp: str) -> str:
     """Replies for an experiment's clients come back under their own prefix (isolation)."""
     return f"_INBOX_{exp}"
@@ -204,15 +244,17 @@ def parse_count(data: bytes) -> int | None:
 
 def pod_permissions(exp: str) -> dict[str, dict[str, list[str]]]:
     """What a pod's NATS user may do: ask the coordinator to count its events, read its own
-    experiment's counts and rosters, hear its notifications. No JetStream writes, no
-    consumers: a pod cannot change a count but through the coordinator (+1 per call), nor aim
-    a delivery at a subject that others trust."""
+    experiment's counts and rosters, hear its notifications, and store its metrics batches
+    (the one stream a pod writes: bounded, read only by the coordinator, counting nothing).
+    No other JetStream writes, no consumers: a pod cannot change a count but through the
+    coordinator (+1 per call), nor aim a delivery at a subject that others trust."""
     counts, pods = stream_of(counts_bucket(exp)), stream_of(pods_bucket(exp))
     api = "$JS.API"
     return {
         "publish": {
             "allow": [
                 event_subject(exp, "*"),
+                metrics_subject(exp),
                 f"{api}.DIRECT.GET.{counts}.>",
                 f"{api}.DIRECT.GET.{pods}.>",
                 f"{api}.STREAM.INFO.{counts}",

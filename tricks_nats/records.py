@@ -39,6 +39,37 @@ class PodSummary(msgspec.Struct):
     log_incomplete: str | None = None
 
 
+class CorrectedStats(msgspec.Struct):
+    """Percentiles with the samples a stalled closed-loop client did not send added back
+    (HdrHistogram's correction for coordination omission)."""
+
+    count: int
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    p999: float
+    max: float
+
+
+class MetricStats(msgspec.Struct, omit_defaults=True):
+    """One metric of one tag, over the whole run."""
+
+    name: str
+    tag: str
+    count: int
+    mean: float
+    min: float
+    p50: float
+    p90: float
+    p99: float
+    p999: float
+    max: float
+    #: Declared in the spec or by the pods; then `corrected` holds the corrected figures.
+    expected_interval_ms: float | None = None
+    corrected: CorrectedStats | None = None
+
+
 class Summary(msgspec.Struct):
     experiment: str
     name: str
@@ -51,6 +82,12 @@ class Summary(msgspec.Struct):
     runtime: str = "local"
     #: Journal lines that could not be written (a full disk).
     journal_lost: int = 0
+    #: Every metric's figures (metrics.csv holds the samples).
+    metrics: list[MetricStats] = []
+    #: Samples each pod dropped (a full buffer, a refused batch), by pod; none: empty.
+    metrics_dropped: dict[str, int] = {}
+    #: Samples or batches the coordinator refused as malformed.
+    metrics_rejected: int = 0
 
 
 class RunRecords:

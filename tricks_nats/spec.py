@@ -37,7 +37,13 @@ from tricks_nats.located_yaml import (
     _TooMany,
     _type_name,
 )
-from tricks_nats.protocol import NAME_RE, start_event, stop_event
+from tricks_nats.protocol import (
+    LABEL_RE,
+    NAME_RE,
+    RESERVED_LABELS,
+    start_event,
+    stop_event,
+)
 
 #: Bounds on a spec (with those on its YAML, in located_yaml): each is a located error.
 #: Pods of one run (the sum of every tag's replicas).
@@ -77,6 +83,16 @@ class Resources(msgspec.Struct, forbid_unknown_fields=True):
     limits: dict[str, str | int | float] | None = None
 
 
+class MetricSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """A metric of a tag: with `pattern`, samples read from the pods' log lines (group `value`
+    the sample, group `ts` its time, other named groups its labels); `expected_interval_ms`
+    declares the interval between samples, for coordination-omission correction."""
+
+    name: str
+    pattern: str | None = None
+    expected_interval_ms: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
 class TagSpec(msgspec.Struct, forbid_unknown_fields=True):
     tag: str
     image: str | None = None
@@ -85,6 +101,7 @@ class TagSpec(msgspec.Struct, forbid_unknown_fields=True):
     env: list[EnvVar] | dict[str, Scalar] | None = None
     workflow: Workflow | None = None
     resources: Resources | None = None  # kubernetes runtime only
+    metrics: list[MetricSpec] | None = None
     #: stop: the first failed pod fails the run and the rest are stopped after the grace
     #: period; continue: a failure is recorded and the run goes on.
     on_failure: OnFailure = "stop"
@@ -111,6 +128,7 @@ class Tag:
     stop: Condition | None
     resources: dict[str, dict[str, str]] | None = None
     on_failure: str = "stop"
+    metrics: tuple[MetricSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -304,6 +322,7 @@ def _check_semantics(data: Any, loc: _Located, runtime: str) -> None:
         if runtime == "kubernetes" and not t.get("image"):
             loc.at(p, f"tag {shown} has no 'image': the kubernetes runtime needs one")
         _check_env(t.get("env"), (*p, "env"), loc)
+        _check_metrics(t.get("metrics"), (*p, "metrics"), loc)
         _check_command(t.get("command"), (*p, "command"), loc)
         workflow = t.get("workflow")
         for which in ("start", "stop"):
@@ -372,6 +391,48 @@ def _check_env(env: Any, path: PathT, loc: _Located) -> None:
                 loc.at(where, message, key=is_key)
         if isinstance(value, str) and (bad := _bad_text(value)) is not None:
             loc.at(value_at, f"an env value may not contain {bad}")
+
+
+def _check_metrics(metrics: Any, path: PathT, loc: _Located) -> None:
+    """Names are event names; a pattern compiles, has a group `value`, and its other named
+    groups are label keys (or `ts`)."""
+    seen: set[str] = set()
+    for j, m in enumerate(metrics if isinstance(metrics, list) else []):
+        if not isinstance(m, dict):
+            continue
+        name, pattern = m.get("name"), m.get("pattern")
+        if isinstance(name, str):
+            if not NAME_RE.match(name):
+                loc.at(
+                    (*path, j, "name"),
+                    f"metric name {_shown(name)} must be letters, digits, '-' or '_' "
+                    "(starting with a letter or digit, at most 100)",
+                )
+            elif name in seen:
+                loc.at((*path, j, "name"), f"metric {name!r} is declared twice in this tag")
+            seen.add(name)
+        if isinstance(pattern, str):
+            problem = pattern_problem(pattern)
+            if problem is not None:
+                loc.at((*path, j, "pattern"), problem)
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why `pattern` cannot read samples from log lines, if it cannot."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        return f"bad pattern {_shown(pattern)}: {exc}"
+    groups = set(compiled.groupindex)
+    if "value" not in groups:
+        return f"pattern {_shown(pattern)} has no group (?P<value>...) for the sample's value"
+    for group in sorted(groups - {"value", "ts"}):
+        if not LABEL_RE.match(group) or group in RESERVED_LABELS:
+            return (
+                f"pattern group {group!r} cannot be a label: use a name other than "
+                f"{', '.join(sorted(RESERVED_LABELS - {'value', 'ts'}))}"
+            )
+    return None
 
 
 def _check_command(command: Any, path: PathT, loc: _Located) -> None:
@@ -520,6 +581,7 @@ def _parse(text: str, source: str, runtime: str | None, base_dir: Path | None) -
             stop=t.workflow.stop if t.workflow else None,
             resources=_resources(t),
             on_failure=t.on_failure,
+            metrics=tuple(t.metrics or ()),
         )
         for t in spec.experiment
     )

@@ -1,5 +1,6 @@
 """A ring client: sends REQUESTS requests through "its" server (pod id modulo the servers) all
-the way round the ring, prints each round trip, and exits 0."""
+the way round the ring, records each round trip as metric `request_ms` (one line:
+`tricks.record`), and exits 0. `tricks-nats report runs/<id>` then shows their percentiles."""
 
 from __future__ import annotations
 
@@ -29,11 +30,13 @@ async def main() -> None:
             reply = json.loads(await reader.readline())
             rtts.append((time.perf_counter() - started) * 1000)
             assert reply["seq"] == seq and reply["hops"] == len(servers), reply
-            print(
-                f"client {me.pod_id} via server {mine.pod_id}: request {seq} went "
-                f"{reply['hops']} hops in {rtts[-1]:.2f} ms",
-                flush=True,
-            )
+            tricks.record("request_ms", rtts[-1])
+            if seq < 3:
+                print(
+                    f"client {me.pod_id} via server {mine.pod_id}: request {seq} went "
+                    f"{reply['hops']} hops in {rtts[-1]:.2f} ms",
+                    flush=True,
+                )
         print(f"client {me.pod_id}: median round trip {statistics.median(rtts):.2f} ms", flush=True)
         writer.close()
         await writer.wait_closed()

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import signal
+import time
 
 from tricks_nats.driver import Driver
 
@@ -83,9 +84,14 @@ async def main() -> None:
             f"server {me.pod_id} connected to server {neighbour.pod_id} at {neighbour.ip}",
             flush=True,
         )
+        sent = time.perf_counter()
         await forward({"type": "token", "origin": me.pod_id})
         await asyncio.wait_for(ring_closed.wait(), 60)
-        print(f"server {me.pod_id}: token went round the ring of {me.replicas}", flush=True)
+        took = (time.perf_counter() - sent) * 1000
+        print(
+            f"server {me.pod_id}: token went round the ring of {me.replicas} in {took:.3f} ms",
+            flush=True,
+        )
         await tricks.register_event("server-connected")
         await stop.wait()
         print(f"server {me.pod_id}: stopping", flush=True)

@@ -7,6 +7,8 @@ python -m tests.conformance.fixture serve --url URL --exp EXP [--user U --passwo
     `ready`, then answer one line per command read on stdin until EOF:
       pod TAG ID IP  -> put a running pod         gone TAG ID -> delete it
       count EVENT    -> the count                 incr EVENT  -> +1 as the coordinator
+      samples        -> every metrics batch stored so far, as one JSON list of
+                        {"subject", "msg_id", "batch"} objects (the batch as sent)
     Each answer is one line: `ok [value]` or `error <message>`.
 """
 
@@ -36,7 +38,27 @@ async def _answer(bus: Bus, rosters: Rosters, words: list[str]) -> str:
             return f"ok {await bus.count(event)}"
         case ["incr", event]:
             return f"ok {await bus.increment(event)}"
+        case ["samples"]:
+            return f"ok {json.dumps(await _stored_batches(bus))}"
     return f"error unknown command {' '.join(words)!r}"
+
+
+async def _stored_batches(bus: Bus) -> list[dict[str, object]]:
+    stream = p.metrics_stream(bus.exp_id)
+    info = await bus.js.stream_info(stream)
+    out: list[dict[str, object]] = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        if not info.state.messages:
+            break
+        msg = await bus.js.get_msg(stream, seq)
+        out.append(
+            {
+                "subject": msg.subject,
+                "msg_id": (msg.headers or {}).get(p.MSG_ID_HEADER),
+                "batch": json.loads(msg.data or b"{}"),
+            }
+        )
+    return out
 
 
 async def serve(url: str, exp: str, user: str | None, password: str | None) -> None:

@@ -211,9 +211,9 @@ def server(
 
 def _register_extensions() -> None:
     """Command groups that live in their own modules (each cheap to import)."""
-    from tricks_nats.cli import kube, observe, shell_driver
+    from tricks_nats.cli import kube, logs, observe, shell_driver
 
-    for module in (shell_driver, kube, observe):
+    for module in (shell_driver, kube, observe, logs):
         module.register(app)
 
 

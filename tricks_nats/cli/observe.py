@@ -14,6 +14,8 @@ from tricks_nats.cli.output import fail
 from tricks_nats.entries import KINDS, Entry
 from tricks_nats.errors import TricksError
 
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Where runs are, for an experiment id.")]
+
 
 def watch(
     experiment: Annotated[
@@ -109,27 +111,122 @@ def status(
 
 
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run's records: runs/<experiment-id>.")],
+    run: Annotated[
+        str, typer.Argument(help="A run: its directory (runs/<id>) or its experiment id.")
+    ],
     output: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            "--output", "-o", help="Write a timeline: .png (matplotlib) or .html (plotly)."
+            "--output",
+            "-o",
+            help="A file: the timeline (.svg, .pdf, .png or .html). A directory (ending in /): "
+            "the timeline plus a CDF of every metric.",
         ),
     ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="With -o DIR/: svg, pdf, png or html.")
+    ] = "svg",
+    runs_dir: RunsDir = Path("runs"),
 ) -> None:
-    """Summarise a finished run; with -o, draw its timeline (needs tricks-nats[report])."""
+    """Summarise a run: pods, events, and every metric's percentiles (with coordination-
+    omission warnings); with -o, draw it (needs tricks-nats[report])."""
+    from tricks_nats import results
     from tricks_nats.report import load_run, text_summary
+    from tricks_nats.rundir import find_run
 
     try:
-        run = load_run(run_dir)
-        typer.echo(text_summary(run))
-        if output is not None:
+        run_dir = find_run(run, runs_dir)
+        timeline = load_run(run_dir)
+        typer.echo(text_summary(timeline))
+        found = results.load(run_dir)
+        if found is not None:
+            typer.echo(results.render(found))
+        if output is None:
+            return
+        if output.endswith("/") or Path(output).is_dir():
+            from tricks_nats.errors import UsageError
+            from tricks_nats.report import draw_all
+
+            if fmt not in ("svg", "pdf", "png", "html"):
+                raise UsageError(f"--format {fmt!r}: use svg, pdf, png or html")
+            for path in draw_all(run_dir, Path(output), suffix=f".{fmt}"):
+                typer.echo(f"wrote {path}")
+        else:
             from tricks_nats.report import draw
 
-            draw(run, output)
+            draw(timeline, Path(output))
             typer.echo(f"timeline written to {output}")
     except TricksError as exc:
         fail(exc)
+
+
+def plot(
+    run: Annotated[
+        str, typer.Argument(help="A run: its directory (runs/<id>) or its experiment id.")
+    ],
+    name: Annotated[str, typer.Argument(help="The metric to draw (a name in metrics.csv).")],
+    kind: Annotated[
+        str,
+        typer.Option(
+            "--kind",
+            "-k",
+            help="cdf (of the value), line (value over time), rate (samples/s over time: "
+            "throughput), bar (p50/mean/p99 with 95% intervals), hist.",
+        ),
+    ] = "cdf",
+    by: Annotated[str, typer.Option("--by", help="One series per tag or per pod.")] = "tag",
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="Only this tag (repeatable).")
+    ] = None,
+    log_x: Annotated[
+        bool, typer.Option("--log-x", help="Logarithmic value axis (cdf, hist).")
+    ] = False,
+    title: Annotated[str | None, typer.Option("--title", help="Drawn on the figure.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The figure: .svg or .pdf (vector), .png, or .html. "
+            "Default: <run>/<name>-<kind>.svg.",
+        ),
+    ] = None,
+    runs_dir: RunsDir = Path("runs"),
+) -> None:
+    """Draw one metric of a run from its metrics.csv (needs tricks-nats[report])."""
+    from tricks_nats import metrics_csv
+    from tricks_nats.errors import UsageError
+    from tricks_nats.plots import draw_metric
+    from tricks_nats.rundir import find_run
+
+    try:
+        run_dir = find_run(run, runs_dir)
+        path = run_dir / "metrics.csv"
+        if not path.is_file():
+            raise UsageError(f"{run_dir}: no metrics.csv (the run recorded no metrics)")
+        try:
+            samples = metrics_csv.read(path)
+        except (OSError, ValueError) as exc:
+            raise UsageError(str(exc)) from exc
+        target = output or run_dir / f"{name}-{kind}.svg"
+        t0 = _started_at(run_dir)
+        series = draw_metric(
+            samples, name, kind, target, by=by, tags=tag or None, log_x=log_x, title=title, t0=t0
+        )
+        typer.echo(f"wrote {target} ({len(series)} series: {', '.join(series)})")
+    except TricksError as exc:
+        fail(exc)
+
+
+def _started_at(run_dir: Path) -> float | None:
+    """When the run started (time zero of line and rate plots, as on the timeline)."""
+    import contextlib
+
+    from tricks_nats.report import load_run
+
+    with contextlib.suppress(TricksError):
+        return load_run(run_dir).started_at
+    return None
 
 
 def register(app: typer.Typer) -> None:
@@ -137,3 +234,4 @@ def register(app: typer.Typer) -> None:
     app.command()(watch)
     app.command()(status)
     app.command()(report)
+    app.command()(plot)

@@ -9,8 +9,10 @@ stderr. A pod may call these in a loop, so nats-py is imported only inside a com
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import re
 import sys
 from collections.abc import Awaitable, Callable
@@ -140,8 +142,97 @@ def discover(
             typer.echo(f"{p.pod_id} {p.ip}")
 
 
+def record(
+    name: Annotated[
+        str, typer.Argument(help="The metric (e.g. request_ms), or - to read samples from stdin.")
+    ],
+    value: Annotated[float | None, typer.Argument(help="The sample's value (a number).")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", "-l", help="A label KEY=VALUE (repeatable).")
+    ] = None,
+    expected_interval_ms: Annotated[
+        float | None,
+        typer.Option(
+            "--expected-interval-ms",
+            min=0,
+            help="Declare that NAME is recorded every this many ms (coordination omission).",
+        ),
+    ] = None,
+) -> None:
+    """Record one sample of metric NAME; with NAME `-`, one sample per stdin line:
+    `NAME VALUE [KEY=VALUE ...]` or a JSON object {"name", "value", "labels", "ts"}.
+    Samples are sent in batches; the command returns once all are stored."""
+    from tricks_nats.samples_text import parse_label, parse_line
+
+    try:
+        labels = dict(parse_label(text) for text in label or [])
+        if name != "-":
+            check_name(name, "metric name")
+            if value is None:
+                raise UsageError("missing VALUE (or use `-` to read samples from stdin)")
+            if not math.isfinite(value):
+                raise UsageError(f"value {value!r} is not a finite number")
+        elif value is not None:
+            raise UsageError("with `-`, samples come from stdin: no VALUE")
+    except UsageError as exc:
+        fail(exc)
+    bad: list[str] = []
+
+    async def call(driver: Driver) -> int:
+        if expected_interval_ms is not None and name != "-":
+            driver.expect_interval(name, expected_interval_ms)
+        if name != "-":
+            assert value is not None
+            driver.record(name, value, **labels)
+            return 1
+        return await _pump(driver, labels, bad, parse_line)
+
+    _run(call)
+    if bad:
+        fail(UsageError(f"{len(bad)} bad line(s) skipped; the first: {bad[0]}"))
+
+
+async def _pump(
+    driver: Driver,
+    labels: dict[str, str],
+    bad: list[str],
+    parse: Callable[[str], tuple[str, float, dict[str, str], float | None]],
+) -> int:
+    """Read stdin in a daemon thread (SIGTERM must not wait for a blocked read), recording
+    each line as it comes: the recorder is thread-safe and never blocks."""
+    import threading
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int] = loop.create_future()
+    recorder = driver.recorder
+
+    def finish(n: int) -> None:
+        if not done.done():
+            done.set_result(n)
+
+    def pump() -> None:
+        n = 0
+        try:
+            for number, line in enumerate(sys.stdin, 1):
+                if not line.strip():
+                    continue
+                try:
+                    name, value, own, ts = parse(line)
+                    recorder.record(name, value, {**labels, **own} or None, ts)
+                    n += 1
+                except (TricksError, ValueError) as exc:
+                    bad.append(f"line {number}: {exc}")
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone (interrupted)
+                loop.call_soon_threadsafe(finish, n)
+
+    threading.Thread(target=pump, name="tricks-record-stdin", daemon=True).start()
+    return await done
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
+    app.command("record")(record)
     app.command("event")(event)
     app.command("wait")(wait)
     app.command("discover")(discover)

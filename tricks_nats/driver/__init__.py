@@ -14,8 +14,11 @@ background thread, so the NATS connection stays alive between calls)::
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import os
 import secrets
+import signal
 import threading
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
@@ -40,6 +43,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from tricks_nats.bus import Bus
+    from tricks_nats.recorder import Recorder
 
 Peer = PodRecord
 T = TypeVar("T")
@@ -113,9 +117,11 @@ class Config:
 class Driver:
     """The asyncio driver. `await Driver.connect()` or `async with Driver() as d:`."""
 
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, *, record_buffer: int | None = None) -> None:
         self.config = config or Config.from_env()
         self._bus: Bus | None = None
+        self._recorder: Recorder | None = None
+        self._record_buffer = record_buffer
 
     @classmethod
     async def connect(cls, config: Config | None = None) -> Driver:
@@ -128,14 +134,31 @@ class Driver:
 
         c = self.config
         # A pod may start while the server restarts: connecting rides that out too.
-        self._bus = await Bus.open(
+        bus = self._bus = await Bus.open(
             Endpoint(c.nats_url, c.nats_user, c.nats_password),
             c.experiment,
             name=f"tricks-{c.experiment}-{c.pod}",
             budget=RECOVERY_S,
         )
+        from tricks_nats.recorder import CAPACITY, Recorder
+
+        def send(body: bytes, msg_id: str) -> Coroutine[Any, Any, str | None]:
+            return bus.store_batch(c.pod, body, msg_id)
+
+        self._recorder = Recorder(
+            send,
+            c.experiment,
+            c.pod,
+            asyncio.get_running_loop(),
+            capacity=self._record_buffer or CAPACITY,
+            on_first=_stop_on_sigterm,
+        )
 
     async def close(self) -> None:
+        """Send the samples recorded so far (10 s at most), then disconnect."""
+        if self._recorder is not None:
+            await self._recorder.close()
+            _restore_sigterm()
         if self._bus is not None:
             await self._bus.close()
             self._bus = None
@@ -187,23 +210,53 @@ class Driver:
         check_name(name, "event name")
         return await self.bus.count(name)
 
+    def record(self, name: str, value: float, **labels: str | float) -> None:
+        """Record one sample of metric `name` (e.g. a latency in ms: name it `..._ms`) now.
+
+        Never blocks: the sample is buffered and sent in a batch; a full buffer drops it
+        (counted in `dropped`, reported in the run's summary). Labels are short strings.
+        """
+        self.recorder.record(name, value, labels)
+
+    def expect_interval(self, name: str, ms: float) -> None:
+        """Declare that `name` is recorded every `ms` milliseconds (a closed-loop client's
+        pace): the report then corrects its percentiles for coordination omission."""
+        self.recorder.expect_interval(name, ms)
+
+    async def flush(self) -> None:
+        """Return once every sample recorded so far has been stored (or dropped)."""
+        await self.recorder.flush()
+
+    @property
+    def dropped(self) -> int:
+        """Samples dropped so far (a full buffer, a refused batch)."""
+        return self._recorder.dropped if self._recorder is not None else 0
+
+    @property
+    def recorder(self) -> Recorder:
+        if self._recorder is None:
+            raise TricksError("the driver is not connected (use `await Driver.connect()`)")
+        return self._recorder
+
 
 class SyncDriver:
     """The blocking facade over `Driver`, for programs that are not asyncio."""
 
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, *, record_buffer: int | None = None) -> None:
         self.config = config or Config.from_env()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="tricks-driver", daemon=True
         )
         self._thread.start()
-        self._driver = Driver(self.config)
+        self._driver = Driver(self.config, record_buffer=record_buffer)
         try:
             self._call(self._driver.open())
         except BaseException:
             self._shutdown()
             raise
+        # A program that never closes its driver still sends its samples at exit.
+        atexit.register(self.close)
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._loop.is_closed():
@@ -226,12 +279,28 @@ class SyncDriver:
     def count(self, name: str) -> int:
         return self._call(self._driver.count(name))
 
+    def record(self, name: str, value: float, **labels: str | float) -> None:
+        """As `Driver.record`: never blocks (callable from any thread)."""
+        self._driver.recorder.record(name, value, labels)
+
+    def expect_interval(self, name: str, ms: float) -> None:
+        self._driver.recorder.expect_interval(name, ms)
+
+    def flush(self) -> None:
+        self._call(self._driver.flush())
+
+    @property
+    def dropped(self) -> int:
+        return self._driver.dropped
+
     def close(self) -> None:
+        atexit.unregister(self.close)
         if self._thread.is_alive():
             try:
                 self._call(self._driver.close())
             finally:
                 self._shutdown()
+                _restore_sigterm()
 
     def _shutdown(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -243,3 +312,30 @@ class SyncDriver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stop_on_sigterm() -> None:
+    """When a pod records, SIGTERM (the coordinator stopping it, with a grace period) exits
+    like Ctrl-C does: `with`/`async with` blocks unwind and `atexit` runs, so the driver
+    sends the samples it holds. Only where the program set no handler of its own, and only
+    from the main thread (where Python runs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    except (ValueError, OSError):  # not the main interpreter, or no signals here
+        return
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+    raise SystemExit(128 + signum)
+
+
+def _restore_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(signal.SIGTERM) is _exit_on_sigterm:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)

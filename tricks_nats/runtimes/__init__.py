@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -42,6 +42,9 @@ class PodPlan:
     env: dict[str, str]
     log_path: Path
     cwd: Path = field(default=Path("."))
+    #: Called with every chunk of the pod's output, in order, before it is written to the log
+    #: (the coordinator's tap: the log's time index, samples from log lines). Never raises.
+    on_output: Callable[[bytes], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:

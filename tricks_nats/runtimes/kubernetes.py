@@ -588,6 +588,8 @@ class KubernetesRuntime:
                         skip, chunk = skip - n, chunk[n:]
                         if not chunk:
                             continue
+                    if pod.plan.on_output is not None:
+                        pod.plan.on_output(chunk)
                     _put(sink, chunk)
                     pod.log_written += len(chunk)
                     pod.log_newline = chunk.endswith(b"\n")

@@ -77,8 +77,11 @@ class _LogCopier:
     """Reads a pod's output pipe whenever it is readable and appends whole lines to the log.
     A write that fails drops those bytes (counted in `lost`); the pipe is read regardless."""
 
-    def __init__(self, fd: int, path: Path, name: str) -> None:
+    def __init__(
+        self, fd: int, path: Path, name: str, tap: Callable[[bytes], None] | None = None
+    ) -> None:
         self.fd = fd
+        self._tap = tap
         self.name = name
         self.lost = 0
         self.eof = asyncio.Event()
@@ -131,6 +134,8 @@ class _LogCopier:
             del self._pending[:cut]
 
     def _write(self, data: bytes) -> None:
+        if self._tap is not None:
+            self._tap(data)
         view = memoryview(data)
         while view:
             if self._sink is None:
@@ -308,7 +313,7 @@ class LocalRuntime:
         pod = _Pod(plan, proc, ip, cgroup)
         self._pods[(plan.tag, plan.pod_id)] = pod
         self.watchdog.guard(proc.pid)
-        pod.copier = _LogCopier(read_fd, plan.log_path, plan.name)
+        pod.copier = _LogCopier(read_fd, plan.log_path, plan.name, plan.on_output)
         self._watch_exit(pod)
         self.events.put_nowait(PodEvent("running", plan.tag, plan.pod_id, ip=ip))
         pod.task = asyncio.create_task(self._supervise(pod), name=f"pod-{plan.name}")

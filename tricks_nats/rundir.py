@@ -1,0 +1,27 @@
+"""Which run directory a command means: `runs/<id>`, a path, or an experiment id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tricks_nats.errors import UsageError
+
+
+def find_run(run: str | Path, runs_dir: Path = Path("runs")) -> Path:
+    """The records of `run`: a run directory as given, or `runs_dir/<run>` for an experiment
+    id; a UsageError naming both places when neither holds a run (running or finished)."""
+    for candidate in (Path(run), runs_dir / str(run)):
+        if (candidate / "journal.jsonl").is_file() or (candidate / "spec.yaml").is_file():
+            return candidate
+    if Path(run).is_absolute() or "/" in str(run):
+        raise UsageError(f"no run at {run}: no journal.jsonl or spec.yaml there")
+    raise UsageError(f"no run {str(run)!r}: not a run directory, and nothing in {runs_dir / run}")
+
+
+def is_finished(run_dir: Path) -> bool:
+    """`summary.json` holds a verdict (the space reserved at the start is blank)."""
+    try:
+        with (run_dir / "summary.json").open("rb") as f:
+            return bool(f.read(64).strip())
+    except OSError:
+        return False
