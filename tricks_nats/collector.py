@@ -25,7 +25,7 @@ import msgspec
 from tricks_nats import protocol as p
 from tricks_nats.logtap import LogTap, Pattern
 from tricks_nats.metrics_csv import MetricsWriter, Row
-from tricks_nats.records import CorrectedStats, MetricStats
+from tricks_nats.records import MetricStats
 
 if TYPE_CHECKING:
     from tricks_nats.bus import Bus, Follower, StreamMsg
@@ -268,41 +268,12 @@ class Collector:
     def stats(self) -> list[MetricStats]:
         """Per metric and tag: count, mean, percentiles; raw and, for a metric with an
         expected interval, corrected for coordination omission."""
-        from tricks_nats.stats import describe, describe_corrected, interval_in_unit
+        from tricks_nats.results import metric_stats
 
-        out = []
-        for (name, tag), values in self.values.items():
-            s = describe(values)
-            ms = self.intervals.get((tag, name))
-            fixed = None
-            if ms is not None:
-                c = describe_corrected(values, interval_in_unit(ms, name))
-                fixed = CorrectedStats(
-                    count=c.count,
-                    mean=c.mean,
-                    p50=c.p50,
-                    p90=c.p90,
-                    p99=c.p99,
-                    p999=c.p999,
-                    max=c.max,
-                )
-            out.append(
-                MetricStats(
-                    name=name,
-                    tag=tag,
-                    count=s.count,
-                    mean=s.mean,
-                    min=s.min,
-                    p50=s.p50,
-                    p90=s.p90,
-                    p99=s.p99,
-                    p999=s.p999,
-                    max=s.max,
-                    expected_interval_ms=ms,
-                    corrected=fixed,
-                )
-            )
-        return out
+        return [
+            metric_stats(name, tag, values, self.intervals.get((tag, name)))
+            for (name, tag), values in self.values.items()
+        ]
 
     def dropped_by_pod(self) -> Mapping[str, int]:
         return dict(sorted(self.dropped.items()))

@@ -4,13 +4,14 @@ an interval was declared, and warnings where the samples look like coordination 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
 from tricks_nats import metrics_csv
-from tricks_nats.records import MetricStats, Summary
+from tricks_nats.records import CorrectedStats, MetricStats, Summary
 from tricks_nats.stats import (
     describe,
     describe_corrected,
@@ -75,35 +76,37 @@ def table(results: Results) -> list[MetricStats]:
     groups: dict[tuple[str, str], list[float]] = {}
     for tag, name, value in zip(s.tag, s.name, s.value, strict=True):
         groups.setdefault((name, tag), []).append(value)
-    out = []
-    for (name, tag), values in groups.items():
-        d = describe(values)
-        ms = results.intervals.get((tag, name))
-        fixed = None
-        if ms is not None:
-            from tricks_nats.records import CorrectedStats
+    return [
+        metric_stats(name, tag, values, results.intervals.get((tag, name)))
+        for (name, tag), values in groups.items()
+    ]
 
-            c = describe_corrected(values, interval_in_unit(ms, name))
-            fixed = CorrectedStats(
-                count=c.count, mean=c.mean, p50=c.p50, p90=c.p90, p99=c.p99, p999=c.p999, max=c.max
-            )
-        out.append(
-            MetricStats(
-                name=name,
-                tag=tag,
-                count=d.count,
-                mean=d.mean,
-                min=d.min,
-                p50=d.p50,
-                p90=d.p90,
-                p99=d.p99,
-                p999=d.p999,
-                max=d.max,
-                expected_interval_ms=ms,
-                corrected=fixed,
-            )
+
+def metric_stats(
+    name: str, tag: str, values: Sequence[float], interval_ms: float | None
+) -> MetricStats:
+    """One metric of one tag: its figures, and corrected ones when its interval is declared."""
+    d = describe(values)
+    fixed = None
+    if interval_ms is not None:
+        c = describe_corrected(values, interval_in_unit(interval_ms, name))
+        fixed = CorrectedStats(
+            count=c.count, mean=c.mean, p50=c.p50, p90=c.p90, p99=c.p99, p999=c.p999, max=c.max
         )
-    return out
+    return MetricStats(
+        name=name,
+        tag=tag,
+        count=d.count,
+        mean=d.mean,
+        min=d.min,
+        p50=d.p50,
+        p90=d.p90,
+        p99=d.p99,
+        p999=d.p999,
+        max=d.max,
+        expected_interval_ms=interval_ms,
+        corrected=fixed,
+    )
 
 
 def omission_warnings(results: Results) -> list[str]:
