@@ -43,6 +43,7 @@ Send = Callable[[bytes, str], Awaitable[str | None]]
 
 _encode = msgspec.json.Encoder().encode
 _FINITE_MAX = math.inf
+_LABEL_MAX = p.MAX_LABEL_VALUE
 
 
 class Recorder:
@@ -116,6 +117,39 @@ class Recorder:
             buffer.append((ts, name, value, self._labels(labels)))
         else:
             buffer.append((ts, name, value))
+        if len(buffer) >= self._full and not self._wake_pending:
+            self._poke()
+
+    def record_kw(self, name: str, value: float, /, **labels: Any) -> None:
+        """`record` with labels as keywords (the drivers' API): the hot path, one call deep.
+        Keywords arrive in a fresh dict, kept as is when it is valid already."""
+        if name not in self._names:
+            p.check_name(name, "metric name")
+            self._names.add(name)
+        kind = value.__class__
+        if kind is not float and kind is not int:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TricksError(f"metric {name!r}: value {value!r} is not a number")
+            value = float(value)
+        if not -_FINITE_MAX < value < _FINITE_MAX:
+            raise TricksError(f"metric {name!r}: value {value!r} is not finite")
+        if not self._started:
+            self._start_soon()
+        buffer = self._buffer
+        if len(buffer) >= self.capacity:
+            self.dropped += 1
+            return
+        if labels:
+            keys = self._keys
+            if len(labels) > p.MAX_LABELS:
+                labels = self._labels(labels)  # says why
+            for key, text in labels.items():
+                if key not in keys or text.__class__ is not str or len(text) > _LABEL_MAX:
+                    labels = self._labels(labels)
+                    break
+            buffer.append((time.time(), name, value, labels))
+        else:
+            buffer.append((time.time(), name, value))
         if len(buffer) >= self._full and not self._wake_pending:
             self._poke()
 

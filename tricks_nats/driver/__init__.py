@@ -153,6 +153,8 @@ class Driver:
             capacity=self._record_buffer or CAPACITY,
             on_first=_stop_on_sigterm,
         )
+        # the hot path, one call deep (a pod may record hundreds of thousands a second)
+        self.record = self._recorder.record_kw  # type: ignore[method-assign,assignment]
 
     async def close(self) -> None:
         """Send the samples recorded so far (10 s at most), then disconnect."""
@@ -216,7 +218,7 @@ class Driver:
         Never blocks: the sample is buffered and sent in a batch; a full buffer drops it
         (counted in `dropped`, reported in the run's summary). Labels are short strings.
         """
-        self.recorder.record(name, value, labels)
+        self.recorder.record_kw(name, value, **labels)
 
     def expect_interval(self, name: str, ms: float) -> None:
         """Declare that `name` is recorded every `ms` milliseconds (a closed-loop client's
@@ -255,6 +257,7 @@ class SyncDriver:
         except BaseException:
             self._shutdown()
             raise
+        self.record = self._driver.recorder.record_kw  # type: ignore[method-assign,assignment]
         # A program that never closes its driver still sends its samples at exit.
         atexit.register(self.close)
 
@@ -281,7 +284,7 @@ class SyncDriver:
 
     def record(self, name: str, value: float, **labels: str | float) -> None:
         """As `Driver.record`: never blocks (callable from any thread)."""
-        self._driver.recorder.record(name, value, labels)
+        self._driver.recorder.record_kw(name, value, **labels)
 
     def expect_interval(self, name: str, ms: float) -> None:
         self._driver.recorder.expect_interval(name, ms)
