@@ -22,6 +22,7 @@ import pytest
 from tricks_nats import bus as bus_module
 from tricks_nats import natsserver
 from tricks_nats.bus import Bus, Endpoint
+from tricks_nats.collector import Collector
 from tricks_nats.entries import Entry, EventEntry, PodEntry
 from tricks_nats.errors import RuntimeFailure
 from tricks_nats.records import PodSummary, RunRecords, Summary
@@ -244,6 +245,22 @@ def test_the_summary_is_written_on_a_disk_that_filled_up(tmp_path) -> None:
         data = json.loads((disk / "exp-1" / "summary.json").read_text())
         assert data["verdict"] == "succeeded" and len(data["pods"]) == 3
         assert data["journal_lost"] == records.journal_lost
+
+
+def test_samples_on_a_full_disk_are_counted_and_still_summarised(tmp_path) -> None:
+    exp = parse("experiment: [{tag: t, command: 'true'}]", "t.yaml")
+    with tiny_disk(tmp_path / "disk") as disk:
+        collector = Collector(disk, exp)
+        tap = collector.tap("t", 0, disk / "logs" / "t-0.log")
+        collector.add([(1.0, "t", 0, "n", 1.0, None)])
+        fill(disk)
+        for i in range(200):  # metrics.csv cannot take these: counted, never raised
+            collector.add([(float(i), "t", 0, "n", float(i), {"k": "v" * 100})] * 50)
+        tap(b"a line the index cannot time\n")  # nor can the log's index: no exception
+        collector.close()
+        assert collector.lost > 0
+        (figures,) = collector.stats()
+        assert figures.count == 1 + 200 * 50  # the summary still has every sample
 
 
 # -- run directories that cannot be written ------------------------------------------------------

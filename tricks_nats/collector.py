@@ -78,6 +78,8 @@ class Collector:
         self._progress = asyncio.Event()
         self._taps: list[LogTap] = []
         self.write_failed: str | None = None
+        #: Samples metrics.csv could not take (a full disk); the summary's figures have them.
+        self.lost = 0
 
     # -- log lines ---------------------------------------------------------------------------
 
@@ -218,6 +220,7 @@ class Collector:
         try:
             self.writer.write(rows)
         except (OSError, ValueError) as exc:
+            self.lost += len(rows)
             if self.write_failed is None:
                 self.write_failed = str(exc)
                 log.warning("cannot write metrics.csv (%s): samples are lost from now on", exc)

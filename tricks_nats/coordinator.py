@@ -180,6 +180,7 @@ class Coordinator:
             metrics=metrics,
             metrics_dropped=dict(self.collector.dropped_by_pod()),
             metrics_rejected=self.collector.rejected,
+            metrics_lost=self.collector.lost,
         )
         self.records.write_summary(summary)
         return Outcome(verdict, reason, summary)

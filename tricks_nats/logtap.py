@@ -63,6 +63,7 @@ class LogTap:
         self._partial = bytearray()
         self._partial_ts = 0.0
         self._broken = False
+        self._index_failed = False
 
     def __call__(self, chunk: bytes) -> None:
         if self._broken or not chunk:
@@ -111,10 +112,18 @@ class LogTap:
             self._index = None
 
     def _write_index(self, offset: int, now: float) -> None:
-        if self._index is None:
-            self._index_path.parent.mkdir(parents=True, exist_ok=True)
-            self._index = self._index_path.open("ab", buffering=0)
-        self._index.write(f"{offset} {now:.6f}\n".encode())
+        """An index that cannot be written (a full disk) is given up: lines keep their order,
+        `logs` times them by the file; samples from lines go on."""
+        if self._index_failed:
+            return
+        try:
+            if self._index is None:
+                self._index_path.parent.mkdir(parents=True, exist_ok=True)
+                self._index = self._index_path.open("ab", buffering=0)
+            self._index.write(f"{offset} {now:.6f}\n".encode())
+        except OSError as exc:
+            self._index_failed = True
+            log.warning("cannot write %s (%s): its times are lost", self._index_path, exc)
 
     def _match(self, raw: bytes, arrived: float, rows: list[Row]) -> None:
         if len(raw) > MAX_MATCHED_LINE:

@@ -88,6 +88,8 @@ class Summary(msgspec.Struct):
     metrics_dropped: dict[str, int] = {}
     #: Samples or batches the coordinator refused as malformed.
     metrics_rejected: int = 0
+    #: Samples metrics.csv could not take (a full disk): counted in `metrics`, not in the file.
+    metrics_lost: int = 0
 
 
 class RunRecords:
