@@ -5,11 +5,13 @@ checked. One language failing is one test failing.
 
 The scenario: config from the environment, a blocking discover of all REPLICAS peers, one
 registration published twice with the same Nats-Msg-Id (counted once) plus a plain one, a wait
-that resolves once every pod has registered, a wait that times out (expected).
+that resolves once every pod has registered, three metric samples recorded (two labelled), a
+wait that times out (expected).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -82,6 +84,15 @@ def check_run(result: subprocess.CompletedProcess[str], root: Path, tags: list[s
     journal = [json.loads(line) for line in (root / "journal.jsonl").read_text().splitlines()]
     hello = [e for e in journal if e["kind"] == "event" and e["name"] == "hello"]
     assert {e.get("pod") for e in hello} <= {f"{t}-{i}" for t in tags for i in range(REPLICAS)}
+    # Every pod recorded 3 samples (2 with a label): each in metrics.csv once, as sent.
+    with (root / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    got = sorted((r["tag"], int(r["pod_id"]), float(r["value"]), r["lang"] != "") for r in rows)
+    assert got == sorted(
+        (t, i, float(i * 10 + k), k < 3) for t in tags for i in range(REPLICAS) for k in (1, 2, 3)
+    )
+    assert {r["name"] for r in rows} == {"conformance_ms"}
+    assert summary["metrics_dropped"] == {} and summary["metrics_rejected"] == 0
     assert not exp_processes(summary["experiment"])
 
 
@@ -137,6 +148,8 @@ def test_polyglot_ring_example(tmp_path: Path) -> None:
     counts = {(m["name"], m["tag"]): m["count"] for m in summary["metrics"]}
     assert counts[("request_ms", "client")] == 4 * 5
     assert counts[("request_ms", "pyclient")] == 2 * 5
+    assert counts[("ring_ms", "server")] == 6 * 5  # JavaScript: each request, once round
+    assert counts[("token_ms", "server")] == 4
     assert summary["metrics_dropped"] == {} and summary["metrics_rejected"] == 0
     pods = {(p["tag"], p["pod_id"]): p for p in summary["pods"]}
     assert all(pods[("client", i)]["exit_code"] == 0 for i in range(4))

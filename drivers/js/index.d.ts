@@ -5,8 +5,10 @@ import type { NatsConnection } from "@nats-io/transport-node";
 
 /** The protocol version this driver speaks (drivers/PROTOCOL.md). */
 export declare const PROTOCOL_VERSION: "2" | string;
-/** Tags and event names: letters, digits, '-' and '_'. */
+/** Tags, event and metric names: letters, digits, '-' and '_'. */
 export declare const NAME_RE: RegExp;
+/** Label keys of a sample: a letter or '_', then up to 31 letters, digits or '_'. */
+export declare const LABEL_RE: RegExp;
 
 /** Base of every error the driver raises on purpose; no call fails with anything else. */
 export declare class TricksError extends Error {
@@ -45,6 +47,12 @@ export interface Peer {
   name: string;
 }
 
+/**
+ * Labels of a sample: at most 8; keys match LABEL_RE and are none of ts, tag, pod_id, name,
+ * value; values are strings of at most 200 characters (numbers are turned into strings).
+ */
+export type Labels = Record<string, string | number>;
+
 /** Timeouts are in seconds; absent means wait forever. */
 export interface WaitOptions {
   timeout?: number;
@@ -71,6 +79,12 @@ export declare const names: {
   reachedSubject(exp: string, event: string, value: number): string;
   inboxPrefix(exp: string): string;
   msgId(exp: string, pod: string, event: string, nonce: string): string;
+  /** `tricks.<exp>.metrics.<pod>`: a pod's metrics batches (`pod`: `<tag>-<pod_id>`). */
+  metricsSubject(exp: string, pod: string): string;
+  /** `tricks-<exp>-metrics`: the stream that stores them. */
+  metricsStream(exp: string): string;
+  /** `<exp>.<pod>.metrics.<nonce>`: a batch's Nats-Msg-Id, the same on its retries. */
+  metricsMsgId(exp: string, pod: string, nonce: string): string;
 };
 
 /** Ride-out tuning of Driver.connect (milliseconds). */
@@ -79,6 +93,8 @@ export interface Tuning {
   requestTimeoutMs?: number;
   /** How long connecting and every call retry while NATS restarts (default 20000). */
   recoveryMs?: number;
+  /** Samples record() keeps waiting to be sent at most; more are dropped (default 100000). */
+  bufferSamples?: number;
 }
 
 export declare class Driver {
@@ -92,6 +108,8 @@ export declare class Driver {
   requestTimeoutMs: number;
   /** How long a call retries unanswered requests, in ms, before NatsUnavailable (20000). */
   recoveryMs: number;
+  /** Samples that may wait to be sent (default 100000); record() drops and counts more. */
+  bufferSamples: number;
   /** The pod's configuration (a copy whose password is non-enumerable). */
   readonly config: Config;
   /** The NATS connection, for what the driver does not cover. */
@@ -119,8 +137,30 @@ export declare class Driver {
    */
   onReconnect(listener: () => void): () => void;
   /**
-   * Drain and close the connection; pending calls (a waitEvent, a blocking discover) fail at
-   * once with a TricksError. Never fails; calling it again is harmless.
+   * Record a sample of metric `name` (an event-like name) now: `value` a finite number,
+   * optional labels. Never blocks: the sample is buffered and sent in batches in the
+   * background (4096 samples or 200 ms); with `bufferSamples` waiting, or on a closed
+   * driver, it is dropped and counted. Bad input throws a TricksError at once. At the first
+   * sample, where the program has no SIGTERM listener, installs one that closes the drivers
+   * with samples (sending them) and exits with 143; removed when the last of them closes.
+   */
+  record(name: string, value: number, labels?: Labels | null): void;
+  /**
+   * Declare that `name` is meant to be recorded every `ms` milliseconds (a closed-loop
+   * target rate), for coordinated-omission correction; sent with the batches.
+   */
+  expectInterval(name: string, ms: number): void;
+  /**
+   * Send everything recorded so far; resolves once the stream stored it. What could not be
+   * stored is counted in `dropped`: flush never fails.
+   */
+  flush(): Promise<void>;
+  /** Samples dropped so far (a full buffer, a batch refused or not taken); cumulative. */
+  readonly dropped: number;
+  /**
+   * Send the buffered samples (10 s at most), then drain and close the connection; pending
+   * calls (a waitEvent, a blocking discover) fail at once with a TricksError. Never fails;
+   * calling it again is harmless.
    */
   close(): Promise<void>;
 }

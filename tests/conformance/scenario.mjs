@@ -34,6 +34,11 @@ try {
   assert.ok(reached >= total);
   console.log(`waited ${reached}`);
 
+  for (const k of [1, 2]) tricks.record("conformance_ms", me.podId * 10 + k, { lang: "javascript" });
+  tricks.record("conformance_ms", me.podId * 10 + 3);
+  await tricks.flush();
+  console.log("recorded 3");
+
   await assert.rejects(tricks.waitEvent("never", 1, { timeout: 0.5 }), (err) => {
     assert.ok(err instanceof WaitTimeout);
     console.log(`timed out as expected: ${err.message}`);

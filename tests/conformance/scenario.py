@@ -41,6 +41,12 @@ async def main() -> None:
         assert reached >= total, reached
         print(f"waited {reached}", flush=True)
 
+        for k in (1, 2):
+            tricks.record("conformance_ms", me.pod_id * 10 + k, lang="python")
+        tricks.record("conformance_ms", me.pod_id * 10 + 3)
+        await tricks.flush()
+        print("recorded 3", flush=True)
+
         try:
             await tricks.wait_event("never", 1, timeout=0.5)
         except WaitTimeout as exc:

@@ -25,6 +25,11 @@ reached=$(tricks-nats wait hello "$total" --timeout 60)
 [ "$reached" -ge "$total" ]
 echo "waited $reached"
 
+tricks-nats record conformance_ms $((POD_ID * 10 + 1)) --label lang=shell
+printf 'conformance_ms %d lang=shell\nconformance_ms %d\n' $((POD_ID * 10 + 2)) $((POD_ID * 10 + 3)) \
+  | tricks-nats record -
+echo "recorded 3"
+
 code=0
 tricks-nats wait never 1 --timeout 0.5 || code=$?
 [ "$code" -eq 1 ] || { echo "wait for 'never' exited $code, not 1 (timeout)"; exit 1; }

@@ -28,13 +28,15 @@ class Timeout(Exception):
     pass
 
 
-async def request(nc: Client, subject: str, headers: dict[str, str] | None = None) -> Msg:
+async def request(
+    nc: Client, subject: str, headers: dict[str, str] | None = None, body: bytes = b""
+) -> Msg:
     """PROTOCOL 6: the same request again on a timeout or "no responders", for 20 s."""
     loop = asyncio.get_running_loop()
     deadline, pause = loop.time() + RECOVERY_S, 0.05
     while True:
         try:
-            return await nc.request(subject, b"", timeout=2, headers=headers)
+            return await nc.request(subject, body, timeout=2, headers=headers)
         except nats.errors.NoRespondersError:
             with contextlib.suppress(nats.errors.TimeoutError, nats.errors.NoRespondersError):
                 info = await nc.request(f"$JS.API.STREAM.INFO.KV_{COUNTS}", b"", timeout=2)
@@ -122,6 +124,21 @@ async def discover(nc: Client, tag: str, want: int, timeout: float) -> list[dict
             raise Timeout(f"{len(pods)} pods of {tag}, not {want}") from None
 
 
+async def record(nc: Client, samples: list[list[Any]]) -> bool:  # PROTOCOL 6.6
+    """One batch, sent twice under one message id (a retry): stored once. True when the
+    second send was acknowledged as the duplicate it is."""
+    body = json.dumps({"samples": samples, "dropped": 0}).encode()
+    headers = {"Nats-Msg-Id": f"{EXP}.{POD}.metrics.{secrets.token_hex(8)}"}
+    acks = []
+    for _ in range(2):
+        reply = await request(nc, f"tricks.{EXP}.metrics.{POD}", headers, body)
+        ack = json.loads(reply.data)
+        if "error" in ack:
+            raise RuntimeError(f"batch refused: {ack['error']}")
+        acks.append(ack)
+    return bool(acks[1].get("duplicate")) and acks[0]["seq"] == acks[1]["seq"]
+
+
 async def main() -> None:
     if E.get("TRICKS_PROTOCOL", "2") not in ("", "2"):
         raise SystemExit(f"TRICKS_PROTOCOL={E['TRICKS_PROTOCOL']}: this pod speaks protocol 2")
@@ -150,6 +167,14 @@ async def main() -> None:
         reached = await wait(nc, "hello", total, 60)
         assert reached >= total
         print(f"waited {reached}", flush=True)
+
+        import time
+
+        now = time.time()
+        samples = [[now, "conformance_ms", POD_ID * 10 + k, {"lang": "protocol"}] for k in (1, 2)]
+        stored_once = await record(nc, [*samples, [now, "conformance_ms", POD_ID * 10 + 3]])
+        assert stored_once
+        print("recorded 3", flush=True)
 
         try:
             await wait(nc, "never", 1, 0.5)

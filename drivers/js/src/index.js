@@ -1,4 +1,5 @@
-// The tricks-nats driver for Node.js: discover peers, register events, wait for counts.
+// The tricks-nats driver for Node.js: discover peers, register events, wait for counts,
+// record samples.
 //
 // It implements drivers/PROTOCOL.md (version 2) on core NATS with the official client (no
 // JetStream API: requests, subscriptions and direct gets only). Configured from the pod's
@@ -9,7 +10,8 @@
 //   const servers = await tricks.discover("server", 6, { timeout: 60 });
 //   await tricks.registerEvent("server-connected");
 //   await tricks.waitEvent("server-connected", 6, { timeout: 60 });
-//   await tricks.close();
+//   tricks.record("request_ms", 12.5, { op: "get" });   // never blocks; sent in batches
+//   await tricks.close();                               // sends what is buffered first
 //
 // Timeouts are in seconds, as in every other driver. Every call fails only with the errors
 // below (all TricksError).
@@ -30,6 +32,26 @@ const RECOVERY_MS = 20000;
 /** How long a call waits in all while NATS answers but the coordinator has not yet. */
 const PATIENCE_MS = 300000;
 const CONNECT_TIMEOUT_MS = 2000;
+
+/** Samples waiting to be sent at most (PROTOCOL.md 6.6); one more is dropped, and counted. */
+const BUFFER_SAMPLES = 100_000;
+/** A batch goes out as soon as this many samples wait, */
+const BATCH_SAMPLES = 4096;
+/** or at most this long after a sample was recorded. */
+const BATCH_INTERVAL_MS = 200;
+/** A batch's body stays under this many bytes (the stream takes up to 1 MiB). */
+const BATCH_BYTES = 256 * 1024;
+/** close() gives the buffered samples this long to reach the stream. */
+const CLOSE_FLUSH_MS = 10_000;
+/** The exit status after SIGTERM (128 + 15), as without a handler. */
+const SIGTERM_STATUS = 143;
+
+/** Label keys of a sample: short identifiers. */
+export const LABEL_RE = /^[A-Za-z_][A-Za-z0-9_]{0,31}$/;
+/** Label keys that are columns of metrics.csv. */
+const RESERVED_LABELS = new Set(["ts", "tag", "pod_id", "name", "value"]);
+const MAX_LABELS = 8;
+const MAX_LABEL_VALUE = 200;
 
 /** Base of every error this driver raises on purpose. */
 export class TricksError extends Error {
@@ -172,6 +194,18 @@ export const names = {
   inboxPrefix: (exp) => `_INBOX_${exp}`,
   /** @param {string} exp @param {string} pod @param {string} event @param {string} nonce */
   msgId: (exp, pod, event, nonce) => `${exp}.${pod}.${event}.${nonce}`,
+  /**
+   * A pod's metrics batches go here (`pod`: `<tag>-<pod_id>`).
+   * @param {string} exp @param {string} pod
+   */
+  metricsSubject: (exp, pod) => `tricks.${exp}.metrics.${pod}`,
+  /** The stream that stores the batches. @param {string} exp */
+  metricsStream: (exp) => `tricks-${exp}-metrics`,
+  /**
+   * A batch's message id: one per batch, the same on its retries.
+   * @param {string} exp @param {string} pod @param {string} nonce
+   */
+  metricsMsgId: (exp, pod, nonce) => `${exp}.${pod}.metrics.${nonce}`,
 };
 
 /** @param {unknown} name @param {string} what */
@@ -190,6 +224,59 @@ function checkTimeout(timeout) {
     throw new TricksError(`timeout must be a number of seconds >= 0, got ${timeout}`);
   }
   return timeout;
+}
+
+/**
+ * A sample: `[ts, name, value]` or `[ts, name, value, labels]` (PROTOCOL.md 6.6).
+ * @typedef {[number, string, number] | [number, string, number, Record<string, string>]} Sample
+ */
+
+/**
+ * Labels checked (PROTOCOL.md 6.6) and copied, numbers turned into strings; null when none.
+ * @param {unknown} labels
+ * @returns {Record<string, string> | null}
+ */
+function checkLabels(labels) {
+  if (typeof labels !== "object" || labels === null || Array.isArray(labels)) {
+    throw new TricksError(`labels must be an object of strings, got ${describeValue(labels)}`);
+  }
+  /** @type {Record<string, string> | null} */
+  let copy = null;
+  let n = 0;
+  for (const [key, raw] of Object.entries(labels)) {
+    if (++n > MAX_LABELS) {
+      throw new TricksError(`at most ${MAX_LABELS} labels, got ${Object.keys(labels).length}`);
+    }
+    if (!LABEL_RE.test(key)) {
+      throw new TricksError(
+        `bad label ${JSON.stringify(key)}: a letter or '_', then up to 31 letters, digits or '_'`,
+      );
+    }
+    if (RESERVED_LABELS.has(key)) {
+      throw new TricksError(`label ${JSON.stringify(key)} is reserved (a column of metrics.csv)`);
+    }
+    /** @type {unknown} */
+    let value = raw;
+    if (typeof value === "number" && Number.isFinite(value)) value = String(value);
+    if (typeof value !== "string") {
+      throw new TricksError(`label ${key} must be a string, got ${describeValue(raw)}`);
+    }
+    // at most 200 characters (code points, as in Python); UTF-16 units are never fewer
+    if (value.length > MAX_LABEL_VALUE && [...value].length > MAX_LABEL_VALUE) {
+      throw new TricksError(`label ${key} is longer than ${MAX_LABEL_VALUE} characters`);
+    }
+    (copy ??= {})[key] = value;
+  }
+  return copy;
+}
+
+/** A short description of a value for an error message. @param {unknown} value */
+function describeValue(value) {
+  if (typeof value === "string") return JSON.stringify(value.slice(0, 40));
+  if (typeof value === "bigint") return `${value}n`;
+  if (typeof value === "function") return "a function";
+  if (value === null || typeof value !== "object") return String(value);
+  return Array.isArray(value) ? "an array" : "an object";
 }
 
 /** @param {unknown} err */
@@ -327,6 +414,56 @@ class Wakeups {
 /** Rejection of `#shutdown`: the driver was closed, or its connection ended. */
 const SHUTDOWN = new Error("shutdown");
 
+/**
+ * For whom a request works: `check(what)` throws once it must give up, and `ended` then
+ * rejects with SHUTDOWN; with `abort`, that also cuts short the wait for a reply.
+ * @typedef {object} Scope
+ * @property {(what: string) => void} check
+ * @property {Promise<never>} ended
+ * @property {boolean} abort
+ */
+
+/**
+ * The SIGTERM handler the drivers share (PROTOCOL.md 6.6, "nothing lost at exit"). Installed
+ * when a driver first has samples to send, only where the program has no SIGTERM listener
+ * then (a listener replaces Node's default: exit at once); removed when the last driver that
+ * has samples closes. A driver that records nothing leaves SIGTERM alone.
+ */
+const sigterm = {
+  /** @type {Set<Driver>} the open drivers */
+  drivers: new Set(),
+  installed: false,
+  /** Alone, close every driver (each sends its samples first) and exit as Node would. */
+  handler() {
+    const drivers = [...sigterm.drivers];
+    if (process.listenerCount("SIGTERM") > 1) {
+      // The program has its own handler by now: it decides when to exit; help it lose nothing.
+      for (const driver of drivers) driver.flush().catch(() => {});
+      return;
+    }
+    Promise.allSettled(drivers.map((driver) => driver.close())).then(() => {
+      process.exit(SIGTERM_STATUS);
+    });
+  },
+  /** @param {Driver} driver */
+  add(driver) {
+    if (!sigterm.installed) {
+      if (process.listenerCount("SIGTERM") > 0) return; // the program handles SIGTERM itself
+      process.on("SIGTERM", sigterm.handler);
+      sigterm.installed = true;
+    }
+    sigterm.drivers.add(driver);
+  },
+  /** @param {Driver} driver */
+  remove(driver) {
+    sigterm.drivers.delete(driver);
+    if (sigterm.installed && sigterm.drivers.size === 0) {
+      process.removeListener("SIGTERM", sigterm.handler);
+      sigterm.installed = false;
+    }
+  },
+};
+
 /** The driver: one NATS connection for one pod. */
 export class Driver {
   /**
@@ -342,10 +479,33 @@ export class Driver {
     this.requestTimeoutMs = REQUEST_TIMEOUT_MS;
     /** How long a call retries unanswered requests before NatsUnavailable (PROTOCOL.md 6). */
     this.recoveryMs = RECOVERY_MS;
+    /** Samples that may wait to be sent; record() drops (and counts) one more. */
+    this.bufferSamples = BUFFER_SAMPLES;
     this.#shutdown = new Promise((_, reject) => {
       this.#shut = () => reject(SHUTDOWN);
     });
     this.#shutdown.catch(() => {}); // observed by whoever races it
+    this.#calls = {
+      check: (what) => this.#checkOpen(what),
+      ended: this.#shutdown,
+      abort: false,
+    };
+    /** @type {Promise<never>} */
+    const senderEnded = new Promise((_, reject) => {
+      this.#abortSender = () => reject(SHUTDOWN);
+    });
+    senderEnded.catch(() => {});
+    this.#sending = {
+      check: (what) => {
+        if (this.#gone || this.nc.isClosed()) {
+          throw new NatsUnavailable(`cannot ${what}: the NATS connection is closed`);
+        }
+        if (this.#senderStopped) throw new TricksError(`cannot ${what}: the driver is closed`);
+      },
+      ended: senderEnded,
+      abort: true,
+    };
+    this.#metricsSubject = names.metricsSubject(this.config.experiment, this.pod);
     this.#statusLoop = nc.isClosed() ? this.#ended() : this.#followStatus();
   }
 
@@ -366,11 +526,56 @@ export class Driver {
   #shut = () => {};
   /** @type {Promise<void>} */
   #statusLoop;
+  /** @type {Scope} the public calls: they end when the driver closes */
+  #calls;
+
+  // The samples of record() (PROTOCOL.md 6.6). Samples are numbered in the order recorded;
+  // the sender takes them from the buffer into batches, one batch in flight.
+  /** @type {Sample[]} the samples waiting, from `#head` on */
+  #buffer = [];
+  #head = 0;
+  /** Samples dropped so far: a full buffer, a refused batch, a batch NATS did not take. */
+  #dropped = 0;
+  /** @type {Map<string, number>} expected ms between samples, by name (expectInterval) */
+  #intervals = new Map();
+  /** `,"intervals":{...}` of a batch, or "" while none was declared */
+  #intervalsJson = "";
+  #intervalsVersion = 0;
+  /** `dropped` and the intervals' version in the last batch the stream stored */
+  #reportedDropped = 0;
+  #reportedIntervals = 0;
+  /** Samples taken into batches so far, and how many of them are done with (stored or lost). */
+  #taken = 0;
+  #settled = 0;
+  /** Batches formed so far, and how many of them are done with. */
+  #formed = 0;
+  #finished = 0;
+  /** Send whatever the batch size until `#taken` reaches this (the timer, a flush). */
+  #wantUntil = 0;
+  /** Send a batch (with no samples if need be) until `#formed` reaches this (a flush). */
+  #needFormed = 0;
+  /** @type {{target: number, batch: number, resolve: () => void}[]} pending flushes */
+  #flushes = [];
+  /** @type {Promise<void> | null} the sender, while it runs */
+  #sender = null;
+  /** @type {NodeJS.Timeout | null} */
+  #timer = null;
+  #senderStopped = false;
+  /** @type {() => void} */
+  #abortSender = () => {};
+  /** @type {Scope} the sender's requests: they end when the sender stops, not at close() */
+  #sending;
+  #metricsSubject = "";
+  #warnedLoss = false;
+  /** The SIGTERM handler was offered this driver (at its first sample or interval). */
+  #watched = false;
 
   async #ended() {
     this.#gone = true;
     this.#connected = false;
     this.#shut();
+    this.#stopSender();
+    sigterm.remove(this);
   }
 
   /** The one loop over the connection's status events; ends when the connection closes. */
@@ -455,13 +660,14 @@ export class Driver {
    * @param {Promise<T>} promise
    * @param {number | undefined} deadline
    * @param {string} what
+   * @param {Scope} [scope] who waits (default: a public call, which close() ends)
    * @returns {Promise<{value: T} | null>}
    */
-  async #until(promise, deadline, what) {
+  async #until(promise, deadline, what, scope = this.#calls) {
     try {
-      return await within(Promise.race([promise, this.#shutdown]), remaining(deadline));
+      return await within(Promise.race([promise, scope.ended]), remaining(deadline));
     } catch (err) {
-      if (err === SHUTDOWN) this.#checkOpen(what);
+      if (err === SHUTDOWN) scope.check(what);
       throw err;
     }
   }
@@ -514,13 +720,17 @@ export class Driver {
    * is tried again for `recoveryMs` (a restarting server comes back within it); refused
    * credentials are final at once.
    * @param {Config} [config]
-   * @param {{requestTimeoutMs?: number, recoveryMs?: number}} [tuning] one request's timeout
-   *   (default 2000) and the ride-out budget of connecting and of every call (default 20000)
+   * @param {{requestTimeoutMs?: number, recoveryMs?: number, bufferSamples?: number}} [tuning]
+   *   one request's timeout (default 2000), the ride-out budget of connecting and of every
+   *   call (default 20000), the samples record() keeps waiting at most (default 100000)
    * @returns {Promise<Driver>}
    */
   static async connect(config, tuning = {}) {
     const c = config ?? configFromEnv();
-    const { requestTimeoutMs, recoveryMs = RECOVERY_MS } = tuning ?? {};
+    const { requestTimeoutMs, recoveryMs = RECOVERY_MS, bufferSamples } = tuning ?? {};
+    if (bufferSamples !== undefined && !(Number.isInteger(bufferSamples) && bufferSamples > 0)) {
+      throw new TricksError(`bufferSamples must be an integer > 0, got ${bufferSamples}`);
+    }
     /** @type {import("@nats-io/transport-node").NodeConnectionOptions} */
     const options = {
       servers: [c.natsUrl],
@@ -544,6 +754,7 @@ export class Driver {
         const driver = new Driver(await connect(options), c);
         if (requestTimeoutMs !== undefined) driver.requestTimeoutMs = requestTimeoutMs;
         driver.recoveryMs = recoveryMs;
+        if (bufferSamples !== undefined) driver.bufferSamples = bufferSamples;
         return driver;
       } catch (err) {
         const final = isAuthorization(err) || errorName(err) === "InvalidArgumentError";
@@ -559,13 +770,21 @@ export class Driver {
   }
 
   /**
-   * Drain and close the connection. Calls still pending (a waitEvent, a blocking discover)
-   * fail at once with a TricksError. Never fails itself; calling it again is harmless.
+   * Send the samples still buffered (for 10 s at most), then drain and close the connection.
+   * Calls still pending (a waitEvent, a blocking discover) fail at once with a TricksError.
+   * Never fails itself; calling it again is harmless.
    */
   async close() {
     if (!this.#closing) {
       this.#closing = true;
       this.#shut();
+      sigterm.remove(this);
+      if (!this.nc.isClosed()) {
+        const sent = await within(this.#flush(), CLOSE_FLUSH_MS / 1000);
+        if (sent === null) this.#stopSender(`close() gave up after ${CLOSE_FLUSH_MS / 1000}s`);
+      }
+      this.#stopSender(); // nothing more to send: this also ends the timer
+      await this.#sender;
       if (!this.nc.isClosed()) {
         // Drain (pending replies are delivered) while connected, for a moment at most: a
         // server that is away must not hold close() up.
@@ -588,9 +807,10 @@ export class Driver {
    * @param {string | Uint8Array} body
    * @param {string} what for the error message
    * @param {import("@nats-io/transport-node").MsgHdrs} [hdrs]
+   * @param {Scope} [scope] who asks (default: a public call, which close() ends)
    */
-  async #request(subject, body, what, hdrs) {
-    this.#checkOpen(what);
+  async #request(subject, body, what, hdrs, scope = this.#calls) {
+    scope.check(what);
     // One reply subject for every attempt of this call: an answer to an earlier attempt (a
     // busy coordinator answering after one attempt's timeout) still ends the call.
     const inbox = `${names.inboxPrefix(this.config.experiment)}.${randomBytes(12).toString("hex")}`;
@@ -605,7 +825,7 @@ export class Driver {
     try {
       return await this.#attempts(subject, body, what, hdrs, inbox, () => answer, () => {
         answer = next();
-      });
+      }, scope);
     } finally {
       unsubscribe(sub);
     }
@@ -620,23 +840,25 @@ export class Driver {
    * @param {string} inbox
    * @param {() => Promise<IteratorResult<import("@nats-io/transport-node").Msg>>} answer
    * @param {() => void} renew
+   * @param {Scope} scope
    */
-  async #attempts(subject, body, what, hdrs, inbox, answer, renew) {
+  async #attempts(subject, body, what, hdrs, inbox, answer, renew, scope) {
     const first = Date.now();
     let deadline = first + this.recoveryMs;
     let wait = 50;
     /** @type {unknown} */
     let last;
     for (;;) {
-      this.#checkOpen(what);
+      scope.check(what);
       try {
         this.nc.publish(subject, body, { reply: inbox, headers: hdrs });
-        const got = await within(answer(), this.requestTimeoutMs / 1000);
+        const reply = scope.abort ? Promise.race([answer(), scope.ended]) : answer();
+        const got = await within(reply, this.requestTimeoutMs / 1000);
         if (got === null) {
           throw Object.assign(new Error("request timed out"), { name: "TimeoutError" });
         }
         if (got.value.done) {
-          this.#checkOpen(what);
+          scope.check(what);
           throw Object.assign(new Error("the reply subscription ended (disconnected)"), {
             name: "DisconnectError",
           });
@@ -649,7 +871,7 @@ export class Driver {
         return msg;
       } catch (err) {
         last = err;
-        this.#checkOpen(what);
+        scope.check(what);
         const denied = permissionViolation(err) ??
           (isTimeout(err) ? this.#denied.get(subject) : undefined);
         if (denied) throw this.#refused(denied, err);
@@ -657,7 +879,7 @@ export class Driver {
           throw new NatsUnavailable(`cannot ${what}: ${describe(err)}`, { cause: err });
         }
         if (!isDisconnection(err)) {
-          const there = await this.#experimentThere(what);
+          const there = await this.#experimentThere(what, scope);
           if (there === false) {
             throw new TricksError(
               `experiment ${JSON.stringify(this.config.experiment)} is not running on this ` +
@@ -682,7 +904,7 @@ export class Driver {
         );
       }
       // a backoff between attempts, not a wait for an event; cut short by close()
-      await this.#until(pause(wait), undefined, what);
+      await this.#until(pause(wait), undefined, what, scope);
       wait = Math.min(wait * 2, 1000);
     }
   }
@@ -691,12 +913,15 @@ export class Driver {
    * Whether JetStream has the experiment's counts: true, false (it answered 404), or
    * undefined when it does not answer (a restart in progress).
    * @param {string} what
+   * @param {Scope} scope
    * @returns {Promise<boolean | undefined>}
    */
-  async #experimentThere(what) {
+  async #experimentThere(what, scope) {
     const subject = `$JS.API.STREAM.INFO.${names.countsStream(this.config.experiment)}`;
     try {
-      const reply = await this.nc.request(subject, Empty, { timeout: this.requestTimeoutMs });
+      const asked = this.nc.request(subject, Empty, { timeout: this.requestTimeoutMs });
+      if (scope.abort) asked.catch(() => {}); // the race below may leave it behind
+      const reply = await (scope.abort ? Promise.race([asked, scope.ended]) : asked);
       /** @type {{error?: {code?: number}}} */
       const info = reply.json();
       if (!info.error) return true;
@@ -704,7 +929,7 @@ export class Driver {
     } catch (err) {
       const denied = permissionViolation(err);
       if (denied) throw this.#refused(denied, err);
-      this.#checkOpen(what);
+      scope.check(what);
       return undefined; // JetStream itself is not answering yet: a restart in progress
     }
   }
@@ -950,6 +1175,267 @@ export class Driver {
       return [];
     }
     return peers;
+  }
+
+  /**
+   * Record a sample: `value` of metric `name` now, with optional labels (PROTOCOL.md 6.6).
+   * Never blocks nor waits for the network: the sample joins a buffer that a background
+   * sender publishes in batches (4096 samples, or 200 ms after the first, whichever comes
+   * first). While `bufferSamples` wait already, the sample is dropped and counted (`dropped`).
+   * Bad input fails at once with a TricksError. On a closed driver the sample is dropped
+   * (and counted). At the first sample, where the program has no SIGTERM listener, installs
+   * one that sends the buffered samples, then exits with 143 (README: "At exit").
+   * @param {string} name a metric name (like an event name)
+   * @param {number} value a finite number
+   * @param {Record<string, string | number> | null} [labels] at most 8; keys like identifiers
+   *   (not ts, tag, pod_id, name, value), values strings of at most 200 characters (or numbers)
+   * @returns {void}
+   */
+  record(name, value, labels) {
+    if (typeof name !== "string" || !NAME_RE.test(name)) checkName(name, "metric name");
+    if (typeof value !== "number" || !Number.isFinite(value)) {
+      throw new TricksError(
+        `cannot record ${name}: the value must be a finite number, got ${describeValue(value)}`,
+      );
+    }
+    const checked = labels === undefined || labels === null ? null : checkLabels(labels);
+    const ts = (performance.timeOrigin + performance.now()) / 1000;
+    const waiting = this.#buffer.length - this.#head;
+    if (waiting >= this.bufferSamples || this.#senderStopped) {
+      this.#dropped++;
+      return;
+    }
+    this.#buffer.push(checked === null ? [ts, name, value] : [ts, name, value, checked]);
+    if (this.#timer === null) this.#arm();
+    if (waiting + 1 >= BATCH_SAMPLES && this.#sender === null) this.#pump();
+  }
+
+  /**
+   * Declare that metric `name` is meant to be recorded every `ms` milliseconds (a
+   * closed-loop client's target rate): the coordinator then corrects its summary for
+   * coordinated omission. Sent with the batches.
+   * @param {string} name
+   * @param {number} ms
+   * @returns {void}
+   */
+  expectInterval(name, ms) {
+    checkName(name, "metric name");
+    if (typeof ms !== "number" || !Number.isFinite(ms) || !(ms > 0)) {
+      throw new TricksError(
+        `interval of ${name} must be a number of ms > 0, got ${describeValue(ms)}`,
+      );
+    }
+    if (this.#intervals.get(name) === ms || this.#senderStopped) return;
+    this.#intervals.set(name, ms);
+    this.#intervalsJson = `,"intervals":${JSON.stringify(Object.fromEntries(this.#intervals))}`;
+    this.#intervalsVersion++;
+    if (this.#timer === null) this.#arm();
+  }
+
+  /** Samples dropped so far (a full buffer, a batch refused or not taken); cumulative. */
+  get dropped() {
+    return this.#dropped;
+  }
+
+  /**
+   * Send everything recorded so far; resolves once the stream has stored it. A sample that
+   * could not be stored (a refused batch, NATS away for 20 s, a closed driver) is counted in
+   * `dropped` instead: flush never fails.
+   * @returns {Promise<void>}
+   */
+  async flush() {
+    return this.#flush();
+  }
+
+  /** @returns {Promise<void>} resolves when what was recorded so far is stored (or lost) */
+  #flush() {
+    const target = this.#taken + (this.#buffer.length - this.#head);
+    /** @type {Promise<void>} */
+    const done = new Promise((resolve) => {
+      this.#flushes.push({ target, batch: 0, resolve });
+    });
+    this.#wantUntil = Math.max(this.#wantUntil, target);
+    this.#settle();
+    this.#pump();
+    return done;
+  }
+
+  /** The timer of the next batch. */
+  #arm() {
+    if (!this.#watched) {
+      this.#watched = true; // there is something to send: offer it to the SIGTERM handler
+      if (!this.#closing && !this.#gone) sigterm.add(this);
+    }
+    this.#timer = setTimeout(() => {
+      this.#timer = null;
+      this.#wantUntil = Math.max(this.#wantUntil, this.#taken + this.#buffer.length - this.#head);
+      this.#pump();
+    }, BATCH_INTERVAL_MS);
+    this.#timer.unref(); // it never keeps the process alive
+  }
+
+  /** Is a batch to be sent now? */
+  #due() {
+    if (this.#senderStopped) return false;
+    const waiting = this.#buffer.length - this.#head;
+    return waiting >= BATCH_SAMPLES || (waiting > 0 && this.#taken < this.#wantUntil) ||
+      this.#formed < this.#needFormed;
+  }
+
+  /** Start the sender, unless it runs or there is nothing to send. One batch in flight. */
+  #pump() {
+    if (this.#sender !== null || !this.#due()) return;
+    this.#sender = (async () => {
+      try {
+        await null; // not inside record(): the sender runs once the caller yields
+        while (this.#due()) await this.#sendBatch();
+      } catch (err) {
+        // #sendBatch handles every failure of NATS: this is a bug, not to end the program
+        console.warn(`tricks-nats: the metrics sender stopped: ${describe(err)}`);
+      } finally {
+        this.#sender = null;
+      }
+    })();
+  }
+
+  /**
+   * Take the next batch from the buffer: as many samples as fit in BATCH_BYTES, in order.
+   * @returns {{body: string, count: number, dropped: number}}
+   */
+  #takeBatch() {
+    const dropped = this.#dropped;
+    const tail = `],"dropped":${dropped}${this.#intervalsJson}}`;
+    let size = '{"samples":['.length + tail.length;
+    /** @type {string[]} */
+    const parts = [];
+    const buffer = this.#buffer;
+    let i = this.#head;
+    for (; i < buffer.length; i++) {
+      const s = buffer[i];
+      // names are ASCII (NAME_RE), numbers print as JSON does: only labels need encoding
+      const text = s.length === 3
+        ? `[${s[0]},"${s[1]}",${s[2]}]`
+        : `[${s[0]},"${s[1]}",${s[2]},${JSON.stringify(s[3])}]`;
+      const bytes = s.length === 3 ? text.length : Buffer.byteLength(text);
+      if (parts.length > 0 && size + bytes + 1 >= BATCH_BYTES) break;
+      size += bytes + (parts.length > 0 ? 1 : 0);
+      parts.push(text);
+    }
+    const count = i - this.#head;
+    this.#head = i;
+    if (this.#head === buffer.length) {
+      this.#buffer = [];
+      this.#head = 0;
+    } else if (this.#head >= BATCH_SAMPLES && this.#head * 2 >= buffer.length) {
+      this.#buffer = buffer.slice(this.#head);
+      this.#head = 0;
+    }
+    this.#taken += count;
+    this.#formed++;
+    return { body: `{"samples":[${parts.join(",")}${tail}`, count, dropped };
+  }
+
+  /**
+   * Send one batch (PROTOCOL.md 6.6): a request like every other, retried the same way with
+   * the same message id; the stream's error reply, or NATS away for the whole budget, loses
+   * the batch's samples (counted in `dropped`).
+   */
+  async #sendBatch() {
+    const what = "send samples";
+    const version = this.#intervalsVersion;
+    const { body, count, dropped } = this.#takeBatch();
+    const h = headers();
+    const nonce = randomBytes(8).toString("hex");
+    h.set("Nats-Msg-Id", names.metricsMsgId(this.config.experiment, this.pod, nonce));
+    let why = "";
+    try {
+      const reply = await this.#request(this.#metricsSubject, body, what, h, this.#sending);
+      /** @type {{seq?: unknown, error?: {description?: unknown}} | null} */
+      let ack = null;
+      try {
+        ack = reply.json();
+      } catch {
+        // not JSON: reported below
+      }
+      if (ack && typeof ack === "object" && !ack.error && typeof ack.seq === "number") {
+        this.#reportedDropped = dropped;
+        this.#reportedIntervals = version;
+      } else {
+        why = ack?.error
+          ? `the stream refused a batch: ${ack.error.description ?? "?"}`
+          : `unexpected reply to a batch: ${JSON.stringify(reply.string().slice(0, 100))}`;
+      }
+    } catch (err) {
+      why = describe(err);
+    }
+    if (why) this.#lost(count, why);
+    this.#settled += count;
+    this.#finished++;
+    this.#settle();
+  }
+
+  /**
+   * `count` samples will never reach the stream: count them; say so once.
+   * @param {number} count
+   * @param {string} why
+   */
+  #lost(count, why) {
+    this.#dropped += count;
+    if (count > 0 && !this.#warnedLoss) {
+      this.#warnedLoss = true;
+      console.warn(
+        `tricks-nats: ${count} samples lost (${why}); counted as dropped, ` +
+          "further losses are only counted",
+      );
+    }
+  }
+
+  /** Resolve the flushes that are done. */
+  #settle() {
+    const pending = this.#flushes;
+    this.#flushes = [];
+    for (const flush of pending) {
+      if (!this.#senderStopped) {
+        if (this.#settled < flush.target) {
+          this.#flushes.push(flush);
+          continue;
+        }
+        if (flush.batch === 0) {
+          const unreported = this.#dropped !== this.#reportedDropped ||
+            this.#intervalsVersion !== this.#reportedIntervals;
+          if (unreported) {
+            // the samples are in, not the latest `dropped` or intervals: one more batch
+            flush.batch = this.#formed + 1;
+            this.#needFormed = Math.max(this.#needFormed, flush.batch);
+            this.#flushes.push(flush);
+            continue;
+          }
+        } else if (this.#finished < flush.batch) {
+          this.#flushes.push(flush);
+          continue;
+        }
+      }
+      flush.resolve();
+    }
+  }
+
+  /**
+   * Send nothing more: what still waits is lost (counted); pending flushes resolve.
+   * @param {string} [why]
+   */
+  #stopSender(why = "the driver is closed") {
+    if (this.#senderStopped) return;
+    this.#senderStopped = true;
+    this.#abortSender();
+    if (this.#timer !== null) clearTimeout(this.#timer);
+    this.#timer = null;
+    const waiting = this.#buffer.length - this.#head;
+    this.#buffer = [];
+    this.#head = 0;
+    this.#taken += waiting;
+    this.#settled += waiting;
+    this.#lost(waiting, why);
+    this.#settle();
   }
 }
 

@@ -163,13 +163,17 @@ export async function startServer(exp) {
 /**
  * A TCP relay to `port` that a test can cut: `hold()` drops the connections through it and
  * refuses new ones until `release()`, so its clients stay away while others carry on;
- * `refused()` resolves at the next connection it refuses.
+ * `refused()` resolves at the next connection it refuses. `deafen()` keeps back what the
+ * server sends (its clients' messages still reach it) until `hear()` delivers it all, in
+ * order: replies come late, nothing is lost.
  * @param {number} port
  */
 export async function startProxy(port) {
   /** @type {Set<import("node:net").Socket>} */
   const sockets = new Set();
   let held = false;
+  /** @type {[import("node:net").Socket, Buffer][] | null} server bytes kept back while deaf */
+  let deaf = null;
   /** @type {(() => void)[]} */
   const onRefusal = [];
   const server = createServer((client) => {
@@ -186,8 +190,12 @@ export async function startProxy(port) {
         b.destroy();
       });
       a.on("error", () => b.destroy());
-      a.pipe(b);
     }
+    client.pipe(upstream);
+    upstream.on("data", (/** @type {Buffer} */ chunk) => {
+      if (deaf) deaf.push([client, chunk]);
+      else client.write(chunk);
+    });
   });
   await new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(null)));
   const address = /** @type {import("node:net").AddressInfo} */ (server.address());
@@ -199,6 +207,14 @@ export async function startProxy(port) {
     },
     release() {
       held = false;
+    },
+    deafen() {
+      deaf ??= [];
+    },
+    hear() {
+      const kept = deaf ?? [];
+      deaf = null;
+      for (const [client, chunk] of kept) if (!client.destroyed) client.write(chunk);
     },
     /** @returns {Promise<void>} resolves when the proxy next refuses a connection */
     refused() {
@@ -282,6 +298,11 @@ export async function startExperiment(name = "js") {
     podGone: (tag, podId) => command(`gone ${tag} ${podId}`),
     /** @param {string} event */
     count: async (event) => Number(await command(`count ${event}`)),
+    /**
+     * Every metrics batch the stream holds, in the order stored (the coordinator's view).
+     * @returns {Promise<{subject: string, msg_id: string | null, batch: any}[]>}
+     */
+    samples: async () => JSON.parse(await command("samples")),
     /**
      * Resolves once the fixture follows the counts again (after a server restart its
      * connection comes back on its own): an increment made now is notified.
