@@ -219,7 +219,8 @@ def make_run(tmp_path: Path) -> Path:
 async def test_report_draws_png_and_html(tmp_path: Path) -> None:
     from matplotlib.image import imread
 
-    from tricks_nats.report import DPI, figure_size, load_run
+    from tricks_nats.report import load_run
+    from tricks_nats.timeline import DPI, figure_size
 
     run = make_run(tmp_path)
     png, html = tmp_path / "t.png", tmp_path / "t.html"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tricks_nats import figures, plots, report, stats
+from tricks_nats import figures, plots, report, stats, timeline
 from tricks_nats.errors import UsageError
 from tricks_nats.metrics_csv import MetricsWriter, Samples
 from tricks_nats.plots import build, draw_metric, nice_step, rate_bin
@@ -451,7 +451,7 @@ def test_timeline_model(run_dir: Path) -> None:
 def test_timeline_formats(run_dir: Path, out: Path, fmt: str) -> None:
     run = report.load_run(run_dir)
     path = out / f"timeline{fmt}"
-    report.draw(run, path)
+    timeline.draw(run, path)
     pods = [b.pod for b in run.bars]
     if fmt == ".svg":
         drawn = svg_text(path)
@@ -467,8 +467,8 @@ def test_timeline_formats(run_dir: Path, out: Path, fmt: str) -> None:
     elif fmt == ".png":
         from matplotlib.image import imread
 
-        width, height = report.figure_size(run)
-        assert imread(path).shape[:2] == (round(height * report.DPI), round(width * report.DPI))
+        width, height = timeline.figure_size(run)
+        assert imread(path).shape[:2] == (round(height * timeline.DPI), round(width * timeline.DPI))
         assert "client-2" in png_text(path)["Keywords"]
     else:
         check_file(path, [], [])
@@ -482,22 +482,22 @@ def test_timeline_formats(run_dir: Path, out: Path, fmt: str) -> None:
 
 def test_timeline_title_when_given(run_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "t.svg"
-    report.draw(report.load_run(run_dir), path, title="Ring, 3 servers")
+    timeline.draw(report.load_run(run_dir), path, title="Ring, 3 servers")
     assert "Ring, 3 servers" in svg_text(path)
 
 
 def test_timeline_of_many_pods_labels_tags(tmp_path: Path) -> None:
     run = report.load_run(make_run(tmp_path, pods_per_tag=60))
     path = tmp_path / "many.svg"
-    report.draw(run, path)
+    timeline.draw(run, path)
     drawn = svg_text(path)
     assert "server (60)" in drawn and "server-17" not in drawn
-    assert report.figure_size(run)[1] <= report.MAX_BARS_IN + 3
+    assert timeline.figure_size(run)[1] <= timeline.MAX_BARS_IN + 3
 
 
 def test_timeline_rejects_other_formats(run_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"use a \.png, \.svg, \.pdf or \.html file name"):
-        report.draw(report.load_run(run_dir), tmp_path / "t.jpg")
+        timeline.draw(report.load_run(run_dir), tmp_path / "t.jpg")
 
 
 def stalled_samples() -> Iterator[tuple[float, str, int, str, float, None]]:

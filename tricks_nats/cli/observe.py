@@ -152,7 +152,7 @@ def report(
             for path in draw_all(run_dir, Path(output), suffix=f".{fmt}"):
                 typer.echo(f"wrote {path}")
         else:
-            from tricks_nats.report import draw
+            from tricks_nats.timeline import draw
 
             draw(timeline, Path(output))
             typer.echo(f"timeline written to {output}")
