@@ -374,3 +374,53 @@ def test_validate_cli_ok_and_missing_file(tmp_path) -> None:
     )
     missing = run_cli("validate", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "cannot read the spec" in missing.stderr
+
+
+def test_metrics_patterns_and_intervals() -> None:
+    exp = parse(
+        textwrap.dedent(
+            r"""
+            experiment:
+            - tag: a
+              command: x
+              metrics:
+              - name: lat_ms
+                pattern: '(?P<op>\w+) took (?P<value>[0-9.]+)ms'
+                expected_interval_ms: 10
+              - {name: size_bytes}
+            """
+        ),
+        "s.yaml",
+    )
+    (lat, size) = exp.tag("a").metrics
+    assert (lat.name, lat.expected_interval_ms, size.pattern) == ("lat_ms", 10, None)
+
+
+def test_bad_metrics_are_located_errors() -> None:
+    found = errors(
+        r"""
+        experiment:
+        - tag: a
+          command: x
+          metrics:
+          - {name: lat_ms, pattern: 'latency=(?P<val>[0-9.]+)'}
+          - {name: lat_ms, pattern: '(?P<value>[0-9.]+'}
+          - {name: "bad name", pattern: '(?P<value>\d+) (?P<tag>\w+)'}
+          - {name: ok, expected_interval_ms: -1}
+          - {name: ok2, patern: x}
+        """
+    )
+    assert found == [
+        "s.yaml:6:29: experiment[0].metrics[0].pattern: pattern 'latency=(?P<val>[0-9.]+)' "
+        "has no group (?P<value>...) for the sample's value",
+        "s.yaml:7:12: experiment[0].metrics[1].name: metric 'lat_ms' is declared twice in this tag",
+        "s.yaml:7:29: experiment[0].metrics[1].pattern: bad pattern '(?P<value>[0-9.]+': "
+        "missing ), unterminated subpattern at position 0",
+        "s.yaml:8:12: experiment[0].metrics[2].name: metric name 'bad name' must be letters, "
+        "digits, '-' or '_' (starting with a letter or digit, at most 100)",
+        "s.yaml:8:33: experiment[0].metrics[2].pattern: pattern group 'tag' cannot be a label: "
+        "use a name other than name, pod_id, tag",
+        "s.yaml:9:38: experiment[0].metrics[3].expected_interval_ms: expected float > 0.0, got -1",
+        "s.yaml:10:17: experiment[0].metrics[4].patern: unknown key 'patern' (did you mean "
+        "'pattern'?); known keys: name, pattern, expected_interval_ms",
+    ]
