@@ -92,37 +92,28 @@ class Recorder:
     def record(
         self, name: str, value: float, labels: dict[str, Any] | None = None, ts: float | None = None
     ) -> None:
-        """One sample, taken now (or at `ts`, seconds since the epoch: a sample read back)."""
-        if name not in self._names:
-            p.check_name(name, "metric name")
-            self._names.add(name)
-        kind = value.__class__
-        if kind is not float and kind is not int:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TricksError(f"metric {name!r}: value {value!r} is not a number")
-            value = float(value)
-        if not -_FINITE_MAX < value < _FINITE_MAX:
-            raise TricksError(f"metric {name!r}: value {value!r} is not finite")
+        """One sample, taken now (or at `ts`, seconds since the epoch: a sample read back);
+        `labels` is copied."""
+        value = self._value(name, value)
+        if ts is None:
+            ts = time.time()
+        elif isinstance(ts, bool) or not isinstance(ts, int | float) or not 0 <= ts < math.inf:
+            raise TricksError(f"metric {name!r}: time {ts!r} is not seconds since the epoch")
+        self._push((ts, name, value, self._labels(labels)) if labels else (ts, name, value))
+
+    def _push(self, sample: tuple[Any, ...]) -> None:
         if not self._started:
             self._start_soon()
         buffer = self._buffer
         if len(buffer) >= self.capacity:
             self.dropped += 1
             return
-        if ts is None:
-            ts = time.time()
-        elif isinstance(ts, bool) or not isinstance(ts, int | float) or not 0 <= ts < math.inf:
-            raise TricksError(f"metric {name!r}: time {ts!r} is not seconds since the epoch")
-        if labels:
-            buffer.append((ts, name, value, self._labels(labels)))
-        else:
-            buffer.append((ts, name, value))
+        buffer.append(sample)
         if len(buffer) >= self._full and not self._wake_pending:
             self._poke()
 
-    def record_kw(self, name: str, value: float, /, **labels: Any) -> None:
-        """`record` with labels as keywords (the drivers' API): the hot path, one call deep.
-        Keywords arrive in a fresh dict, kept as is when it is valid already."""
+    def _value(self, name: str, value: float) -> float:
+        """`value` if `name` and `value` make a sample (checked once per name), else why not."""
         if name not in self._names:
             p.check_name(name, "metric name")
             self._names.add(name)
@@ -133,6 +124,18 @@ class Recorder:
             value = float(value)
         if not -_FINITE_MAX < value < _FINITE_MAX:
             raise TricksError(f"metric {name!r}: value {value!r} is not finite")
+        return value
+
+    def record_kw(self, name: str, value: float, /, **labels: Any) -> None:
+        """`record` with labels as keywords (the drivers' API): the hot path, one call deep.
+        Keywords arrive in a fresh dict, kept as is when it is valid already."""
+        kind = value.__class__
+        if (
+            name not in self._names
+            or (kind is not float and kind is not int)
+            or not -_FINITE_MAX < value < _FINITE_MAX
+        ):
+            value = self._value(name, value)
         if not self._started:
             self._start_soon()
         buffer = self._buffer
