@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -298,3 +299,18 @@ def test_live_view_shows_pods_by_state_and_condition_progress(tmp_path: Path) ->
     row = next(line for line in text.splitlines() if "server" in line and "│" in line)
     assert [c.strip() for c in row.split("│")[1:6]] == ["server", "", "5", "", "1"]
     assert "server-5 failed" in text and "boom: address in use" in text
+
+
+def test_output_to_a_full_disk_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "tricks_nats.cli.app", "report", str(run)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert done.stderr == "tricks-nats: error: cannot write the output: No space left on device\n"

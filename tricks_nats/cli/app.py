@@ -7,6 +7,7 @@ Heavy imports (nats-py, the coordinator) happen inside the commands that need th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -226,6 +227,22 @@ def main() -> None:
     except TricksError as exc:  # raised outside a command's own handling
         typer.echo(f"tricks-nats: error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, like cat
+        _drop_stdout()
+        sys.exit(1)
+    except OSError as exc:  # our own output could not be written (a full disk)
+        _drop_stdout()
+        typer.echo(f"tricks-nats: error: cannot write the output: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+
+
+def _drop_stdout() -> None:
+    """Nothing more reaches stdout (Python's flush at exit would fail again, loudly)."""
+    import os
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":
