@@ -82,6 +82,20 @@ async def as_a_pod(spec_dir: Path, timeout: float = 60) -> Driver:
     return await Driver.connect(Config.from_env(json.loads(path.read_text())))
 
 
+def kill_embedded_server(up_pid: int) -> None:
+    """SIGKILL the nats-server that `tricks-nats up` (process `up_pid`) started: its supervisor
+    must bring it back."""
+    import os
+    import signal
+
+    import psutil
+
+    (server,) = [
+        c for c in psutil.Process(up_pid).children(recursive=True) if c.name() == "nats-server"
+    ]
+    os.kill(server.pid, signal.SIGKILL)
+
+
 async def wait_until(condition: Callable[[], object], timeout: float = 30) -> None:
     """Check `condition` until it holds (a file, a process gone, an error the client reports
     from its own task: things with no event to wait on); fail after `timeout`."""

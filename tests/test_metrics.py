@@ -6,15 +6,12 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import os
-import signal
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import psutil
 import pytest
 
 from tricks_nats import protocol as p
@@ -24,6 +21,7 @@ from tricks_nats.natsserver import EmbeddedServer
 from tricks_nats.spec import parse
 
 from .conftest import ROOT, cli_env
+from .helpers import kill_embedded_server
 from .test_up import only_run, summary, up
 
 pytestmark = pytest.mark.slow
@@ -367,12 +365,7 @@ async def test_samples_survive_a_server_kill_exactly_once(tmp_path: Path) -> Non
             entry = json.loads(await proc.stdout.readline())
             if entry["kind"] == "event" and entry["name"] == "recording":
                 break
-        (server,) = [
-            c
-            for c in psutil.Process(proc.pid).children(recursive=True)
-            if c.name() == "nats-server"
-        ]
-        os.kill(server.pid, signal.SIGKILL)
+        kill_embedded_server(proc.pid)
         _, err = await proc.communicate()
     finally:
         if proc.returncode is None:

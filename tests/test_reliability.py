@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from tricks_nats import bus as bus_module
@@ -19,7 +18,7 @@ from tricks_nats.bus import Bus, Endpoint
 from tricks_nats.natsserver import EmbeddedServer
 
 from .conftest import ROOT, cli_env, exp_processes
-from .helpers import DUMP_ENV, as_a_pod, experiment
+from .helpers import DUMP_ENV, as_a_pod, experiment, kill_embedded_server
 
 pytestmark = pytest.mark.slow
 TRICKS = [sys.executable, "-m", "tricks_nats.cli.app"]
@@ -94,10 +93,7 @@ async def test_the_run_survives_its_nats_server_being_killed(tmp_path: Path) -> 
             experiment = entry["experiment"]
             if entry["kind"] == "event" and (entry["name"], entry["count"]) == ("phase1", 4):
                 break
-        (server,) = [
-            p for p in psutil.Process(up.pid).children(recursive=True) if p.name() == "nats-server"
-        ]
-        os.kill(server.pid, signal.SIGKILL)
+        kill_embedded_server(up.pid)
         pod = await as_a_pod(tmp_path)  # connecting rides out the restart
         try:
             assert await pod.count("phase1") == 4  # the file store kept the counts
@@ -171,10 +167,7 @@ async def ring_through_a_server_kill(
 @pytest.mark.parametrize("when", ["server_start", "server-connected", "client_start"])
 async def test_the_ring_survives_a_server_kill_with_exact_counts(tmp_path: Path, when: str) -> None:
     async def kill_the_embedded_server(up: int) -> None:
-        (server,) = [
-            p for p in psutil.Process(up).children(recursive=True) if p.name() == "nats-server"
-        ]
-        os.kill(server.pid, signal.SIGKILL)
+        kill_embedded_server(up)
 
     await ring_through_a_server_kill(tmp_path, when, kill_the_embedded_server)
 

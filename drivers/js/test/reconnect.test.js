@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
 import { configFromEnv, Driver, names, NatsUnavailable, TricksError } from "../src/index.js";
-import { startExperiment, startProxy } from "../testing/harness.js";
+import { reconnected, startExperiment, startProxy } from "../testing/harness.js";
 
 const SAFETY = { timeout: 60_000 };
 
@@ -23,14 +23,6 @@ describe("after a server restart", () => {
     open.push(d);
     return d;
   };
-  /** @param {Driver} d @returns {Promise<void>} resolves at `d`'s next reconnect */
-  const reconnected = (d) =>
-    new Promise((resolve) => {
-      const off = d.onReconnect(() => {
-        off();
-        resolve();
-      });
-    });
 
   before(async () => {
     ex = await startExperiment("jsrestart");

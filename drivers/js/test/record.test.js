@@ -8,7 +8,7 @@ import { spawn } from "node:child_process";
 import { after, before, describe, test } from "node:test";
 
 import { configFromEnv, Driver, names, TricksError } from "../src/index.js";
-import { startExperiment, startProxy } from "../testing/harness.js";
+import { reconnected, startExperiment, startProxy } from "../testing/harness.js";
 
 const SAFETY = { timeout: 60_000 };
 const DRIVER_URL = new URL("../src/index.js", import.meta.url).href;
@@ -49,14 +49,6 @@ describe("record", () => {
    * @returns {Promise<any[][]>}
    */
   const samplesOf = async (pod) => (await batchesOf(pod)).flatMap((b) => b.batch.samples);
-  /** @param {Driver} d @returns {Promise<void>} resolves at `d`'s next reconnect */
-  const reconnected = (d) =>
-    new Promise((resolve) => {
-      const off = d.onReconnect(() => {
-        off();
-        resolve();
-      });
-    });
 
   before(async () => {
     ex = await startExperiment("jsrecord");

@@ -336,3 +336,17 @@ export async function startExperiment(name = "js") {
     },
   };
 }
+
+/**
+ * Resolves at the driver's next reconnect.
+ * @param {Driver} d
+ * @returns {Promise<void>}
+ */
+export function reconnected(d) {
+  return new Promise((resolve) => {
+    const off = d.onReconnect(() => {
+      off();
+      resolve();
+    });
+  });
+}
