@@ -186,6 +186,11 @@ class Bus:
         holder.append(bus)
         return bus
 
+    def server_version(self) -> str | None:
+        """The version the NATS server announced (for a run's provenance)."""
+        version = self.nc._server_info.get("version")
+        return str(version) if version else None
+
     def after_reconnect(self) -> None:
         log.info("reconnected to NATS; catching up")
         for hook in list(self._reconnect_hooks):

@@ -21,6 +21,7 @@ from tricks_nats.collector import Collector
 from tricks_nats.counting import CountKeeper
 from tricks_nats.entries import VerdictEntry
 from tricks_nats.errors import NatsUnavailable, TricksError
+from tricks_nats.provenance import Provenance
 from tricks_nats.records import RunRecords, Summary
 from tricks_nats.registrar import Registrar, Rosters
 from tricks_nats.runtimes import PodEvent, PodPlan, Runtime
@@ -81,8 +82,10 @@ class Coordinator:
         *,
         grace: float = 5.0,
         timeout: float | None = None,
+        provenance: Provenance | None = None,
     ) -> None:
         self.exp = exp
+        self.provenance = provenance
         self.exp_id = exp_id
         self.bus = bus
         self.runtime = runtime
@@ -181,6 +184,8 @@ class Coordinator:
             metrics_dropped=dict(self.collector.dropped_by_pod()),
             metrics_rejected=self.collector.rejected,
             metrics_lost=self.collector.lost,
+            variables=dict(self.exp.variables),
+            provenance=self.provenance,
         )
         self.records.write_summary(summary)
         return Outcome(verdict, reason, summary)

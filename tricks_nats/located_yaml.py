@@ -90,7 +90,8 @@ class _Located:
         self.root: Any = None
         self.values: dict[int, Any] = {}  # id(container) -> {key: mark} or [mark, ...]
         self.keys: dict[int, dict[str, Mark]] = {}  # id(mapping) -> {key: the key's mark}
-        #: id(mapping) -> {key: source text} of plain scalars YAML did not read as strings.
+        #: id(container) -> {key, or index as text: source text} of plain scalars YAML did not
+        #: read as strings.
         self.raw: dict[int, dict[str, str]] = {}
         self.found: list[tuple[int, int, str]] = []
         self.stopped = False
@@ -400,6 +401,10 @@ class _Builder:
             parent.height = height + 1
         data = parent.data
         if type(data) is list:
+            if raw is not None:  # a variable's values in `matrix:` keep their text
+                if parent.raw is None:
+                    parent.raw = {}
+                parent.raw[str(len(data))] = raw
             data.append("<<" if value is _MergeKey else value)
             parent.marks.append(mark)
             return

@@ -17,6 +17,7 @@ import msgspec
 
 from tricks_nats.entries import Entry, EntryT, encode
 from tricks_nats.protocol import pod_name
+from tricks_nats.provenance import Provenance
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,10 @@ class Summary(msgspec.Struct):
     metrics_rejected: int = 0
     #: Samples metrics.csv could not take (a full disk): counted in `metrics`, not in the file.
     metrics_lost: int = 0
+    #: The configuration's variables (no `$`), for a run of a campaign.
+    variables: dict[str, str | int | float | bool] = {}
+    #: Versions, platform and the spec's commit: what it takes to run it again.
+    provenance: Provenance | None = None
 
 
 class RunRecords:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # heavy modules are imported when a run starts
     from tricks_nats.coordinator import Coordinator, Outcome
     from tricks_nats.entries import Entry
     from tricks_nats.natsserver import EmbeddedServer
+    from tricks_nats.provenance import Provenance
     from tricks_nats.records import RunRecords
     from tricks_nats.runtimes import NatsRoute, PodPlan, Runtime
     from tricks_nats.spec import Experiment
@@ -47,6 +49,10 @@ class UpOptions:
     keep: bool = False
     #: Each runtime's own options, by runtime name (e.g. "kubernetes": KubeOptions(...)).
     runtime_options: Mapping[str, Any] = field(default_factory=dict)
+    #: The run's experiment id (a campaign names its runs); default: a new one from the name.
+    experiment_id: str | None = None
+    #: Recorded in summary.json; default: collected for the spec's file.
+    provenance: Provenance | None = None
 
 
 @dataclass
@@ -96,7 +102,7 @@ async def up(exp: Experiment, opts: UpOptions) -> Outcome:
     from tricks_nats import runtimes
     from tricks_nats.watchdog import Watchdog
 
-    exp_id = p.new_experiment_id(exp.name)
+    exp_id = opts.experiment_id or p.new_experiment_id(exp.name)
     runtime_name = opts.runtime or exp.runtime or "local"
     runtime = runtimes.create(runtime_name, exp, exp_id, opts.runtime_options)
     # Refuse a spec whose pods cannot start before anything is started or written.
@@ -106,6 +112,10 @@ async def up(exp: Experiment, opts: UpOptions) -> Outcome:
     route = runtime.nats_route(opts.nats_url)
     await runtime.prepare()  # e.g. reach the cluster (and fail) before anything starts
     records = _create_records(opts.runs_dir, exp_id, exp)
+    if opts.provenance is None:
+        from tricks_nats import provenance
+
+        opts = dataclasses.replace(opts, provenance=provenance.collect(exp.source))
     if opts.on_journal:
         records.listeners.append(opts.on_journal)
     guard = Watchdog()  # removes the state file (it holds credentials) if we are killed
@@ -117,7 +127,9 @@ async def up(exp: Experiment, opts: UpOptions) -> Outcome:
         if not (records.root / "summary.json").is_file() or _is_placeholder(records.root):
             interrupted = isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
             reason = "interrupted" if interrupted else str(exc) or type(exc).__name__
-            _write_early_verdict(exp, exp_id, records, runtime, started_at, reason, interrupted)
+            _write_early_verdict(
+                exp, exp_id, records, runtime, started_at, reason, interrupted, opts.provenance
+            )
         if isinstance(exc, Exception) and not isinstance(exc, TricksError):
             log.debug("up failed", exc_info=True)
             raise TricksError(f"internal error: {type(exc).__name__}: {exc}") from exc
@@ -144,6 +156,7 @@ def _write_early_verdict(
     started_at: float,
     reason: str,
     interrupted: bool,
+    provenance: Provenance | None,
 ) -> None:
     from tricks_nats.entries import VerdictEntry
     from tricks_nats.records import PodSummary, Summary
@@ -166,6 +179,8 @@ def _write_early_verdict(
             events={},
             runtime=runtime.name,
             journal_lost=records.journal_lost,
+            variables=dict(exp.variables),
+            provenance=provenance,
         )
     )
 
@@ -186,6 +201,8 @@ async def _run(
 
     async with _nats_for(exp_id, route, records, guard) as nats:
         bus = await Bus.open(nats.endpoint, exp_id, name=f"tricks-coordinator-{exp_id}")
+        if opts.provenance is not None:
+            opts.provenance.nats_server = bus.server_version()
         if nats.shared and opts.on_notice:
             opts.on_notice(
                 "pods use the credentials given with --nats-url: on a shared server they "
@@ -216,6 +233,7 @@ async def _run(
                 nats.pods,
                 grace=opts.grace,
                 timeout=opts.timeout,
+                provenance=opts.provenance,
             )
             if nats.server is not None:
                 nats.server.on_gone = coord.abort

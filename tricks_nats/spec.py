@@ -113,6 +113,39 @@ class Spec(msgspec.Struct, forbid_unknown_fields=True):
     name: str | None = None
     timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
     runtime: Runtime | None = None
+    #: Where the local runtime starts pods, relative to the spec's directory (the default).
+    workdir: str | None = None
+    config: (
+        Annotated[
+            list[dict[str, Scalar]],
+            msgspec.Meta(
+                min_length=1,
+                description="Configurations: each entry ($name: value) is one experiment, "
+                "with $name replaced by value anywhere in the spec ($$ is a literal $). "
+                "Combined with matrix: each entry is crossed with every point of the matrix.",
+            ),
+        ]
+        | None
+    ) = None
+    matrix: (
+        Annotated[
+            dict[str, list[Scalar]],
+            msgspec.Meta(
+                description="$name: [values]: one configuration per point of the cartesian "
+                "product (the first variable varies slowest); crossed with config if both.",
+            ),
+        ]
+        | None
+    ) = None
+    repeat: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=1, description="Runs of each configuration (up --repeat wins over it)."
+            ),
+        ]
+        | None
+    ) = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +175,8 @@ class Experiment:
     source: str
     text: str
     base_dir: Path = field(default=Path("."))
+    #: The configuration's values (no `$`), for a spec with `config:` or `matrix:`.
+    variables: dict[str, Scalar] = field(default_factory=dict)
 
     def tag(self, name: str) -> Tag:
         return self._by_tag[name]
@@ -556,9 +591,29 @@ def _parse(text: str, source: str, runtime: str | None, base_dir: Path | None) -
     if loc.errors:
         raise SpecError(loc.errors)
     _env_as_written(data, loc)
+    if isinstance(data, dict) and ("config" in data or "matrix" in data):
+        loc.at(
+            ("config" if "config" in data else "matrix",),
+            "this spec defines variables, so it is a campaign of experiments: run it with "
+            "tricks-nats up (or read it with tricks_nats.study.load)",
+            key=True,
+        )
+        raise SpecError(loc.errors)
+    spec, chosen, where = validate_data(data, loc, runtime, base_dir)
+    if spec is None:
+        raise SpecError(loc.errors)
+    return experiment_of(spec, chosen, source, text, where)
+
+
+def validate_data(
+    data: Any, loc: _Located, runtime: str | None, base_dir: Path | None
+) -> tuple[Spec | None, str, Path]:
+    """The spec (None: every problem is in `loc`), the runtime chosen, and where pods start
+    (`workdir`, relative to `base_dir`, the spec's directory)."""
     declared = data.get("runtime") if isinstance(data, dict) else None
     chosen = runtime or (declared if declared in ("local", "kubernetes") else None) or "local"
     spec: Spec | None = None
+    where = base_dir or Path(".")
     with contextlib.suppress(_TooMany):
         try:  # fast, and enough for a valid spec; the schema finds (and places) every error
             spec = msgspec.convert(data, Spec)
@@ -567,8 +622,21 @@ def _parse(text: str, source: str, runtime: str | None, base_dir: Path | None) -
             if not loc.found:  # the schema should find what msgspec found; never hide it
                 loc.add(1, 1, f"invalid spec: {exc}")
         _check_semantics(data, loc, chosen)
-    if loc.found or spec is None:
-        raise SpecError(loc.errors)
+        if spec is not None and spec.workdir is not None:
+            where = where / spec.workdir
+            if not where.is_dir():
+                loc.at(("workdir",), f"workdir {spec.workdir!r}: no such directory ({where})")
+    return (None if loc.found else spec), chosen, where
+
+
+def experiment_of(
+    spec: Spec,
+    chosen: str,
+    source: str,
+    text: str,
+    base_dir: Path,
+    variables: dict[str, Scalar] | None = None,
+) -> Experiment:
     stem = Path(source).stem if source and not source.startswith("<") else "experiment"
     tags = tuple(
         Tag(
@@ -592,7 +660,8 @@ def _parse(text: str, source: str, runtime: str | None, base_dir: Path | None) -
         runtime=chosen,
         source=source,
         text=text,
-        base_dir=base_dir or Path("."),
+        base_dir=base_dir,
+        variables=dict(variables or {}),
     )
 
 

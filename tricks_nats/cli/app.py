@@ -51,14 +51,21 @@ def validate(
     spec: Annotated[Path, typer.Argument(help="The experiment spec (YAML).")],
     runtime: RuntimeOpt = None,
 ) -> None:
-    """Check a spec; print every error as FILE:LINE:COL: message (exit 2)."""
-    from tricks_nats import spec as specmod
+    """Check a spec (every configuration of a campaign); print every error as
+    FILE:LINE:COL: message (exit 2)."""
+    from tricks_nats import study as studymod
 
     try:
-        exp = specmod.load(spec, runtime=runtime)
+        found = studymod.load(spec, runtime=runtime)
     except TricksError as exc:
         fail(exc)
-    typer.echo(f"{spec}: ok ({len(exp.tags)} tags, {exp.pod_count} pods, runtime {exp.runtime})")
+    exp = found.experiments[0]
+    pods = {e.pod_count for e in found.experiments}
+    shown = f"{min(pods)} to {max(pods)}" if len(pods) > 1 else f"{exp.pod_count}"
+    line = f"{spec}: ok ({len(exp.tags)} tags, {shown} pods, runtime {exp.runtime}"
+    if found.campaign:
+        line += f"; {found.describe()}"
+    typer.echo(line + ")")
 
 
 @app.command()
@@ -106,49 +113,52 @@ def up(
             help="NATS as the pods reach it (kubernetes default: nats://nats.tricks-nats.svc:4222).",
         ),
     ] = None,
+    repeat: Annotated[
+        int | None,
+        typer.Option(
+            "--repeat", min=1, help="Run each configuration N times (wins over the spec's repeat)."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the runs and their variables; run nothing.")
+    ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="A campaign directory (runs/<campaign-id>): run only what has no verdict yet.",
+        ),
+    ] = None,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="Stop a campaign at its first run that fails.")
+    ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="With --resume: run the failed runs again too.")
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="With --resume: go on even though the spec has changed."),
+    ] = False,
 ) -> None:
-    """Run an experiment to its end: exit 0 succeeded, 1 failed, 2 bad input, 130 interrupted."""
-    from tricks_nats import spec as specmod
-    from tricks_nats.entries import Entry, VerdictEntry, json_line
-    from tricks_nats.render import describe
+    """Run an experiment, or every run of a campaign (a spec with config:, matrix: or repeat:),
+    to its end: exit 0 succeeded (every run), 1 failed, 2 bad input, 130 interrupted."""
+    from tricks_nats import study as studymod
+    from tricks_nats.cli import campaigns
     from tricks_nats.running import UpOptions
-    from tricks_nats.running import up as run_up
     from tricks_nats.runtimes.kube_options import KubeOptions
 
     try:
-        exp = specmod.load(spec, runtime=runtime)
-        live = None
-        if not quiet and not as_json and sys.stdout.isatty():
-            from tricks_nats.liveview import LiveView
-
-            live = LiveView(exp)
-
-        def on_journal(entry: Entry) -> None:
-            if live is not None:
-                live.on_journal(entry)
-            elif as_json:
-                say(json_line(entry))
-            elif not quiet and not isinstance(entry, VerdictEntry):
-                say(describe(entry))
-
-        def on_start(exp_id: str, root: Path) -> None:
-            if live is not None:
-                live.on_start(exp_id, root)
-            elif not quiet and not as_json:
-                say(f"experiment {exp_id}: records in {root}")
-
-        def on_notice(text: str) -> None:
-            say(f"tricks-nats: note: {text}", err=True)
-
+        found = studymod.load(spec, runtime=runtime, repeat=repeat)
+        if dry_run:
+            campaigns.dry_run(found)
+            return
         opts = UpOptions(
             runs_dir=runs_dir,
             nats_url=nats_url,
             runtime=runtime,
             grace=grace,
             timeout=timeout,
-            on_journal=on_journal,
-            on_start=on_start,
-            on_notice=on_notice,
+            on_notice=lambda text: say(f"tricks-nats: note: {text}", err=True),
             keep=keep,
             runtime_options={
                 "kubernetes": KubeOptions(
@@ -160,24 +170,17 @@ def up(
                 )
             },
         )
-        if live is not None:
-            with live:
-                outcome = asyncio.run(run_up(exp, opts))
+        show = campaigns.Show(quiet=quiet, as_json=as_json, live=sys.stdout.isatty())
+        if found.campaign or resume is not None:
+            flags = campaigns.Flags(fail_fast, retry_failed, force)
+            code = campaigns.up(found, opts, show, flags, resume)
         else:
-            outcome = asyncio.run(run_up(exp, opts))
+            code = campaigns.single(found.experiments[0], opts, show)
     except TricksError as exc:
         fail(exc)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    s = outcome.summary
-    line = (
-        f"{outcome.verdict}: {s.experiment} ({len(s.pods)} pods, {s.ended_at - s.started_at:.1f}s)"
-    )
-    if outcome.reason:
-        line += f": {outcome.reason}"
-    if not as_json:
-        say(line, err=outcome.exit_code != 0)
-    raise typer.Exit(outcome.exit_code)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -212,9 +215,9 @@ def server(
 
 def _register_extensions() -> None:
     """Command groups that live in their own modules (each cheap to import)."""
-    from tricks_nats.cli import kube, logs, observe, shell_driver
+    from tricks_nats.cli import campaigns, kube, logs, observe, shell_driver
 
-    for module in (shell_driver, kube, observe, logs):
+    for module in (shell_driver, kube, observe, logs, campaigns):
         module.register(app)
 
 
