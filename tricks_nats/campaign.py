@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +143,32 @@ async def run(
     opts: CampaignOptions,
 ) -> Ended:
     """Run every run of `campaign` that is still to do (new, or resumed)."""
+    with _held(directory):
+        return await _run(campaign, directory, experiments, up_opts, opts)
+
+
+@contextlib.contextmanager
+def _held(directory: Path) -> Iterator[None]:
+    """One `up` at a time per campaign (a lock the kernel drops if `up` is killed)."""
+    import fcntl
+
+    with (directory / cf.LOCK).open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                f"campaign {directory} is being run by another tricks-nats up right now"
+            ) from None
+        yield
+
+
+async def _run(
+    campaign: cf.CampaignFile,
+    directory: Path,
+    experiments: dict[int, Experiment],
+    up_opts: UpOptions,
+    opts: CampaignOptions,
+) -> Ended:
     from tricks_nats import provenance
     from tricks_nats.running import up
 

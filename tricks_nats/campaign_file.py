@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 CAMPAIGN_JSON = "campaign.json"
 RESULTS_CSV = "results.csv"
+#: Held (flock) by the `up` running the campaign.
+LOCK = ".lock"
 
 RunState = Literal["pending", "running", "succeeded", "failed", "error", "interrupted"]
 #: States a run ends in for good (an interrupted run is run again on resume).

@@ -502,7 +502,7 @@ def _check_reachable(cond: Any, replicas: dict[str, Any], path: PathT, loc: _Loc
     for suffix in ("_start", "_stop"):
         owner = name[: -len(suffix)] if name.endswith(suffix) else None
         have = replicas.get(owner) if owner else None
-        if isinstance(have, int) and not isinstance(have, bool) and value > have:
+        if isinstance(have, int) and not isinstance(have, bool) and 1 <= have < value:
             loc.at(
                 path,
                 f"{name!r} can never reach {value}: tag {owner!r} has {have} "
@@ -603,6 +603,22 @@ def _parse(text: str, source: str, runtime: str | None, base_dir: Path | None) -
     if spec is None:
         raise SpecError(loc.errors)
     return experiment_of(spec, chosen, source, text, where)
+
+
+#: Fields of a tag whose values are text (a variable there is its value as written).
+_TAG_TEXT = frozenset({"tag", "image", "command", "env"})
+
+
+def wants_text(path: PathT) -> bool:
+    """Whether the spec wants text at `path` (names, images, commands, env values...)."""
+    if len(path) == 1:
+        return path[0] in ("name", "workdir", "apiVersion")
+    if path[0] != "experiment" or len(path) < 3:
+        return False
+    field = path[2]
+    return field in _TAG_TEXT or (
+        field in ("workflow", "metrics") and path[-1] in ("name", "pattern")
+    )
 
 
 def validate_data(

@@ -32,6 +32,7 @@ from tricks_nats.spec import (
     _env_as_written,
     experiment_of,
     validate_data,
+    wants_text,
 )
 
 
@@ -177,7 +178,7 @@ def _each_configuration(
     problems: list[list[tuple[int, int, str]]] = []
     try:
         for c in configs:
-            sites.apply(c)
+            sites.apply(c, wants_text)
             loc.found, loc.stopped = [], False
             try:
                 spec, chosen, where = validate_data(data, loc, runtime, base_dir)

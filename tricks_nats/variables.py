@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,12 +119,13 @@ class Sites:
                 out.setdefault(name, []).append(s.path)
         return out
 
-    def apply(self, config: Configuration) -> None:
+    def apply(self, config: Configuration, wants_text: Callable[[PathT], bool]) -> None:
         """Put a configuration's values in every site (one it lacks stays as written). A whole
-        scalar takes the value's type, except in `env`, whose values are text as written."""
+        scalar takes the value's type, except where the spec wants text (`wants_text`): there
+        it is the value as written."""
         values = config.variables
         for s in self._sites:
-            if s.whole is not None and s.path[2:3] != ("env",):
+            if s.whole is not None and not wants_text(s.path):
                 if s.whole in values:
                     s.container[s.key] = values[s.whole]
             else:

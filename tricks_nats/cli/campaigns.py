@@ -142,15 +142,15 @@ def up(study: Study, opts: UpOptions, show: Show, flags: Flags, resume: Path | N
         raise
     c = ended.campaign
     ok = sum(r.state == "succeeded" for r in c.runs)
-    done = sum(r.verdict is not None for r in c.runs)
+    done = sum(r.state in ("succeeded", "failed", "error") for r in c.runs)
     took = _duration(sum(r.duration_s or 0.0 for r in c.runs))
     line = f"campaign {c.campaign}: {ok} of {len(c.runs)} runs succeeded ({took} of runs)"
     if done < len(c.runs):
         line += f"; {len(c.runs) - done} not run: `tricks-nats resume {directory}`"
     if ended.exit_code == 130:
         line = f"interrupted: {line}"
-    if not show.as_json:
-        say(line, err=ended.exit_code != 0)
+    if not show.quiet or ended.exit_code != 0:  # with --json: on stderr, out of the stream
+        say(line, err=ended.exit_code != 0 or show.as_json)
         if show.lines and done:
             say(f"results: {directory / 'results.csv'}; `tricks-nats report {directory}`")
     return ended.exit_code
