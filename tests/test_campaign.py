@@ -13,9 +13,14 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import kmock
 import pytest
 
+from tricks_nats.natsserver import EmbeddedServer
+from tricks_nats.runtimes import kube_objects as ko
+
 from .conftest import ROOT, cli_env
+from .kube_cluster import Cluster, PodContext
 
 pytestmark = pytest.mark.slow
 TRICKS = [sys.executable, "-m", "tricks_nats.cli.app"]
@@ -345,3 +350,36 @@ def test_a_campaign_is_run_by_one_up_at_a_time(tmp_path: Path) -> None:
         f"tricks-nats: error: campaign {d} is being run by another tricks-nats up right now\n"
     )
     assert campaign(d) == before
+
+
+async def test_on_kubernetes_a_runs_pods_are_gone_before_the_next_run(
+    cluster: Cluster, kubecfg: Path, nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    from tricks_nats import campaign as cmod
+    from tricks_nats import study
+
+    from .test_kubernetes import _options
+
+    async def quick(ctx: PodContext) -> int:
+        ctx.print(f"pod {ctx.name} of {ctx.env['EXP_ID']}")
+        return 0
+
+    cluster.programs.update(a=quick)
+    found = study.parse(
+        "name: kstudy\nmatrix: {$n: [2, 3]}\nrepeat: 2\n"
+        "experiment: [{tag: a, image: example/a, replicas: $n}]\n",
+        "kstudy.yaml",
+        runtime="kubernetes",
+    )
+    opts = _options(tmp_path, kubecfg, nats_server)
+    existing: list[dict[str, Any]] = []
+    c, d = cmod.new(found, tmp_path / "runs")
+    options = cmod.CampaignOptions(on_run_start=lambda *_: existing.append(cluster.pods()))
+    ended = await cmod.run(c, d, dict(enumerate(found.experiments)), opts, options)
+    assert ended.exit_code == 0
+    assert [r.state for r in ended.campaign.runs] == ["succeeded"] * 4
+    assert existing == [{}] * 4 and cluster.pods() == {}
+    # every run made its own pods: 2 + 3 + 2 + 3
+    created = [r for r in cluster if r.action == kmock.action.CREATE]
+    assert len(created) == 10
+    assert len({r.data["metadata"]["labels"][ko.EXPERIMENT] for r in created}) == 4

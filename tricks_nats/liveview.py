@@ -24,8 +24,12 @@ LOG_LINES = 4
 
 
 class LiveView:
-    def __init__(self, exp: Experiment, console: Console | None = None) -> None:
+    def __init__(
+        self, exp: Experiment, console: Console | None = None, *, transient: bool = False
+    ) -> None:
         self.exp = exp
+        #: Cleared at the end (a campaign's runs: its progress lines stay, not every table).
+        self.transient = transient
         self.console = console or Console()
         self.started = time.monotonic()
         self.experiment = ""
@@ -40,7 +44,7 @@ class LiveView:
 
     def __enter__(self) -> LiveView:
         self._live = Live(
-            get_renderable=self.render, console=self.console, refresh_per_second=4, transient=False
+            get_renderable=self.render, console=self.console, refresh_per_second=4, transient=self.transient
         )
         self._live.__enter__()
         return self

@@ -84,12 +84,12 @@ def _journal_printer(
     return on_journal, on_start
 
 
-def _live(exp: Experiment, show: Show) -> LiveView | None:
+def _live(exp: Experiment, show: Show, *, transient: bool = False) -> LiveView | None:
     if not show.live or not show.lines:
         return None
     from tricks_nats.liveview import LiveView
 
-    return LiveView(exp)
+    return LiveView(exp, transient=transient)
 
 
 def single(exp: Experiment, opts: UpOptions, show: Show) -> int:
@@ -205,7 +205,7 @@ class _Progress:
         """A run's own output: its live view on a terminal, its journal with --json."""
         from tricks_nats.campaign import RunOutput
 
-        live = _live(exp, self.show)
+        live = _live(exp, self.show, transient=True)
         if live is None and not self.show.as_json:
             yield RunOutput()
             return
