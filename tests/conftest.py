@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -93,6 +94,20 @@ def cli_env() -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("EXP_ID", None)
     return env
+
+
+def start_cli(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """`tricks-nats ARGS` in the background, its stdout and stderr piped (text)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tricks_nats.cli.app", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or cli_env(),
+        cwd=cwd,
+    )
 
 
 # -- opt-in tier: tests marked `k8s` need a real cluster and run only with `pytest --k8s` --------

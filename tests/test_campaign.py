@@ -19,7 +19,7 @@ import pytest
 from tricks_nats.natsserver import EmbeddedServer
 from tricks_nats.runtimes import kube_objects as ko
 
-from .conftest import ROOT, cli_env
+from .conftest import ROOT, cli_env, start_cli
 from .kube_cluster import Cluster, PodContext
 
 pytestmark = pytest.mark.slow
@@ -225,13 +225,8 @@ def test_interrupt_then_resume_leaves_finished_runs_untouched(
 
     spec = write(tmp_path, HELD)
     runs = tmp_path / "runs"
-    proc = subprocess.Popen(
-        [*TRICKS, "up", str(spec), "--runs-dir", str(runs), "--json", "--grace", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-        cwd=tmp_path,
+    proc = start_cli(
+        "up", str(spec), "--runs-dir", str(runs), "--json", "--grace", "1", cwd=tmp_path
     )
     try:
         assert proc.stdout is not None

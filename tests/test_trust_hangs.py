@@ -29,7 +29,7 @@ from tricks_nats.runtimes import PodEvent, PodPlan
 from tricks_nats.runtimes.local import MAX_PODS, LocalRuntime
 from tricks_nats.watchdog import Watchdog
 
-from .conftest import ROOT, cli_env
+from .conftest import ROOT, cli_env, start_cli
 
 TRICKS = [sys.executable, "-m", "tricks_nats.cli.app"]
 HANG_GUARD_S = 120  # far beyond any honest run here: only a hang reaches it
@@ -133,14 +133,7 @@ def up_when(
     written: Path, go: Path, spec: Path, runs: Path, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
     """Run `up`; once its pod has written `written`, create `go` (see `gate`)."""
-    proc = subprocess.Popen(
-        [*TRICKS, "up", str(spec), "--runs-dir", str(runs), "--grace", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
+    proc = start_cli("up", str(spec), "--runs-dir", str(runs), "--grace", "1", env=env)
     try:
         wait_until(lambda: written.exists() or proc.poll() is not None, f"{written}")
         go.touch()

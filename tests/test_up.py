@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import ROOT, cli_env, exp_processes
+from .conftest import ROOT, cli_env, exp_processes, start_cli
 
 pytestmark = pytest.mark.slow
 TRICKS = [sys.executable, "-m", "tricks_nats.cli.app"]
@@ -120,14 +120,7 @@ def test_sigint_stops_pods_that_ignore_sigterm(tmp_path: Path) -> None:
         """,
     )
     runs = tmp_path / "runs"
-    proc = subprocess.Popen(
-        [*TRICKS, "up", str(spec), "--runs-dir", str(runs), "--json", "--grace", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-        cwd=ROOT,
-    )
+    proc = start_cli("up", str(spec), "--runs-dir", str(runs), "--json", "--grace", "1")
     try:
         assert proc.stdout is not None
         running = 0

@@ -144,7 +144,7 @@ async def run(
 ) -> Ended:
     """Run every run of `campaign` that is still to do (new, or resumed)."""
     with _held(directory):
-        return await _run(campaign, directory, experiments, up_opts, opts)
+        return await _Runner(campaign, directory, experiments, up_opts, opts).run()
 
 
 @contextlib.contextmanager
@@ -162,44 +162,64 @@ def _held(directory: Path) -> Iterator[None]:
         yield
 
 
-async def _run(
-    campaign: cf.CampaignFile,
-    directory: Path,
-    experiments: dict[int, Experiment],
-    up_opts: UpOptions,
-    opts: CampaignOptions,
-) -> Ended:
-    from tricks_nats import provenance
-    from tricks_nats.running import up
+@dataclass
+class _Runner:
+    campaign: cf.CampaignFile
+    directory: Path
+    experiments: dict[int, Experiment]
+    up_opts: UpOptions
+    opts: CampaignOptions
 
-    results = cf.Results(directory)
-    todo = campaign.todo(retry_failed=opts.retry_failed)
-    campaign.state = "running"
-    for entry in todo:  # a run in progress when `up` was killed starts over, as do retries
-        if entry.run_dir is not None:
-            entry.previous.append(entry.run_dir)
-        entry.state, entry.verdict, entry.reason = "pending", None, None
-        entry.run_dir = entry.experiment = None
-    _save(directory, campaign)
-    origin = provenance.collect(campaign.spec_path)
-    durations: list[float] = []
-    for position, entry in enumerate(todo, 1):
-        exp = experiments[entry.config]
+    def __post_init__(self) -> None:
+        from tricks_nats import provenance
+
+        self.results = cf.Results(self.directory)
+        self.todo = self.campaign.todo(retry_failed=self.opts.retry_failed)
+        self.durations: list[float] = []
+        self.origin = provenance.collect(self.campaign.spec_path)
+
+    async def run(self) -> Ended:
+        c = self.campaign
+        c.state = "running"
+        for entry in self.todo:  # a run in progress when `up` was killed starts over
+            if entry.run_dir is not None:
+                entry.previous.append(entry.run_dir)
+            entry.state, entry.verdict, entry.reason = "pending", None, None
+            entry.run_dir = entry.experiment = None
+        _save(self.directory, c)
+        for position, entry in enumerate(self.todo, 1):
+            await self.one(position, entry)
+            if entry.state == "interrupted":
+                return Ended(c, self.directory, 130)
+            if self.opts.fail_fast and entry.state != "succeeded":
+                c.state = "interrupted"
+                _save(self.directory, c)
+                return Ended(c, self.directory, 1)
+        c.state = "finished"
+        _save(self.directory, c)
+        return Ended(c, self.directory, c.exit_code)
+
+    async def one(self, position: int, entry: cf.RunEntry) -> None:
+        from tricks_nats.running import up
+
+        exp = self.experiments[entry.config]
         attempt = len(entry.previous) + 1
-        exp_id = f"{campaign.campaign}-{entry.index:03d}" + (f"-{attempt}" if attempt > 1 else "")
+        exp_id = f"{self.campaign.campaign}-{entry.index:03d}"
+        exp_id += f"-{attempt}" if attempt > 1 else ""
         entry.state, entry.experiment, entry.run_dir = "running", exp_id, exp_id
         entry.started_at = round(time.time(), 3)
-        _save(directory, campaign)
-        progress = Progress(entry, position, len(todo), campaign, _eta(durations, todo, position))
-        if opts.on_run_start:
-            opts.on_run_start(progress, exp)
+        _save(self.directory, self.campaign)
+        eta = _eta(self.durations, self.todo, position)
+        progress = Progress(entry, position, len(self.todo), self.campaign, eta)
+        if self.opts.on_run_start:
+            self.opts.on_run_start(progress, exp)
         run_opts = dataclasses.replace(
-            up_opts,
-            runs_dir=directory,
+            self.up_opts,
+            runs_dir=self.directory,
             experiment_id=exp_id,
-            provenance=msgspec.structs.replace(origin),
+            provenance=msgspec.structs.replace(self.origin),
         )
-        around = opts.around_run(progress, exp) if opts.around_run else None
+        around = self.opts.around_run(progress, exp) if self.opts.around_run else None
         try:
             with around or contextlib.nullcontext(RunOutput()) as output:
                 run_opts.on_journal, run_opts.on_start = output.on_journal, output.on_start
@@ -210,45 +230,25 @@ async def _run(
             entry.state, entry.verdict, entry.reason = "error", "error", str(exc)
         except BaseException:  # Ctrl-C between two runs' steps, or cancelled
             entry.state, entry.verdict, entry.reason = "interrupted", "interrupted", "interrupted"
-            _finish(entry, directory, campaign, results, durations, "interrupted")
+            self.finish(entry)
             raise
-        interrupted = entry.state == "interrupted"
-        _finish(
-            entry, directory, campaign, results, durations, "interrupted" if interrupted else None
-        )
-        progress.eta_s = _eta(durations, todo, position + 1)
-        if opts.on_run_end:
-            opts.on_run_end(progress)
-        if interrupted:
-            return Ended(campaign, directory, 130)
-        if opts.fail_fast and entry.state != "succeeded":
-            campaign.state = "interrupted"
-            _save(directory, campaign)
-            return Ended(campaign, directory, 1)
-    campaign.state = "finished"
-    _save(directory, campaign)
-    return Ended(campaign, directory, campaign.exit_code)
+        self.finish(entry)
+        progress.eta_s = _eta(self.durations, self.todo, position + 1)
+        if self.opts.on_run_end:
+            self.opts.on_run_end(progress)
 
-
-def _finish(
-    entry: cf.RunEntry,
-    directory: Path,
-    campaign: cf.CampaignFile,
-    results: cf.Results,
-    durations: list[float],
-    campaign_state: str | None,
-) -> None:
-    entry.ended_at = round(time.time(), 3)
-    if entry.started_at is not None:
-        entry.duration_s = round(entry.ended_at - entry.started_at, 3)
-        if entry.state in cf.FINAL:
-            durations.append(entry.duration_s)
-    if entry.run_dir is not None and not (directory / entry.run_dir).is_dir():
-        entry.run_dir = None  # refused before it had records (a bad command, no cluster)
-    if campaign_state == "interrupted":
-        campaign.state = "interrupted"
-    _save(directory, campaign)
-    results.write(campaign)
+    def finish(self, entry: cf.RunEntry) -> None:
+        entry.ended_at = round(time.time(), 3)
+        if entry.started_at is not None:
+            entry.duration_s = round(entry.ended_at - entry.started_at, 3)
+            if entry.state in cf.FINAL:
+                self.durations.append(entry.duration_s)
+        if entry.run_dir is not None and not (self.directory / entry.run_dir).is_dir():
+            entry.run_dir = None  # refused before it had records (a bad command, no cluster)
+        if entry.state == "interrupted":
+            self.campaign.state = "interrupted"
+        _save(self.directory, self.campaign)
+        self.results.write(self.campaign)
 
 
 def _eta(durations: list[float], todo: list[cf.RunEntry], next_position: int) -> float | None:

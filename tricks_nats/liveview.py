@@ -44,7 +44,10 @@ class LiveView:
 
     def __enter__(self) -> LiveView:
         self._live = Live(
-            get_renderable=self.render, console=self.console, refresh_per_second=4, transient=self.transient
+            get_renderable=self.render,
+            console=self.console,
+            refresh_per_second=4,
+            transient=self.transient,
         )
         self._live.__enter__()
         return self

@@ -683,6 +683,12 @@ def experiment_of(
 
 def load(path: str | Path, *, runtime: str | None = None) -> Experiment:
     """Read and validate a spec file; a missing or unreadable file is a SpecError too."""
+    text = read(path)
+    return parse(text, str(path), runtime=runtime, base_dir=Path(path).resolve().parent)
+
+
+def read(path: str | Path) -> str:
+    """A spec file's text; a missing, unreadable, huge or non-UTF-8 file is a SpecError."""
     p = Path(path)
     try:
         with p.open("rb") as f:  # not read_bytes: /dev/zero must not fill the memory
@@ -695,7 +701,7 @@ def load(path: str | Path, *, runtime: str | None = None) -> Experiment:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError([f"{path}:1:1: the spec is not UTF-8 text ({exc.reason})"]) from exc
-    return parse(text, str(path), runtime=runtime, base_dir=p.resolve().parent)
+    return text
 
 
 def json_schema() -> dict[str, Any]:

@@ -20,10 +20,8 @@ from tricks_nats import variables as v
 from tricks_nats.errors import SpecError
 from tricks_nats.located_yaml import (
     MAX_ERRORS,
-    MAX_SPEC_BYTES,
     _compose,
     _Located,
-    _too_big,
     _TooMany,
 )
 from tricks_nats.spec import (
@@ -31,6 +29,7 @@ from tricks_nats.spec import (
     _collector_paused,
     _env_as_written,
     experiment_of,
+    read,
     validate_data,
     wants_text,
 )
@@ -99,19 +98,9 @@ def parse(
 
 def load(path: str | Path, *, runtime: str | None = None, repeat: int | None = None) -> Study:
     """Read and validate a spec file; a missing or unreadable file is a SpecError too."""
-    p = Path(path)
-    try:
-        with p.open("rb") as f:  # not read_bytes: /dev/zero must not fill the memory
-            raw = f.read(MAX_SPEC_BYTES + 1)
-    except OSError as exc:
-        raise SpecError([f"{path}: cannot read the spec: {exc.strerror or exc}"]) from exc
-    if len(raw) > MAX_SPEC_BYTES:
-        raise SpecError([f"{path}:1:1: {_too_big()}"])
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SpecError([f"{path}:1:1: the spec is not UTF-8 text ({exc.reason})"]) from exc
-    return parse(text, str(path), runtime=runtime, base_dir=p.resolve().parent, repeat=repeat)
+    text = read(path)
+    base_dir = Path(path).resolve().parent
+    return parse(text, str(path), runtime=runtime, base_dir=base_dir, repeat=repeat)
 
 
 def _parse(
