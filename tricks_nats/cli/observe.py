@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +13,7 @@ import typer
 
 from tricks_nats.cli.output import fail
 from tricks_nats.entries import KINDS, Entry
-from tricks_nats.errors import TricksError
+from tricks_nats.errors import TricksError, UsageError
 
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Where runs are, for an experiment id.")]
 
@@ -112,7 +113,11 @@ def status(
 
 def report(
     run: Annotated[
-        str, typer.Argument(help="A run: its directory (runs/<id>) or its experiment id.")
+        str,
+        typer.Argument(
+            help="A run: its directory (runs/<id>) or its experiment id; or a campaign's "
+            "directory (runs/<campaign-id>), which compares its configurations."
+        ),
     ],
     output: Annotated[
         str | None,
@@ -129,12 +134,22 @@ def report(
     runs_dir: RunsDir = Path("runs"),
 ) -> None:
     """Summarise a run: pods, events, and every metric's percentiles (with coordination-
-    omission warnings); with -o, draw it (needs tricks-nats[report])."""
-    from tricks_nats import results
+    omission warnings); with -o, draw it (needs tricks-nats[report]). For a campaign: each
+    metric per configuration, mean and spread over repetitions."""
+    from tricks_nats import campaign_results, results
     from tricks_nats.report import load_run, text_summary
     from tricks_nats.rundir import find_run
 
     try:
+        campaign = campaign_results.find(run, runs_dir)
+        if campaign is not None:
+            if output is not None:
+                raise UsageError(
+                    f"-o draws a single run; draw campaign {campaign} with "
+                    "`tricks-nats plot CAMPAIGN METRIC --x VARIABLE`"
+                )
+            typer.echo(campaign_results.render(campaign_results.load(campaign)))
+            return
         run_dir = find_run(run, runs_dir)
         timeline = load_run(run_dir)
         typer.echo(text_summary(timeline))
@@ -144,7 +159,6 @@ def report(
         if output is None:
             return
         if output.endswith("/") or Path(output).is_dir():
-            from tricks_nats.errors import UsageError
             from tricks_nats.report import draw_all
 
             if fmt not in ("svg", "pdf", "png", "html"):
@@ -162,45 +176,106 @@ def report(
 
 def plot(
     run: Annotated[
-        str, typer.Argument(help="A run: its directory (runs/<id>) or its experiment id.")
-    ],
-    name: Annotated[str, typer.Argument(help="The metric to draw (a name in metrics.csv).")],
-    kind: Annotated[
         str,
+        typer.Argument(
+            help="A run: its directory (runs/<id>) or its experiment id; or a campaign's "
+            "directory (runs/<campaign-id>), drawn against --x."
+        ),
+    ],
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="The metric to draw (a name in metrics.csv; for a campaign, in results.csv, "
+            "or duration_s: each run's duration)."
+        ),
+    ],
+    kind: Annotated[
+        str | None,
         typer.Option(
             "--kind",
             "-k",
-            help="cdf (of the value), line (value over time), rate (samples/s over time: "
-            "throughput), bar (p50/mean/p99 with 95% intervals), hist.",
+            help="cdf (of the value; the default), line (value over time), rate (samples/s "
+            "over time: throughput), bar (p50/mean/p99 with 95% intervals), hist.",
         ),
-    ] = "cdf",
-    by: Annotated[str, typer.Option("--by", help="One series per tag or per pod.")] = "tag",
+    ] = None,
+    by: Annotated[
+        str | None, typer.Option("--by", help="One series per tag (the default) or per pod.")
+    ] = None,
     tag: Annotated[
         list[str] | None, typer.Option("--tag", help="Only this tag (repeatable).")
     ] = None,
+    x: Annotated[
+        str | None,
+        typer.Option(
+            "--x",
+            help="A campaign: the variable on the x axis ($ optional). Each point is the mean "
+            "over the repetitions of a configuration; other variables must not vary, or be "
+            "--series.",
+        ),
+    ] = None,
+    stat: Annotated[
+        str | None,
+        typer.Option(
+            "--stat",
+            help="A campaign: which figure of each run to draw: count, mean, p50, p90 or p99 "
+            "(default p99; duration_s has one value per run).",
+        ),
+    ] = None,
+    series: Annotated[
+        str | None,
+        typer.Option("--series", help="A campaign: one line per value of this variable."),
+    ] = None,
+    error: Annotated[
+        str | None,
+        typer.Option(
+            "--error",
+            help="A campaign: error bars from the lowest to the highest repetition (minmax, "
+            "the default) or the 95% confidence interval of their mean (ci95, Student t).",
+        ),
+    ] = None,
     log_x: Annotated[
-        bool, typer.Option("--log-x", help="Logarithmic value axis (cdf, hist).")
+        bool, typer.Option("--log-x", help="Logarithmic x axis (cdf, hist; a campaign).")
     ] = False,
+    log_y: Annotated[bool, typer.Option("--log-y", help="A campaign: logarithmic y axis.")] = False,
     title: Annotated[str | None, typer.Option("--title", help="Drawn on the figure.")] = None,
     output: Annotated[
         Path | None,
         typer.Option(
             "--output",
             "-o",
-            help="The figure: .svg or .pdf (vector), .png, or .html. "
-            "Default: <run>/<name>-<kind>.svg.",
+            help="The figure: .svg or .pdf (vector), .png, or .html. Default: "
+            "<run>/<name>-<kind>.svg; for a campaign <campaign>/<name>-<stat>-by-<x>.svg.",
         ),
     ] = None,
     runs_dir: RunsDir = Path("runs"),
 ) -> None:
-    """Draw one metric of a run from its metrics.csv (needs tricks-nats[report])."""
-    from tricks_nats import metrics_csv
-    from tricks_nats.errors import UsageError
+    """Draw one metric of a run from its metrics.csv; or of a campaign from its results.csv,
+    against a variable (needs tricks-nats[report])."""
+    from tricks_nats import campaign_results, metrics_csv
     from tricks_nats.plots import draw_metric
     from tricks_nats.rundir import find_run
 
     try:
+        campaign = campaign_results.find(run, runs_dir)
+        if campaign is not None:
+            _refuse(f"for a single run ({campaign} is a campaign)", kind=kind, by=by, tag=tag)
+            if x is None:
+                raise UsageError(
+                    f"{campaign} is a campaign: say which variable goes on the x axis with "
+                    f"--x (its variables: {_variables(campaign)})"
+                )
+            opts = CampaignPlot(x, stat or "p99", series, error or "minmax", log_x, log_y, title)
+            _plot_campaign(campaign, name, opts, output)
+            return
         run_dir = find_run(run, runs_dir)
+        _refuse(
+            f"for a campaign ({run_dir} is a run)",
+            x=x,
+            stat=stat,
+            series=series,
+            error=error,
+            log_y=log_y,
+        )
         path = run_dir / "metrics.csv"
         if not path.is_file():
             raise UsageError(f"{run_dir}: no metrics.csv (the run recorded no metrics)")
@@ -208,14 +283,69 @@ def plot(
             samples = metrics_csv.read(path)
         except (OSError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
+        kind = kind or "cdf"
         target = output or run_dir / f"{name}-{kind}.svg"
         t0 = _started_at(run_dir)
-        series = draw_metric(
-            samples, name, kind, target, by=by, tags=tag or None, log_x=log_x, title=title, t0=t0
+        drawn = draw_metric(
+            samples,
+            name,
+            kind,
+            target,
+            by=by or "tag",
+            tags=tag or None,
+            log_x=log_x,
+            title=title,
+            t0=t0,
         )
-        typer.echo(f"wrote {target} ({len(series)} series: {', '.join(series)})")
+        typer.echo(f"wrote {target} ({len(drawn)} series: {', '.join(drawn)})")
     except TricksError as exc:
         fail(exc)
+
+
+@dataclass(frozen=True)
+class CampaignPlot:
+    x: str
+    stat: str
+    series: str | None
+    error: str
+    log_x: bool
+    log_y: bool
+    title: str | None
+
+
+def _plot_campaign(campaign: Path, name: str, opts: CampaignPlot, output: Path | None) -> None:
+    from tricks_nats import campaign_plot, campaign_results
+
+    results = campaign_results.load(campaign)
+    stat = "" if name == campaign_results.DURATION else f"-{opts.stat}"
+    target = output or campaign / f"{name}{stat}-by-{opts.x.removeprefix('$')}.svg"
+    drawn = campaign_plot.draw(
+        results,
+        name,
+        opts.x,
+        target,
+        stat=opts.stat,
+        series=opts.series,
+        error=opts.error,
+        title=opts.title,
+        log_x=opts.log_x,
+        log_y=opts.log_y,
+    )
+    typer.echo(f"wrote {target} ({len(drawn)} series: {', '.join(drawn)})")
+
+
+def _refuse(what: str, **given: object) -> None:
+    """UsageError naming the first option given that means nothing here."""
+    for option, value in given.items():
+        if value:
+            flag = "--" + option.replace("_", "-")
+            raise UsageError(f"{flag} is {what}")
+
+
+def _variables(campaign: Path) -> str:
+    from tricks_nats import campaign_file
+
+    return ", ".join(campaign_file.read(campaign).variables) or "none"
 
 
 def _started_at(run_dir: Path) -> float | None:
