@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from tricks_nats.cli import kube
+from tricks_nats.cli import campaigns, kube
 from tricks_nats.cli.output import fail, say
 from tricks_nats.errors import TricksError
 
@@ -129,21 +129,13 @@ def up(
             help="A campaign directory (runs/<campaign-id>): run only what has no verdict yet.",
         ),
     ] = None,
-    fail_fast: Annotated[
-        bool, typer.Option("--fail-fast", help="Stop a campaign at its first run that fails.")
-    ] = False,
-    retry_failed: Annotated[
-        bool, typer.Option("--retry-failed", help="With --resume: run the failed runs again too.")
-    ] = False,
-    force: Annotated[
-        bool,
-        typer.Option("--force", help="With --resume: go on even though the spec has changed."),
-    ] = False,
+    fail_fast: campaigns.FailFastOpt = False,
+    retry_failed: campaigns.RetryFailedOpt = False,
+    force: campaigns.ForceOpt = False,
 ) -> None:
     """Run an experiment, or every run of a campaign (a spec with config:, matrix: or repeat:),
     to its end: exit 0 succeeded (every run), 1 failed, 2 bad input, 130 interrupted."""
     from tricks_nats import study as studymod
-    from tricks_nats.cli import campaigns
     from tricks_nats.running import UpOptions
     from tricks_nats.runtimes.kube_options import KubeOptions
 

@@ -28,6 +28,17 @@ if TYPE_CHECKING:
     from tricks_nats.study import Study
 
 
+FailFastOpt = Annotated[
+    bool, typer.Option("--fail-fast", help="Stop a campaign at its first run that fails.")
+]
+RetryFailedOpt = Annotated[
+    bool, typer.Option("--retry-failed", help="On resume: run the failed runs again too.")
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="On resume: go on even though the spec has changed.")
+]
+
+
 @dataclass(frozen=True)
 class Show:
     quiet: bool = False
@@ -227,15 +238,9 @@ def _duration(seconds: float) -> str:
 
 def resume(
     campaign_dir: Annotated[Path, typer.Argument(help="The campaign's directory.")],
-    retry_failed: Annotated[
-        bool, typer.Option("--retry-failed", help="Run the failed runs again too.")
-    ] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Go on even though the spec has changed.")
-    ] = False,
-    fail_fast: Annotated[
-        bool, typer.Option("--fail-fast", help="Stop at the first failure.")
-    ] = False,
+    retry_failed: RetryFailedOpt = False,
+    force: ForceOpt = False,
+    fail_fast: FailFastOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the verdict.")] = False,
 ) -> None:
     """Go on with an interrupted campaign: run what has no verdict yet, with its spec."""
