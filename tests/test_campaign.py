@@ -378,3 +378,39 @@ async def test_on_kubernetes_a_runs_pods_are_gone_before_the_next_run(
     created = [r for r in cluster if r.action == kmock.action.CREATE]
     assert len(created) == 10
     assert len({r.data["metadata"]["labels"][ko.EXPERIMENT] for r in created}) == 4
+
+
+def test_a_missing_program_in_one_configuration_exits_2_before_any_run(tmp_path: Path) -> None:
+    spec = write(
+        tmp_path,
+        """\
+        matrix:
+          $prog: [sh, sh, no-such-program-here]
+        experiment:
+          - tag: a
+            command: [$prog, -c, "exit 0"]
+        """,
+    )
+    runs = tmp_path / "runs"
+    done = cli("up", str(spec), "--runs-dir", str(runs))
+    assert done.returncode == 2 and not runs.exists()
+    assert done.stderr == (
+        f"tricks-nats: error: {spec} ($prog=no-such-program-here): tag 'a': command "
+        "'no-such-program-here' not found on PATH\n"
+    )
+
+
+def test_json_output_is_one_object_per_line_with_each_runs_end(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    done = cli("up", str(write(tmp_path, FAILING)), "--runs-dir", str(runs), "--json")
+    assert done.returncode == 1
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    ends = [e for e in lines if e["kind"] == "campaign_run"]
+    assert [(e["run"], e["of"], e["variables"], e["verdict"]) for e in ends] == [
+        (1, 3, {"code": 0}, "succeeded"),
+        (2, 3, {"code": 3}, "failed"),
+        (3, 3, {"code": 0}, "succeeded"),
+    ]
+    verdicts = [e["verdict"] for e in lines if e["kind"] == "verdict"]
+    assert verdicts == ["succeeded", "failed", "succeeded"]  # each run's own journal too
+    assert "2 of 3 runs succeeded" in done.stderr

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tricks_nats import protocol as p
 from tricks_nats.errors import TricksError, UsageError
+from tricks_nats.variables import label
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +100,10 @@ async def _nats_for(
 
 async def up(exp: Experiment, opts: UpOptions) -> Outcome:
     """Run `exp` to its end and return the outcome; records are written on every path."""
-    from tricks_nats import runtimes
     from tricks_nats.watchdog import Watchdog
 
     exp_id = opts.experiment_id or p.new_experiment_id(exp.name)
-    runtime_name = opts.runtime or exp.runtime or "local"
-    runtime = runtimes.create(runtime_name, exp, exp_id, opts.runtime_options)
-    # Refuse a spec whose pods cannot start before anything is started or written.
-    problems = runtime.check(_drafts(exp))
-    if problems:
-        raise UsageError(f"{exp.source}: " + "; ".join(problems))
-    route = runtime.nats_route(opts.nats_url)
+    runtime, route = _checked(exp, exp_id, opts)
     await runtime.prepare()  # e.g. reach the cluster (and fail) before anything starts
     records = _create_records(opts.runs_dir, exp_id, exp)
     if opts.provenance is None:
@@ -137,6 +131,25 @@ async def up(exp: Experiment, opts: UpOptions) -> Outcome:
     finally:
         records.close()
         guard.close()
+
+
+def preflight(exp: Experiment, opts: UpOptions) -> None:
+    """Raise UsageError if `exp`'s pods cannot start with these options (a program that is not
+    there, no image, no way to NATS), starting and writing nothing: a campaign checks every
+    configuration so before its first run."""
+    _checked(exp, "preflight", opts)
+
+
+def _checked(exp: Experiment, exp_id: str, opts: UpOptions) -> tuple[Runtime, NatsRoute]:
+    from tricks_nats import runtimes
+
+    runtime_name = opts.runtime or exp.runtime or "local"
+    runtime = runtimes.create(runtime_name, exp, exp_id, opts.runtime_options)
+    problems = runtime.check(_drafts(exp))
+    if problems:
+        where = f"{exp.source} ({label(exp.variables)})" if exp.variables else exp.source
+        raise UsageError(f"{where}: " + "; ".join(problems))
+    return runtime, runtime.nats_route(opts.nats_url)
 
 
 def _is_placeholder(root: Path) -> bool:

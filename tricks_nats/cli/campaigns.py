@@ -126,13 +126,17 @@ def single(exp: Experiment, opts: UpOptions, show: Show) -> int:
 def up(study: Study, opts: UpOptions, show: Show, flags: Flags, resume: Path | None) -> int:
     """Every run of a campaign still to do; the exit code (0: every run succeeded)."""
     from tricks_nats import campaign as cmod
+    from tricks_nats.running import preflight
 
     if resume is not None:
         found, experiments = cmod.resumable(resume, study, force=flags.force)
         directory = resume
     else:
-        found, directory = cmod.new(study, opts.runs_dir)
         experiments = dict(enumerate(study.experiments))
+    for exp in experiments.values():  # before the first run: every configuration can start
+        preflight(exp, opts)
+    if resume is None:
+        found, directory = cmod.new(study, opts.runs_dir)
     todo = found.todo(retry_failed=flags.retry_failed)
     if show.lines:
         what = f"{len(todo)} of {len(found.runs)} runs" if resume else study.describe()
