@@ -414,3 +414,26 @@ def test_json_output_is_one_object_per_line_with_each_runs_end(tmp_path: Path) -
     verdicts = [e["verdict"] for e in lines if e["kind"] == "verdict"]
     assert verdicts == ["succeeded", "failed", "succeeded"]  # each run's own journal too
     assert "2 of 3 runs succeeded" in done.stderr
+
+
+def test_the_ring_study_example_runs_and_compares(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    study = "examples/ring-study/ring-study.yaml"
+    dry = cli("up", study, "--dry-run")
+    assert dry.stdout.splitlines()[0].endswith("9 runs (3 configurations x 3 repetitions)")
+    done = cli("up", study, "--repeat", "1", "--runs-dir", str(runs), "-q")
+    assert done.returncode == 0, done.stderr
+    d = campaign_dir(runs)
+    rows = results(d)
+    assert [(r["servers"], r["verdict"], r["request_ms_count"]) for r in rows] == [
+        ("3", "succeeded", "1200"),
+        ("6", "succeeded", "1200"),
+        ("12", "succeeded", "1200"),
+    ]
+    assert [r["token_ms_count"] for r in rows] == ["3", "6", "12"]
+    report = cli("report", str(d))
+    assert report.returncode == 0 and "request_ms (ms)" in report.stdout
+    figure = tmp_path / "study.svg"
+    drawn = cli("plot", str(d), "request_ms", "--x", "servers", "-o", str(figure))
+    assert drawn.returncode == 0, drawn.stderr
+    assert "p99 of request_ms (ms)" in figure.read_text()
