@@ -238,9 +238,12 @@ class EmbeddedServer:
             self._supervisor = None
         proc, self._proc = self._proc, None
         if proc and proc.returncode is None:
+            # os.kill, not proc.send_signal: that reaps a server that has just exited, under
+            # asyncio's child watcher, which then reports "Unknown child process" and 255.
+            # (The pid stays ours until the watcher reaps it.)
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-                proc.send_signal(signal.SIGCONT)  # a stopped (SIGSTOP) server must hear it
+                os.kill(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, signal.SIGCONT)  # a stopped (SIGSTOP) server must hear it
             try:
                 await asyncio.wait_for(proc.wait(), 10)
             except TimeoutError:
