@@ -439,3 +439,17 @@ def test_the_ring_study_example_runs_and_compares(tmp_path: Path) -> None:
     drawn = cli("plot", str(d), "request_ms", "--x", "servers", "-o", str(figure))
     assert drawn.returncode == 0, drawn.stderr
     assert "p99 of request_ms (ms)" in figure.read_text()
+
+
+def test_a_command_for_one_run_given_a_campaign_says_so(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    assert cli("up", str(write(tmp_path, FAILING)), "--runs-dir", str(runs), "-q").returncode
+    d = campaign_dir(runs)
+    first = campaign(d)["runs"][0]["run_dir"]
+    done = cli("logs", str(d))
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"tricks-nats: error: {d} is a campaign: give one of its runs (e.g. {d / first}), "
+        "or use `tricks-nats report` or `plot`, which compare its runs\n"
+    )
+    assert cli("logs", str(d / first)).returncode == 0

@@ -13,6 +13,14 @@ def find_run(run: str | Path, runs_dir: Path = Path("runs")) -> Path:
     for candidate in (Path(run), runs_dir / str(run)):
         if (candidate / "journal.jsonl").is_file() or (candidate / "spec.yaml").is_file():
             return candidate
+    for candidate in (Path(run), runs_dir / str(run)):
+        if (candidate / "campaign.json").is_file():
+            runs = sorted(p.name for p in candidate.iterdir() if (p / "spec.yaml").is_file())
+            example = f" (e.g. {candidate / runs[0]})" if runs else ""
+            raise UsageError(
+                f"{candidate} is a campaign: give one of its runs{example}, or use "
+                "`tricks-nats report` or `plot`, which compare its runs"
+            )
     if Path(run).is_absolute() or "/" in str(run):
         raise UsageError(f"no run at {run}: no journal.jsonl or spec.yaml there")
     raise UsageError(f"no run {str(run)!r}: not a run directory, and nothing in {runs_dir / run}")
