@@ -453,3 +453,33 @@ def test_a_command_for_one_run_given_a_campaign_says_so(tmp_path: Path) -> None:
         "or use `tricks-nats report` or `plot`, which compare its runs\n"
     )
     assert cli("logs", str(d / first)).returncode == 0
+
+
+def test_a_disk_that_fills_mid_campaign_keeps_every_verdict(tmp_path: Path) -> None:
+    """Run 1's pod fills the disk the records are on: later runs cannot write records (each
+    is an error, said in one line), and campaign.json still holds every verdict (its room was
+    reserved when the campaign began)."""
+    from .test_trust_records import tiny_disk
+
+    with tiny_disk(tmp_path / "disk", size="512k") as disk:
+        spec = write(
+            tmp_path,
+            f"""\
+            matrix:
+              $fill: [yes, no, no]
+            experiment:
+              - tag: a
+                command: "[ $fill = no ] || cat /dev/zero > {disk}/filler; exit 0"
+            """,
+        )
+        done = cli("up", str(spec), "--runs-dir", str(disk / "runs"))
+        assert done.returncode == 1
+        assert "Traceback" not in done.stderr
+        d = campaign_dir(disk / "runs")
+        c = campaign(d)
+        assert c["state"] == "finished"
+        assert [r["state"] for r in c["runs"]] == ["succeeded", "error", "error"]
+        for r in c["runs"][1:]:
+            assert "cannot write run records" in r["reason"]
+        first = json.loads((d / c["runs"][0]["run_dir"] / "summary.json").read_text())
+        assert first["verdict"] == "succeeded"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -304,3 +305,16 @@ def test_refused_runs_dir_fails_before_anything_starts(tmp_path) -> None:
 
 
 _ = RuntimeFailure  # the documented runtime error type stays importable here
+
+
+def test_metrics_csv_that_cannot_even_begin_refuses_every_row_with_the_cause() -> None:
+    """/dev/full takes the file but not its header: rows are refused (and counted by the
+    collector), never written without a header, never an exception at the start of a run."""
+    from tricks_nats.metrics_csv import MetricsWriter
+
+    writer = MetricsWriter(Path("/dev/full"), ["op"])
+    assert writer.broken is not None and writer.broken.errno == errno.ENOSPC
+    with pytest.raises(OSError) as info:
+        writer.write([(1.0, "t", 0, "n", 1.0, None)])
+    assert info.value is writer.broken and writer.rows == 0
+    writer.close()

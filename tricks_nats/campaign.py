@@ -187,6 +187,7 @@ class _Runner:
             entry.state, entry.verdict, entry.reason = "pending", None, None
             entry.run_dir = entry.experiment = None
         _save(self.directory, c)
+        self.results.write(c)  # again on resume: mends one a full disk cut short
         for position, entry in enumerate(self.todo, 1):
             await self.one(position, entry)
             if entry.state == "interrupted":

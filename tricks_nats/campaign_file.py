@@ -8,6 +8,7 @@ SIGKILL loses nothing but the run in progress.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -28,6 +29,9 @@ CAMPAIGN_JSON = "campaign.json"
 RESULTS_CSV = "results.csv"
 #: Held (flock) by the `up` running the campaign.
 LOCK = ".lock"
+#: campaign.json's size, reserved on disk: enough for every run's entry once finished.
+RESERVE_BYTES = 16 * 1024
+RESERVE_PER_RUN = 1024
 
 RunState = Literal["pending", "running", "succeeded", "failed", "error", "interrupted"]
 #: States a run ends in for good (an interrupted run is run again on resume).
@@ -112,14 +116,33 @@ def read(campaign_dir: Path) -> CampaignFile:
 
 
 def write(campaign_dir: Path, campaign: CampaignFile) -> None:
+    """Atomically; on a full disk, in the room reserved when the campaign began (the file is
+    padded with blanks to a size that holds every run's verdict)."""
     campaign.updated_at = round(time.time(), 3)
-    _replace(path_of(campaign_dir), msgspec.json.format(msgspec.json.encode(campaign)) + b"\n")
+    data = msgspec.json.format(msgspec.json.encode(campaign)) + b"\n"
+    reserved = RESERVE_BYTES + RESERVE_PER_RUN * len(campaign.runs)
+    data += b" " * (reserved - len(data))
+    path = path_of(campaign_dir)
+    try:
+        _replace(path, data)
+    except OSError as exc:
+        try:
+            with path.open("r+b") as f:
+                f.write(data)
+                f.truncate()
+        except OSError:
+            raise exc from None
 
 
 def _replace(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 # --- results.csv -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ counted).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from collections.abc import Iterable, Mapping
@@ -37,12 +38,22 @@ class MetricsWriter:
         for key in label_keys:
             if key not in self.keys and len(self.keys) < MAX_LABEL_COLUMNS:
                 self.keys.append(key)
-        self._file = path.open("w", newline="", encoding="utf-8")
-        self._csv = csv.writer(self._file, lineterminator="\n")
-        self._csv.writerow([*BASE_COLUMNS, *self.keys])
-        self._file.flush()
+        #: Why the file could not even be begun (a full disk): every write then fails.
+        self.broken: OSError | None = None
+        try:
+            self._file = path.open("w", newline="", encoding="utf-8")
+            self._csv = csv.writer(self._file, lineterminator="\n")
+            self._csv.writerow([*BASE_COLUMNS, *self.keys])
+            self._file.flush()
+        except OSError as exc:  # rows without their header would be worse than none
+            self.broken = exc
+            with contextlib.suppress(OSError, AttributeError):
+                self._file.close()
 
     def write(self, rows: Iterable[Row]) -> None:
+        """Raises OSError when the disk refuses them (the caller counts them lost)."""
+        if self.broken is not None:
+            raise self.broken
         rows = list(rows)
         known = set(self.keys)
         new = [k for *_, labels in rows if labels for k in labels if k not in known]
@@ -89,7 +100,8 @@ class MetricsWriter:
         self._csv = csv.writer(self._file, lineterminator="\n")
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError, AttributeError):  # never opened: a full disk
+            self._file.close()
 
 
 @dataclass

@@ -122,7 +122,11 @@ class RunRecords:
         root.mkdir(parents=True, exist_ok=False)
         (root / "spec.yaml").write_text(spec_text)
         records = cls(root, experiment)
-        records.reserve_summary(pods)
+        try:  # a disk too full for the verdict: refuse the run (its pods never start)
+            records.reserve_summary(pods)
+        except OSError:
+            records.close()
+            raise
         return records
 
     def log_path(self, tag: str, pod_id: int) -> Path:
@@ -149,10 +153,10 @@ class RunRecords:
         return entry
 
     def reserve_summary(self, pods: int) -> None:
-        """Claim the disk space of the final summary now (rewritten in place if need be)."""
-        size = 4096 + 1024 * pods
-        with contextlib.suppress(OSError), (self.root / "summary.json").open("wb") as f:
-            f.write(b" " * size)
+        """Claim the disk space of the final summary now (rewritten in place if need be);
+        OSError if the disk cannot give it."""
+        with (self.root / "summary.json").open("wb") as f:
+            f.write(b" " * (4096 + 1024 * pods))
 
     def write_summary(self, summary: Summary) -> Path | None:
         """Atomically when the disk allows it, else in the space reserved at the start; None
