@@ -140,7 +140,10 @@ def _dotted(path: PathT) -> str:
     for part in path:
         if isinstance(part, str) and len(part) > 40:
             part = part[:37] + "..."
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+        if isinstance(part, str) and (part.strip() != part or not part.isprintable() or not part):
+            out += f"[{part!r}]"  # a key of blanks (`\xa0`) must not read as no key at all
+        else:
+            out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
     return out
 
 
