@@ -358,3 +358,17 @@ def test_schema_describes_config_matrix_and_repeat() -> None:
     assert "crossed with every point of the matrix" in str(props["config"])
     assert "cartesian product" in str(props["matrix"])
     assert props["repeat"]["anyOf"][0]["minimum"] == 1
+
+
+def test_a_value_with_a_newline_stays_in_the_substituted_specs_comment() -> None:
+    s = parse(
+        """\
+        config: [{$msg: "hi\\nexperiment: []"}]
+        experiment: [{tag: a, command: [echo, $msg]}]
+        """
+    )
+    text = s.experiments[0].text
+    assert text.splitlines()[0] == (
+        "# study.yaml, configuration 1 ($msg=hi\\nexperiment: [], line 1)."
+    )
+    assert yaml.safe_load(text)["experiment"][0]["command"] == ["echo", "hi\nexperiment: []"]

@@ -208,8 +208,9 @@ def _substituted(data: dict[str, Any], source: str, c: v.Configuration, where: P
     run's directory): variables replaced, `workdir` where the original's pods started."""
     stem = Path(source).stem if source and not source.startswith("<") else "experiment"
     out = {"name": stem, **data, "workdir": str(where.resolve())}
+    about = f"{source}, {c.shown}.".replace("\r", "\\r").replace("\n", "\\n")  # one line
     head = (
-        f"# {source}, {c.shown}.\n"
+        f"# {about}\n"
         "# Written by tricks-nats: `tricks-nats up` on this file runs this configuration again.\n"
     )
     dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
