@@ -298,12 +298,12 @@ def test_the_longest_tag_has_valid_derived_names_and_one_more_is_refused() -> No
             "[{name: A=B, value: x}]",
             "s.yaml:2:37: experiment[0].env[0].name: env name 'A=B' may not contain '='",
         ),
-        ('{"": x}', "s.yaml:2:30: experiment[0].env.: an env name may not be empty"),
+        ('{"": x}', "s.yaml:2:30: experiment[0].env['']: an env name may not be empty"),
         (
             "[{name: '', value: x}]",
             "s.yaml:2:37: experiment[0].env[0].name: an env name may not be empty",
         ),
-        ('{"A\\0": x}', "s.yaml:2:30: experiment[0].env.A\x00: env name 'A\\x00' may not"),
+        ('{"A\\0": x}', "s.yaml:2:30: experiment[0].env['A\\x00']: env name 'A\\x00' may not"),
     ],
 )
 def test_env_that_execve_refuses_is_refused_by_validate(env: str, expected: str) -> None:
