@@ -21,11 +21,11 @@ import msgspec
 
 from tricks_nats.errors import UsageError
 from tricks_nats.records import MetricStats, Summary
+from tricks_nats.rundir import CAMPAIGN_JSON
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-CAMPAIGN_JSON = "campaign.json"
 RESULTS_CSV = "results.csv"
 #: Held (flock) by the `up` running the campaign.
 LOCK = ".lock"
@@ -97,10 +97,6 @@ class CampaignFile(msgspec.Struct):
 
 def path_of(campaign_dir: Path) -> Path:
     return campaign_dir / CAMPAIGN_JSON
-
-
-def is_campaign(directory: Path) -> bool:
-    return path_of(directory).is_file()
 
 
 def read(campaign_dir: Path) -> CampaignFile:

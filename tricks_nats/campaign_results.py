@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tricks_nats import campaign_file as cf
 from tricks_nats.errors import UsageError
+from tricks_nats.rundir import CAMPAIGN_JSON
 from tricks_nats.stats import axis_label, format_value, unit_of
 
 Value = int | float | str
@@ -101,14 +102,6 @@ class Point:
 # -- reading ---------------------------------------------------------------------------------
 
 
-def find(run: str | Path, runs_dir: Path = Path("runs")) -> Path | None:
-    """The campaign directory `run` names (a path, or an id in `runs_dir`), or None."""
-    for candidate in (Path(run), runs_dir / str(run)):
-        if cf.is_campaign(candidate):
-            return candidate
-    return None
-
-
 def typed(cell: str) -> Value:
     """A variable's value as results.csv writes it: int, else float, else the text."""
     try:
@@ -143,7 +136,7 @@ def load(campaign_dir: Path) -> CampaignResults:
         if row.config not in configs:
             raise UsageError(
                 f"{path}: run {row.run} has configuration {row.config}, which "
-                f"{cf.CAMPAIGN_JSON} does not have"
+                f"{CAMPAIGN_JSON} does not have"
             )
         configs[row.config].rows.append(row)
     return CampaignResults(

@@ -1,10 +1,13 @@
-"""Which run directory a command means: `runs/<id>`, a path, or an experiment id."""
+"""Which run (or campaign) directory a command means: `runs/<id>`, a path, or an id."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from tricks_nats.errors import UsageError
+
+#: The file that makes a directory a campaign's.
+CAMPAIGN_JSON = "campaign.json"
 
 
 def find_run(run: str | Path, runs_dir: Path = Path("runs")) -> Path:
@@ -13,17 +16,25 @@ def find_run(run: str | Path, runs_dir: Path = Path("runs")) -> Path:
     for candidate in (Path(run), runs_dir / str(run)):
         if (candidate / "journal.jsonl").is_file() or (candidate / "spec.yaml").is_file():
             return candidate
-    for candidate in (Path(run), runs_dir / str(run)):
-        if (candidate / "campaign.json").is_file():
-            runs = sorted(p.name for p in candidate.iterdir() if (p / "spec.yaml").is_file())
-            example = f" (e.g. {candidate / runs[0]})" if runs else ""
-            raise UsageError(
-                f"{candidate} is a campaign: give one of its runs{example}, or use "
-                "`tricks-nats report` or `plot`, which compare its runs"
-            )
+    campaign = find_campaign(run, runs_dir)
+    if campaign is not None:
+        runs = sorted(p.name for p in campaign.iterdir() if (p / "spec.yaml").is_file())
+        example = f" (e.g. {campaign / runs[0]})" if runs else ""
+        raise UsageError(
+            f"{campaign} is a campaign: give one of its runs{example}, or use "
+            "`tricks-nats report` or `plot`, which compare its runs"
+        )
     if Path(run).is_absolute() or "/" in str(run):
         raise UsageError(f"no run at {run}: no journal.jsonl or spec.yaml there")
     raise UsageError(f"no run {str(run)!r}: not a run directory, and nothing in {runs_dir / run}")
+
+
+def find_campaign(run: str | Path, runs_dir: Path = Path("runs")) -> Path | None:
+    """The campaign directory `run` names (a path, or an id under `runs_dir`), or None."""
+    for candidate in (Path(run), runs_dir / str(run)):
+        if (candidate / CAMPAIGN_JSON).is_file():
+            return candidate
+    return None
 
 
 def is_finished(run_dir: Path) -> bool:

@@ -138,10 +138,10 @@ def report(
     metric per configuration, mean and spread over repetitions."""
     from tricks_nats import campaign_results, results
     from tricks_nats.report import load_run, text_summary
-    from tricks_nats.rundir import find_run
+    from tricks_nats.rundir import find_campaign, find_run
 
     try:
-        campaign = campaign_results.find(run, runs_dir)
+        campaign = find_campaign(run, runs_dir)
         if campaign is not None:
             if output is not None:
                 raise UsageError(
@@ -251,12 +251,12 @@ def plot(
 ) -> None:
     """Draw one metric of a run from its metrics.csv; or of a campaign from its results.csv,
     against a variable (needs tricks-nats[report])."""
-    from tricks_nats import campaign_results, metrics_csv
+    from tricks_nats import metrics_csv
     from tricks_nats.plots import draw_metric
-    from tricks_nats.rundir import find_run
+    from tricks_nats.rundir import find_campaign, find_run
 
     try:
-        campaign = campaign_results.find(run, runs_dir)
+        campaign = find_campaign(run, runs_dir)
         if campaign is not None:
             _refuse(f"for a single run ({campaign} is a campaign)", kind=kind, by=by, tag=tag)
             if x is None:
