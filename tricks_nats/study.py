@@ -33,6 +33,7 @@ from tricks_nats.spec import (
     validate_data,
     wants_text,
 )
+from tricks_nats.words import plural
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,9 @@ class Study:
     def describe(self) -> str:
         """`12 runs (4 configurations x 3 repetitions)`."""
         n, c, r = len(self.configurations) * self.repeat, len(self.configurations), self.repeat
-        runs = f"{n} run{'s' if n != 1 else ''}"
         if not self.campaign:
-            return runs
-        configs = f"{c} configuration{'s' if c != 1 else ''}"
-        return f"{runs} ({configs} x {r} repetition{'s' if r != 1 else ''})"
+            return plural(n, "run")
+        return f"{plural(n, 'run')} ({plural(c, 'configuration')} x {plural(r, 'repetition')})"
 
 
 def parse(

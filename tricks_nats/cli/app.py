@@ -54,6 +54,7 @@ def validate(
     """Check a spec (every configuration of a campaign); print every error as
     FILE:LINE:COL: message (exit 2)."""
     from tricks_nats import study as studymod
+    from tricks_nats.words import plural
 
     try:
         found = studymod.load(spec, runtime=runtime)
@@ -61,8 +62,8 @@ def validate(
         fail(exc)
     exp = found.experiments[0]
     pods = {e.pod_count for e in found.experiments}
-    shown = f"{min(pods)} to {max(pods)}" if len(pods) > 1 else f"{exp.pod_count}"
-    line = f"{spec}: ok ({len(exp.tags)} tags, {shown} pods, runtime {exp.runtime}"
+    shown = f"{min(pods)} to {max(pods)} pods" if len(pods) > 1 else plural(exp.pod_count, "pod")
+    line = f"{spec}: ok ({plural(len(exp.tags), 'tag')}, {shown}, runtime {exp.runtime}"
     if found.campaign:
         line += f"; {found.describe()}"
     typer.echo(line + ")")
@@ -186,8 +187,13 @@ def schema() -> None:
 @app.command()
 def server(
     port: Annotated[int, typer.Option("--port", help="Port; -1 picks a free one.")] = 4222,
-    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    store_dir: Annotated[Path | None, typer.Option("--store-dir")] = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
+    store_dir: Annotated[
+        Path | None,
+        typer.Option("--store-dir", help="JetStream's store (default: a temporary directory)."),
+    ] = None,
 ) -> None:
     """Run the embedded NATS server (JetStream) in the foreground until Ctrl-C."""
     from tricks_nats.natsserver import EmbeddedServer
@@ -217,8 +223,10 @@ _register_extensions()
 
 
 def main() -> None:
+    from tricks_nats.cli.helptext import command
+
     try:
-        app()
+        command()(prog_name="tricks-nats")
     except TricksError as exc:  # raised outside a command's own handling
         typer.echo(f"tricks-nats: error: {exc}", err=True)
         sys.exit(exc.exit_code)
