@@ -101,6 +101,7 @@ experiment:
     assert env["TRICKS_NATS_URL"].startswith("nats://127.0.0.1:")
     assert env["TRICKS_PORT"] == env["TRICKS_NATS_URL"].rsplit(":", 1)[1]
     assert env["TRICKS_PROTOCOL"] == p.VERSION
+    assert env["TRICKS_TAGS"] == ",".join(t.tag for t in run.coordinator.exp.tags)
 
 
 async def test_failed_pods_fail_the_run_and_still_count_as_stopped(make_run) -> None:

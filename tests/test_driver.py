@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from tricks_nats import env as E
 from tricks_nats.bus import Bus, Endpoint
 from tricks_nats.driver import Config, ConfigError, Driver, NatsUnavailable, SyncDriver, WaitTimeout
-from tricks_nats.errors import TricksError
+from tricks_nats.errors import TricksError, UnknownTag
 from tricks_nats.natsserver import EmbeddedServer, User
 
 from .helpers import experiment
@@ -37,6 +38,22 @@ def test_config_from_env_reads_every_variable() -> None:
     )
     assert (cfg.nats_url, cfg.nats_user, cfg.nats_password) == ("nats://127.0.0.1:4222", "u", "p")
     assert cfg.pod == "server-3"
+    assert cfg.tags is None  # TRICKS_TAGS unset: discover checks no tag
+
+
+async def test_discover_of_a_tag_the_experiment_lacks_is_said_at_once(nats_server) -> None:
+    async with experiment(nats_server) as ex:
+        cfg = dataclasses.replace(ex.config(), tags=("server", "client"))
+        async with Driver(cfg) as d:
+            await ex.run_pod("server", 0, "127.0.0.10")
+            assert [p.pod_id for p in await d.discover("server")] == [0]
+            for call in (d.discover("sever"), d.discover("sever", 3, timeout=None)):
+                with pytest.raises(UnknownTag) as caught:
+                    await call  # never waits: the wait could not end
+            assert str(caught.value) == (
+                f"no tag 'sever' in experiment {ex.exp} (its tags: server, client)"
+            )
+            assert caught.value.exit_code == 2
 
 
 def test_config_falls_back_to_tricks_ip_and_port() -> None:

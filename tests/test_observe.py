@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +50,14 @@ async def reap() -> Any:
             await proc.communicate()
 
 
-async def start(*args: str) -> asyncio.subprocess.Process:
+async def start(*args: str, cwd: Path = ROOT) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
         *TRICKS,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=cli_env(),
-        cwd=ROOT,
+        cwd=cwd,
     )
     STARTED.append(proc)
     return proc
@@ -125,7 +126,27 @@ async def test_status_lists_the_running_experiment(tmp_path: Path) -> None:
     (row,) = json.loads(out)
     assert row["experiment"] == experiment
     assert (row["running"], row["stopped"], row["verdict"]) == (1, 0, None)
+    assert row["directory"] == str(ROOT.resolve())
+    # From another directory, `status` lists only what was started there, and says so.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    status = await start("status", cwd=elsewhere)
+    out, _ = await status.communicate()
+    assert status.returncode == 0
+    assert out.decode().splitlines() == [
+        "no experiments started here",
+        "(1 more running, started in other directories: `tricks-nats status --all`)",
+    ]
+    status = await start("status", "--all", cwd=elsewhere)
+    out, _ = await status.communicate()
+    assert experiment in out.decode()
+    # `watch` from there follows it, saying where it was started.
+    follower = await start("watch", "--kind", "verdict", cwd=elsewhere)
+    assert follower.stderr is not None
+    note = (await follower.stderr.readline()).decode()
+    assert note == f"watching {experiment}, started in {ROOT.resolve()} (none was started here)\n"
     await release(tmp_path)
+    await follower.communicate()
     await watch.communicate()
     await up.communicate()
     assert up.returncode == 0
@@ -148,6 +169,32 @@ async def test_watch_replays_a_finished_run_with_filters(tmp_path: Path) -> None
     out, _ = await readable.communicate()
     text = out.decode()
     assert "release 1 -> starting worker" in text and "verdict succeeded" in text
+    typo = await start("watch", experiment, "--tag", "wroker")
+    out, err = await typo.communicate()
+    assert typo.returncode == 2 and out == b""
+    assert err.decode() == (
+        "tricks-nats: error: --tag 'wroker': no such tag in this run (its tags: gate, worker)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "verdict", "code"), [("exit 3", "failed", 1), ("exit 0", "succeeded", 0)]
+)
+async def test_watch_exit_status_is_the_verdicts(
+    tmp_path: Path, command: str, verdict: str, code: int
+) -> None:
+    spec = tmp_path / "one.yaml"
+    spec.write_text(f"experiment:\n- tag: one\n  command: {command}\n")
+    up = await start("up", str(spec), "--runs-dir", str(tmp_path / "runs"), "--quiet")
+    out, _ = await up.communicate()
+    assert up.returncode == code
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    plain = await start("watch", str(run_dir), "--kind", "verdict")
+    out, _ = await plain.communicate()
+    assert plain.returncode == 0 and f"verdict {verdict}" in out.decode()
+    strict = await start("watch", str(run_dir), "--kind", "verdict", "--exit-status")
+    await strict.communicate()
+    assert strict.returncode == code
 
 
 async def test_watch_with_nothing_running_says_so(tmp_path: Path) -> None:
@@ -259,7 +306,7 @@ def test_state_file_holds_secrets_only_while_running(tmp_path: Path) -> None:
         experiment="e-1",
         run_dir=str(tmp_path),
         pid=os.getpid(),
-        started_at=1.0,
+        started_at=time.time(),
         nats_url="nats://x:1",
         user="u",
         password="pw",
@@ -272,6 +319,34 @@ def test_state_file_holds_secrets_only_while_running(tmp_path: Path) -> None:
     saved = msgspec.json.decode(path.read_bytes())
     assert "password" not in saved and saved["finished"] is True
     assert statefile.running() == []
+
+
+def test_state_files_of_ended_runs_go_after_a_day(tmp_path: Path) -> None:
+    now = time.time()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    kept = {
+        "live-old": statefile.RunState("live-old", "r", os.getpid(), now - 3 * 86400),
+        "done-new": statefile.RunState("done-new", "r", 0, now - 3600, finished=True),
+    }
+    gone = {
+        "done-old": statefile.RunState("done-old", "r", 0, now - 2 * 86400, finished=True),
+        "dead-old": statefile.RunState("dead-old", "r", int(dead.stdout), now - 2 * 86400),
+    }
+    for state in [*kept.values(), *gone.values()]:
+        statefile.write(state)
+    statefile.prune(now)
+    assert sorted(s.experiment for s in statefile.all_states()) == sorted(kept)
+    for i in range(statefile.KEEP_FINISHED + 5):  # and at most KEEP_FINISHED ended runs
+        statefile.write(statefile.RunState(f"e-{i}", "r", 0, now - i, finished=True))
+    statefile.prune(now)
+    ended = [s for s in statefile.all_states() if s.finished]
+    assert len(ended) == statefile.KEEP_FINISHED
+    assert max(int(s.experiment[2:]) for s in ended if s.experiment.startswith("e-")) < 20
 
 
 def test_live_view_shows_pods_by_state_and_condition_progress(tmp_path: Path) -> None:

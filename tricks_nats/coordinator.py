@@ -51,6 +51,7 @@ from tricks_nats.workflow import (
     TimedOut,
     Verdict,
     Workflow,
+    exit_code,
 )
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Outcome:
     exit_code: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.exit_code = {"succeeded": 0, "interrupted": 130}.get(self.verdict, 1)
+        self.exit_code = exit_code(self.verdict)
 
 
 class Coordinator:
@@ -94,6 +95,10 @@ class Coordinator:
         self.grace = grace
         self.timeout = timeout if timeout is not None else exp.timeout
         self.workflow = Workflow(exp)
+        tags = ",".join(t.tag for t in exp.tags)
+        # Drivers check discover's tag against it; past the size an environment takes easily
+        # (thousands of tags), it is left out and drivers skip the check.
+        self.tags_env = {E.TAGS: tags} if len(tags) <= E.TAGS_MAX else {}
         self.queue: asyncio.Queue[Fact] = asyncio.Queue()
         self.keeper = CountKeeper(bus, self._on_count)
         lifecycle = {n for t in exp.tags for n in (p.start_event(t.tag), p.stop_event(t.tag))}
@@ -292,6 +297,7 @@ class Coordinator:
             E.TRICKS_PORT: str(ep.port),
             E.NATS_URL: ep.url,
             E.PROTOCOL: p.VERSION,
+            **self.tags_env,
         }
         if ep.user:
             env[E.NATS_USER] = ep.user

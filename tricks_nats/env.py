@@ -17,6 +17,10 @@ NATS_URL = "TRICKS_NATS_URL"
 NATS_USER = "TRICKS_NATS_USER"
 NATS_PASSWORD = "TRICKS_NATS_PASSWORD"
 PROTOCOL = "TRICKS_PROTOCOL"
+#: The experiment's tags, comma-separated: a driver refuses to discover a tag not among them.
+TAGS = "TRICKS_TAGS"
+#: Longer than this (characters), TRICKS_TAGS is not set.
+TAGS_MAX = 16384
 #: Marks every process of a run (local runtime), so nothing of it outlives the run.
 RUN_TOKEN = "TRICKS_RUN_TOKEN"
 
@@ -34,6 +38,7 @@ RESERVED = frozenset(
         NATS_USER,
         NATS_PASSWORD,
         PROTOCOL,
+        TAGS,
         RUN_TOKEN,
     }
 )

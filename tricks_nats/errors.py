@@ -33,6 +33,11 @@ class ConfigError(UsageError):
     """The pod environment lacks a variable the driver needs, or holds a bad value."""
 
 
+class UnknownTag(UsageError):
+    """`discover` of a tag the experiment does not have (a typo): said at once, exit 2,
+    instead of an empty list or a wait that can never end."""
+
+
 class NatsUnavailable(TricksError):
     """NATS could not be reached, refused our credentials, or went away for good."""
 

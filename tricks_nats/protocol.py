@@ -11,7 +11,7 @@ import time
 
 import msgspec
 
-from tricks_nats.errors import UsageError
+from tricks_nats.errors import UnknownTag, UsageError
 
 VERSION = "2"
 
@@ -26,6 +26,19 @@ def check_name(name: object, what: str = "event name") -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise UsageError(f"bad {what} {name!r}: letters, digits, '-' or '_' only")
     return name
+
+
+def parse_tags(value: str | None) -> tuple[str, ...] | None:
+    """The experiment's tags from TRICKS_TAGS (comma-separated); None when unset or empty
+    (a hand-made environment, or too many tags to pass): then no tag is refused."""
+    return tuple(value.split(",")) if value else None
+
+
+def check_tag_known(tag: str, tags: tuple[str, ...] | None, exp: str) -> None:
+    """An UnknownTag error when `tags` is known and lacks `tag` (PROTOCOL.md, section 6.4)."""
+    if tags is not None and tag not in tags:
+        shown = ", ".join(tags[:20]) + (", ..." if len(tags) > 20 else "")
+        raise UnknownTag(f"no tag {tag!r} in experiment {exp} (its tags: {shown})")
 
 
 INCR_HEADER = "Nats-Incr"

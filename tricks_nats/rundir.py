@@ -44,3 +44,17 @@ def is_finished(run_dir: Path) -> bool:
             return bool(f.read(64).strip())
     except OSError:
         return False
+
+
+def spec_tags(run_dir: Path) -> list[tuple[str, int]]:
+    """The run's (tag, replicas) in the spec's order; empty if its spec cannot be read."""
+    from tricks_nats import spec as specmod
+    from tricks_nats.errors import TricksError
+
+    for runtime in (None, "kubernetes"):  # the spec was valid for the runtime it ran on
+        try:
+            exp = specmod.load(run_dir / "spec.yaml", runtime=runtime)
+        except TricksError:
+            continue
+        return [(t.tag, t.replicas) for t in exp.tags]
+    return []

@@ -230,6 +230,7 @@ async def _run(
             nats_url=nats.observer.url,
             user=nats.observer.user,
             password=nats.observer.password,
+            cwd=statefile.here(),
         )
         try:
             await bus.create_buckets()

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 import msgspec
 
-KEEP_FINISHED = 50
+#: Finished runs' files are kept this long (for `watch EXP` from elsewhere), at most this many.
+KEEP_FINISHED_S = 24 * 3600.0
+KEEP_FINISHED = 20
 
 
 class RunState(msgspec.Struct, omit_defaults=True):
@@ -25,6 +28,8 @@ class RunState(msgspec.Struct, omit_defaults=True):
     user: str | None = None
     password: str | None = None
     finished: bool = False
+    #: Where `up` was started: `watch` and `status` default to the runs started there.
+    cwd: str | None = None
 
 
 def state_dir() -> Path:
@@ -51,12 +56,29 @@ def write(state: RunState) -> None:
 
 
 def finish(state: RunState) -> None:
-    """Forget the secrets, keep where the records are; prune old finished runs."""
+    """Forget the secrets, keep where the records are; prune old runs' files."""
     write(msgspec.structs.replace(state, nats_url=None, user=None, password=None, finished=True))
-    finished = sorted((s for s in all_states() if s.finished), key=lambda s: s.started_at)
-    for old in finished[:-KEEP_FINISHED]:
-        with contextlib.suppress(OSError):
-            path_of(old.experiment).unlink()
+    prune()
+
+
+def prune(now: float | None = None) -> None:
+    """Remove the files of runs that ended more than a day ago (finished, or whose `up` is
+    gone), and of all but the newest KEEP_FINISHED ended runs."""
+    now = time.time() if now is None else now
+    ended = sorted(
+        (s for s in all_states() if s.finished or not _alive(s.pid)),
+        key=lambda s: s.started_at,
+        reverse=True,
+    )
+    for rank, old in enumerate(ended):
+        if rank >= KEEP_FINISHED or now - old.started_at > KEEP_FINISHED_S:
+            with contextlib.suppress(OSError):
+                path_of(old.experiment).unlink()
+
+
+def here() -> str:
+    """This process's directory, as `cwd` records it."""
+    return os.path.realpath(os.getcwd())
 
 
 def _alive(pid: int) -> bool:

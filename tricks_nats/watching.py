@@ -28,16 +28,39 @@ if TYPE_CHECKING:
 StatusRow = dict[str, Any]
 
 
+def started_here(states: list[statefile.RunState]) -> list[statefile.RunState]:
+    """The runs among `states` whose `up` was started in this directory."""
+    cwd = statefile.here()
+    return [s for s in states if s.cwd == cwd]
+
+
+def pick_running() -> tuple[statefile.RunState, str]:
+    """The run `watch` follows without an argument, and a line saying which one it is: the
+    newest started in this directory, else the newest anywhere (saying where it was started)."""
+    live = statefile.running()
+    if not live:
+        raise UsageError(
+            "no experiment is running (start one with `tricks-nats up`), "
+            "or name one: `tricks-nats watch EXPERIMENT`"
+        )
+    mine = started_here(live)
+    state = (mine or live)[0]
+    note = f"watching {state.experiment}"
+    if not mine:
+        note += f", started in {state.cwd or 'another directory'} (none was started here)"
+    others = len(live) - 1
+    if others:
+        note += (
+            f"; {others} more running (`tricks-nats status --all` lists them, "
+            "`tricks-nats watch EXPERIMENT` picks one)"
+        )
+    return state, note
+
+
 def resolve(experiment: str | None, runs_dir: Path) -> statefile.RunState:
-    """The run `watch` means: the given one (running or finished), else the newest running."""
+    """The run `watch` means: the given one (running or finished), else `pick_running()`."""
     if experiment is None:
-        live = statefile.running()
-        if not live:
-            raise UsageError(
-                "no experiment is running (start one with `tricks-nats up`), "
-                "or name one: `tricks-nats watch EXPERIMENT`"
-            )
-        return live[0]
+        return pick_running()[0]
     state = statefile.lookup(experiment)
     if state is not None:
         return state
@@ -133,17 +156,18 @@ def _replay(
     return verdict
 
 
-async def status(nats_url: str | None) -> list[StatusRow]:
-    """Experiments a NATS server holds (or, with no URL, those `up` is running here)."""
+async def status(nats_url: str | None, states: list[statefile.RunState]) -> list[StatusRow]:
+    """Experiments a NATS server holds; with no URL, those of `states` (runs `up` has going)."""
     from tricks_nats.endpoint import Endpoint
 
     if nats_url:
         return await _status_of(Endpoint.from_url(nats_url), None)
     rows: list[StatusRow] = []
-    for state in statefile.running():
+    for state in states:
         if state.nats_url:
             ep = Endpoint(state.nats_url, state.user, state.password)
-            rows.extend(await _status_of(ep, state.experiment))
+            for row in await _status_of(ep, state.experiment):
+                rows.append({**row, "directory": state.cwd, "records": state.run_dir})
     return rows
 
 

@@ -23,6 +23,12 @@ from tricks_nats.spec import Condition, Experiment, Tag
 
 Verdict = Literal["succeeded", "failed", "timed_out", "interrupted", "error"]
 
+
+def exit_code(verdict: str) -> int:
+    """What `up` exits with for a verdict (and `watch --exit-status`)."""
+    return {"succeeded": 0, "interrupted": 130}.get(verdict, 1)
+
+
 # -- facts ----------------------------------------------------------------------------------
 
 

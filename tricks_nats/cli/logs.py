@@ -50,19 +50,6 @@ def _write(strings: Iterable[str]) -> None:
         raise _PipeClosed from None
 
 
-def _spec_tags(run_dir: Path) -> list[tuple[str, int]]:
-    """The run's (tag, replicas) in the spec's order; empty if its spec cannot be read."""
-    from tricks_nats import spec as specmod
-
-    for runtime in (None, "kubernetes"):  # the spec was valid for the runtime it ran on
-        try:
-            exp = specmod.load(run_dir / "spec.yaml", runtime=runtime)
-        except TricksError:
-            continue
-        return [(t.tag, t.replicas) for t in exp.tags]
-    return []
-
-
 def _up_alive(run_dir: Path) -> bool | None:
     """Whether the `up` recording this run (here, per its state file) is still at it; None
     when no state file names this run (it may run elsewhere, or not have written it yet)."""
@@ -154,7 +141,7 @@ def logs(
         except re.error as exc:
             raise UsageError(f"--grep {grep!r}: not a regular expression: {exc}") from None
         cutoff = logmerge.parse_since(since) if since is not None else None
-        spec_tags = _spec_tags(run_dir)
+        spec_tags = rundir.spec_tags(run_dir)
         if spec_tags:
             selection.check(spec_tags)
     except TricksError as exc:

@@ -22,7 +22,8 @@ def watch(
     experiment: Annotated[
         str | None,
         typer.Argument(
-            help="Experiment id (default: the one `up` is running here), or a run directory."
+            help="Experiment id or run directory (default: the newest run `up` has going, "
+            "started in this directory if any).",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
@@ -40,22 +41,29 @@ def watch(
         list[str] | None,
         typer.Option("--kind", help=f"Only these kinds: {', '.join(KINDS)} (repeatable)."),
     ] = None,
+    exit_status: Annotated[
+        bool,
+        typer.Option(
+            "--exit-status",
+            help="Exit as `up` does: 0 succeeded, 1 failed, timed out or error, 130 interrupted.",
+        ),
+    ] = False,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where finished runs are.")] = Path(
         "runs"
     ),
 ) -> None:
-    """Stream an experiment's events as they happen; exit 0 when it ends (1 if it failed)."""
+    """Stream an experiment's events as they happen, until its verdict. Exit 0 when it ends,
+    whatever its verdict (--exit-status: the verdict's code, as `up`), 1 if it ended without
+    one (its `up` was killed)."""
     from tricks_nats.entries import json_line
     from tricks_nats.render import describe, matches
-    from tricks_nats.watching import follow, resolve
+    from tricks_nats.rundir import spec_tags
+    from tricks_nats.watching import follow, pick_running, resolve
 
     kinds = list(kind or [])
     bad = [k for k in kinds if k not in KINDS]
     if bad:
-        typer.echo(
-            f"tricks-nats: error: --kind {bad[0]!r}: expected one of {', '.join(KINDS)}", err=True
-        )
-        raise typer.Exit(2)
+        fail(UsageError(f"--kind {bad[0]!r}: expected one of {', '.join(KINDS)}"))
     colour = sys.stdout.isatty() and not as_json
 
     def emit(entry: Entry) -> None:
@@ -63,9 +71,13 @@ def watch(
             typer.echo(json_line(entry) if as_json else describe(entry, colour=colour))
 
     try:
-        state = resolve(experiment, runs_dir)
-        if not as_json and experiment is None:
-            typer.echo(f"watching {state.experiment}", err=True)
+        if experiment is None:
+            state, note = pick_running()
+            if not as_json:
+                typer.echo(note, err=True)
+        else:
+            state = resolve(experiment, runs_dir)
+        _check_tags(tag or [], spec_tags(Path(state.run_dir)))
         verdict = asyncio.run(follow(state, emit, from_start=from_start))
     except TricksError as exc:
         fail(exc)
@@ -77,37 +89,66 @@ def watch(
             f"tricks-nats: {state.experiment} ended without a verdict (was `up` killed?)", err=True
         )
         raise typer.Exit(1)
+    if exit_status:
+        from tricks_nats.workflow import exit_code
+
+        raise typer.Exit(exit_code(verdict))
     raise typer.Exit(0)
+
+
+def _check_tags(tags: list[str], known: list[tuple[str, int]]) -> None:
+    """A UsageError for a --tag the run does not have (its spec read: `known`, may be empty)."""
+    names = [t for t, _ in known]
+    for t in tags:
+        if names and t not in names:
+            raise UsageError(f"--tag {t!r}: no such tag in this run (its tags: {', '.join(names)})")
 
 
 def status(
     nats_url: Annotated[
         str | None,
         typer.Option(
-            "--nats-url", help="Ask this NATS server (default: the runs `up` has going here)."
+            "--nats-url",
+            help="Ask this NATS server (default: the runs `up` has going on this machine).",
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    every: Annotated[
+        bool,
+        typer.Option(
+            "--all", help="Every run `up` has going on this machine, not only those started here."
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list, one object each.")] = False,
 ) -> None:
-    """The experiments a NATS server holds: id, age, pods by state, verdict if finished."""
+    """The experiments running: id, age, pods running and stopped, verdict once finished. By
+    default those `up` has going that were started in this directory; --all: all of this
+    user's; --nats-url: all a NATS server holds."""
+    from tricks_nats import statefile
+    from tricks_nats.watching import started_here
     from tricks_nats.watching import status as get_status
 
+    live = statefile.running()
+    chosen = live if every or nats_url else started_here(live)
     try:
-        rows = asyncio.run(get_status(nats_url))
+        rows = asyncio.run(get_status(nats_url, chosen))
     except TricksError as exc:
         fail(exc)
         return
+    elsewhere = len(live) - len(chosen) if not nats_url else 0
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        typer.echo("no experiments")
-        return
-    typer.echo(f"{'EXPERIMENT':40} {'AGE':>8} {'RUNNING':>8} {'STOPPED':>8}  VERDICT")
-    for r in rows:
+    elif not rows:
+        typer.echo("no experiments" + ("" if nats_url or every else " started here"))
+    else:
+        typer.echo(f"{'EXPERIMENT':40} {'AGE':>8} {'RUNNING':>8} {'STOPPED':>8}  VERDICT")
+        for r in rows:
+            typer.echo(
+                f"{r['experiment']:40} {r['age_s']:>7.0f}s {r['running']:>8} "
+                f"{r['stopped']:>8}  {r['verdict'] or '-'}"
+            )
+    if elsewhere and not as_json:
         typer.echo(
-            f"{r['experiment']:40} {r['age_s']:>7.0f}s {r['running']:>8} "
-            f"{r['stopped']:>8}  {r['verdict'] or '-'}"
+            f"({elsewhere} more running, started in other directories: `tricks-nats status --all`)"
         )
 
 

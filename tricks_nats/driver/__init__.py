@@ -26,9 +26,23 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tricks_nats import env as E
-from tricks_nats.errors import ConfigError, NatsUnavailable, TricksError, WaitTimeout
+from tricks_nats.errors import (
+    ConfigError,
+    NatsUnavailable,
+    PermissionDenied,
+    TricksError,
+    UnknownTag,
+    WaitTimeout,
+)
 from tricks_nats.protocol import VERSION as PROTOCOL_VERSION
-from tricks_nats.protocol import PodRecord, check_name, event_msg_id, pod_name
+from tricks_nats.protocol import (
+    PodRecord,
+    check_name,
+    check_tag_known,
+    event_msg_id,
+    parse_tags,
+    pod_name,
+)
 
 __all__ = [
     "Config",
@@ -36,8 +50,10 @@ __all__ = [
     "Driver",
     "NatsUnavailable",
     "Peer",
+    "PermissionDenied",
     "SyncDriver",
     "TricksError",
+    "UnknownTag",
     "WaitTimeout",
 ]
 
@@ -62,6 +78,8 @@ class Config:
     nats_user: str | None = None
     #: A secret: never in a repr, a log line or an error message.
     nats_password: str | None = field(default=None, repr=False)
+    #: The experiment's tags (TRICKS_TAGS); None when not given: discover then checks nothing.
+    tags: tuple[str, ...] | None = None
 
     @property
     def pod(self) -> str:
@@ -111,6 +129,7 @@ class Config:
             nats_url=url,
             nats_user=env.get(E.NATS_USER) or None,
             nats_password=env.get(E.NATS_PASSWORD) or None,
+            tags=parse_tags(env.get(E.TAGS)),
         )
 
 
@@ -183,6 +202,7 @@ class Driver:
     ) -> list[Peer]:
         """The running pods of `tag` now; with `count`, block until at least `count` run."""
         check_name(tag, "tag")
+        check_tag_known(tag, self.config.tags, self.config.experiment)
         if count is not None and count < 0:
             raise TricksError(f"count must be >= 0, got {count}")
         return await self.bus.discover(tag, count, timeout)
