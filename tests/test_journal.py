@@ -35,6 +35,7 @@ from tricks_nats.entries import (
 )
 from tricks_nats.journal import JournalPublisher
 from tricks_nats.records import RunRecords
+from tricks_nats.rundir import spec_tags
 from tricks_nats.watching import _replay
 
 DATA = Path(__file__).parent / "data" / "journals"
@@ -87,13 +88,23 @@ def test_watch_json_prints_what_it_printed_before(run: str) -> None:
     assert cli("watch", str(DATA / run), "--json") == expected
 
 
+def tag_options(run: str, *tags: str) -> list[str]:
+    """`--tag T` for each of `tags` the run has: since `watch` refuses a tag a run does not
+    have, the recorded filters (`client` and `ghost`, `server` and `crasher`) keep the ones
+    each run has; the others matched nothing."""
+    known = {t for t, _ in spec_tags(DATA / run)}
+    return [x for t in tags if t in known for x in ("--tag", t)]
+
+
 @pytest.mark.parametrize("run", RUNS)
 def test_watch_filters_print_what_they_printed_before(run: str) -> None:
-    tags = cli("watch", str(DATA / run), "--json", "--tag", "client", "--tag", "ghost")
+    tags = cli("watch", str(DATA / run), "--json", *tag_options(run, "client", "ghost"))
     assert tags == (DATA / run / "watch-tags.json").read_bytes()
     kinds = ["--kind", "pod", "--kind", "verdict", "--kind", "workflow"]
-    only = cli("watch", str(DATA / run), "--json", "--tag", "server", "--tag", "crasher", *kinds)
+    only = cli("watch", str(DATA / run), "--json", *tag_options(run, "server", "crasher"), *kinds)
     assert only == (DATA / run / "watch-kinds.json").read_bytes()
+    typo = CliRunner().invoke(app, ["watch", str(DATA / run), "--tag", "nosuchtag"])
+    assert typo.exit_code == 2 and "no such tag in this run" in typo.output
 
 
 @pytest.mark.parametrize("run", RUNS)

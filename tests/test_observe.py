@@ -354,7 +354,7 @@ def test_live_view_shows_pods_by_state_and_condition_progress(tmp_path: Path) ->
 
     from rich.console import Console
 
-    from tricks_nats.entries import EventEntry, PodEntry
+    from tricks_nats.entries import Condition, EventEntry, PodEntry, VerdictEntry, WorkflowEntry
     from tricks_nats.liveview import LiveView
     from tricks_nats.spec import load
 
@@ -364,16 +364,41 @@ def test_live_view_shows_pods_by_state_and_condition_progress(tmp_path: Path) ->
     view.on_start("ring-1", tmp_path)
     for i in range(6):
         view.on_journal(PodEntry(tag="server", pod_id=i, state="running"))
-    view.on_journal(PodEntry(tag="server", pod_id=5, state="failed", exit_code=1))
+    view.on_journal(PodEntry(tag="server", pod_id=5, state="failed", exit_code=1, outcome="failed"))
     view.on_journal(EventEntry(name="server-connected", count=4))
-    out = io.StringIO()
-    Console(file=out, width=120, color_system=None).print(view.render())
-    text = out.getvalue()
+    view.on_journal(EventEntry(name="token", count=17, pod="server-1"))
+
+    def screen() -> str:
+        out = io.StringIO()
+        Console(file=out, width=140, color_system=None).print(view.render())
+        return out.getvalue()
+
+    def row(text: str, tag: str) -> list[str]:
+        line = next(x for x in text.splitlines() if f"│ {tag} " in x)
+        return [c.strip() for c in line.split("│")[1:6]]
+
+    text = screen()
     assert "start when server-connected 4/6" in text
     assert "stop when client_stop 0/6" in text
-    row = next(line for line in text.splitlines() if "server" in line and "│" in line)
-    assert [c.strip() for c in row.split("│")[1:6]] == ["server", "", "5", "", "1"]
+    assert row(text, "server") == ["server", "", "5", "1 failed", "stop when client_stop 0/6"]
     assert "server-5 failed" in text and "boom: address in use" in text
+    assert "events: server-connected=4, token=17" in text
+    # The end: the workflow column keeps what happened, the clock stops at the verdict's figure.
+    view.on_journal(EventEntry(name="server-connected", count=6))
+    view.on_journal(
+        WorkflowEntry(tag="client", action="start", condition=Condition("server-connected", 6))
+    )
+    for i in range(5):
+        view.on_journal(
+            PodEntry(tag="server", pod_id=i, state="stopped", outcome="stopped after a failure")
+        )
+    view.on_journal(VerdictEntry(verdict="failed", reason="server-5 failed (exit 1)"))
+    view.on_end("3.2s")
+    text = screen()
+    assert text.splitlines()[0].strip() == "ring-1  3.2s  failed"
+    assert row(text, "server")[3] == "5 stopped after a failure, 1 failed"
+    assert row(text, "client")[4] == "started at server-connected 6"
+    assert "events: server-connected=6, token=17" in text
 
 
 def test_output_to_a_full_disk_is_one_line_not_a_traceback(tmp_path: Path) -> None:

@@ -432,7 +432,8 @@ def test_timeline_model(run_dir: Path) -> None:
     run = report.load_run(run_dir)
     outcomes = {b.pod: b.outcome for b in run.bars}
     assert outcomes["server-0"] == "stopped by workflow"
-    assert outcomes["proxy-0"] == "stopped as the run ended"  # the tool stopped it: not failed
+    # the tool stopped it as the failed run ended: not failed (a summary without `outcome`)
+    assert outcomes["proxy-0"] == "stopped after a failure"
     assert outcomes["late-0"] == "never started"
     assert outcomes["client-3"] == outcomes["client-2"] == "failed"
     assert run.cause == "client-2"  # the first to fail, by stop time
@@ -442,8 +443,9 @@ def test_timeline_model(run_dir: Path) -> None:
         (0.5, "server-connected", "server-2"),
     ]  # the coordinator's server_start is not a user event
     text = report.text_summary(run)
-    assert "  proxy: 1 pods (1 stopped as the run ended), 0.50s -> 3.10s" in text
-    assert "  first failure: client-2 (exit 2) at 1.50s" in text
+    assert "  proxy: 1 pod (1 stopped after a failure), 0.50s -> 3.10s" in text
+    assert "  client: 3 pods (1 succeeded, 2 failed), 1.00s -> 2.00s" in text
+    assert "  caused the failure: client-2 (exit 2) at 1.50s" in text
     assert "  at 0.90s: server-connected 3 -> start client" in text
 
 
@@ -458,7 +460,7 @@ def test_timeline_formats(run_dir: Path, out: Path, fmt: str) -> None:
         for text in [*pods, "server-connected (3)", "time since start (s)", "caused the failure"]:
             assert text in drawn, text
         assert "server-connected 3 → start client" in drawn
-        assert "stopped as the run ended" in drawn and "never started" in drawn
+        assert "stopped after a failure" in drawn and "never started" in drawn
         assert "demo-2: failed" not in drawn  # no title in vector output unless given
         assert "server_start" not in drawn
     elif fmt == ".pdf":

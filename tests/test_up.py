@@ -75,6 +75,14 @@ def test_ring_example_end_to_end(tmp_path: Path) -> None:
     assert journal[-1] == {**journal[-1], "kind": "verdict", "verdict": "succeeded"}
     assert sum(1 for e in journal if e["kind"] == "pod" and e["state"] == "running") == 12
     assert not exp_processes(s["experiment"])
+    # How each pod ended, in one vocabulary; the end of `up` says what to look at next.
+    assert {x["outcome"] for x in servers} == {"stopped by workflow"}
+    assert {x["outcome"] for x in clients} == {"succeeded"} and s["cause"] is None
+    lines = result.stdout.splitlines()
+    tail = lines[lines.index(next(x for x in lines if x.startswith("succeeded: "))) :]
+    assert tail[1:3] == ["  server: 6 stopped by workflow", "  client: 6 succeeded"]
+    assert tail[3].startswith("  events: server-connected=") and "client_stop=6" in tail[3]
+    assert tail[4:] == [f"  records: {run}", f"  next: tricks-nats report {run}"]
     # Secrets stay out of the records.
     password = "TRICKS_NATS_PASSWORD"
     assert password not in (run / "journal.jsonl").read_text()
@@ -105,7 +113,13 @@ def test_crashing_pods_fail_the_run(tmp_path: Path) -> None:
     assert s["events"]["crash_stop"] == 2
     (watcher,) = [x for x in s["pods"] if x["tag"] == "watcher"]
     assert watcher["state"] == "stopped" and watcher["stopped_by_workflow"]
+    assert [x["outcome"] for x in crashes] == ["failed"] * 2
+    assert watcher["outcome"] == "stopped by workflow"
     assert "crash-0 exited with 3" in result.stderr
+    cause = s["cause"]
+    assert cause in ("crash-0", "crash-1")  # the first of the two to fail
+    assert f"  {cause} caused the failure (exit 3); its log is empty (" in result.stderr
+    assert "  crash: 2 failed\n  watcher: 1 stopped by workflow\n" in result.stderr
     assert not exp_processes(s["experiment"])
 
 
@@ -144,6 +158,7 @@ def test_sigint_stops_pods_that_ignore_sigterm(tmp_path: Path) -> None:
     s = summary(only_run(runs))
     assert s["verdict"] == "interrupted"
     assert all(x["state"] == "stopped" for x in s["pods"])
+    assert {x["outcome"] for x in s["pods"]} == {"interrupted"}
     assert {x["exit_code"] for x in s["pods"]} == {137}
     assert not exp_processes(exp)
 
@@ -164,7 +179,9 @@ def test_timeout_gives_timed_out(tmp_path: Path) -> None:
     s = summary(only_run(runs))
     assert s["verdict"] == "timed_out"
     assert s["pods"][0]["state"] == "stopped"
+    assert s["pods"][0]["outcome"] == "stopped at timeout"
     assert "ran out of time (1s)" in result.stderr
+    assert "  slow: 1 stopped at timeout\n" in result.stderr
 
 
 def test_bad_spec_exits_2_and_writes_nothing(tmp_path: Path) -> None:

@@ -93,7 +93,8 @@ class Coordinator:
         self.records = records
         self.pods_nats = pods_nats
         self.grace = grace
-        self.timeout = timeout if timeout is not None else exp.timeout
+        # 0 means no limit (`up --timeout 0` lifts the spec's timeout)
+        self.timeout = (timeout if timeout is not None else exp.timeout) or None
         self.workflow = Workflow(exp)
         tags = ",".join(t.tag for t in exp.tags)
         # Drivers check discover's tag against it; past the size an environment takes easily
@@ -191,6 +192,7 @@ class Coordinator:
             metrics_lost=self.collector.lost,
             variables=dict(self.exp.variables),
             provenance=self.provenance,
+            cause=self.workflow.cause,
         )
         self.records.write_summary(summary)
         return Outcome(verdict, reason, summary)

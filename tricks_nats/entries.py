@@ -52,6 +52,8 @@ class PodEntry(_Entry, frozen=True, kw_only=True, tag="pod"):
     exit_code: int | None = None
     reason: str | None = None
     ip: str | None = None
+    #: When it ended: how, in the words of `outcomes`.
+    outcome: str | None = None
 
 
 class EventEntry(_Entry, frozen=True, kw_only=True, tag="event"):

@@ -16,10 +16,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from tricks_nats import outcomes
 from tricks_nats.entries import Entry, EventEntry, PodEntry, VerdictEntry, WorkflowEntry
-from tricks_nats.spec import Experiment
+from tricks_nats.spec import Condition, Experiment
 
-STATES = ("pending", "running", "done", "failed")
+DONE = {"start": "started", "stop": "stopped"}
 LOG_LINES = 4
 
 
@@ -31,16 +32,20 @@ class LiveView:
         #: Cleared at the end (a campaign's runs: its progress lines stay, not every table).
         self.transient = transient
         self.console = console or Console()
-        self.started = time.monotonic()
+        #: The run's clock starts at its first journal entry and ends at its verdict.
+        self.t0: float | None = None
+        self.took: str | None = None
         self.experiment = ""
         self.run_dir: Path | None = None
+        #: Per pod: pending, running, or how it ended.
         self.pods: dict[tuple[str, int], str] = {}
         self.counts: dict[str, int] = {}
-        self.launched: set[str] = set()
-        self.stopping: set[str] = set()
+        #: Per tag and action (start, stop): the count that triggered it.
+        self.done: dict[tuple[str, str], int] = {}
         self.failures: deque[str] = deque(maxlen=3)
         self.verdict: str | None = None
         self._live: Live | None = None
+        self._lifecycle = {e for t in exp.tags for e in (f"{t.tag}_start", f"{t.tag}_stop")}
 
     def __enter__(self) -> LiveView:
         self._live = Live(
@@ -61,47 +66,72 @@ class LiveView:
         self.experiment, self.run_dir = experiment, run_dir
 
     def on_journal(self, entry: Entry) -> None:
+        if self.t0 is None:
+            self.t0 = entry.ts
         match entry:
-            case PodEntry(tag=tag, pod_id=pod_id, state=state):
-                self.pods[(tag, pod_id)] = {"exited": "done", "stopped": "done"}.get(state, state)
-                if state == "failed":
+            case PodEntry(tag=tag, pod_id=pod_id, state=state, outcome=outcome):
+                ended = outcome or {"exited": outcomes.SUCCEEDED}.get(state, state)
+                self.pods[(tag, pod_id)] = ended
+                if ended == outcomes.FAILED:
                     self.failures.append(f"{tag}-{pod_id}")
             case EventEntry(name=name, count=count):
-                self.counts[name] = count
-            case WorkflowEntry(tag=tag, action=action):
-                (self.launched if action == "start" else self.stopping).add(tag)
+                self.counts[name] = max(count, self.counts.get(name, 0))
+            case WorkflowEntry(tag=tag, action=action, condition=c):
+                self.done[(tag, action)] = c.value
             case VerdictEntry(verdict=verdict):
                 self.verdict = verdict
 
-    def _waiting_for(self, tag: Any) -> str:
+    def on_end(self, took: str) -> None:
+        """The run is over: its clock stops at `took` (the verdict line's duration)."""
+        self.took = took
+
+    def _workflow(self, tag: Any) -> str:
         parts = []
-        if tag.start and tag.tag not in self.launched:
-            have = self.counts.get(tag.start.name, 0)
-            parts.append(
-                f"start when {tag.start.name} {min(have, tag.start.value)}/{tag.start.value}"
-            )
-        if tag.stop and tag.tag not in self.stopping:
-            have = self.counts.get(tag.stop.name, 0)
-            parts.append(f"stop when {tag.stop.name} {min(have, tag.stop.value)}/{tag.stop.value}")
+        for action, cond in (("start", tag.start), ("stop", tag.stop)):
+            if cond is not None:
+                parts.append(self._condition(tag.tag, action, cond))
         return "; ".join(parts) or "-"
 
+    def _condition(self, tag: str, action: str, cond: Condition) -> str:
+        have = min(self.counts.get(cond.name, 0), cond.value)
+        if (tag, action) in self.done:
+            return f"{DONE[action]} at {cond.name} {cond.value}"
+        return f"{action} when {cond.name} {have}/{cond.value}"
+
+    def _clock(self) -> str:
+        if self.took is not None:
+            return self.took
+        if self.t0 is None:
+            return "starting"
+        return f"{time.time() - self.t0:.1f}s"
+
     def render(self) -> RenderableType:
-        elapsed = time.monotonic() - self.started
-        title = f"{self.experiment or self.exp.name}  {elapsed:6.1f}s"
+        title = f"{self.experiment or self.exp.name}  {self._clock()}"
         if self.verdict:
             title += f"  {self.verdict}"
         table = Table(title=title, title_justify="left", expand=False)
         table.add_column("tag")
-        for state in STATES:
-            table.add_column(state, justify="right")
+        table.add_column("pending", justify="right")
+        table.add_column("running", justify="right")
+        table.add_column("ended")
         table.add_column("workflow")
         for tag in self.exp.tags:
             states = [self.pods.get((tag.tag, i), "pending") for i in range(tag.replicas)]
-            cells = [str(states.count(s)) if states.count(s) else "" for s in STATES]
-            if cells[3]:
-                cells[3] = f"[red]{cells[3]}[/red]"
-            table.add_row(tag.tag, *cells, self._waiting_for(tag))
+            ended = [s for s in states if s not in ("pending", "running")]
+            counted = outcomes.counted(ended)
+            if outcomes.FAILED in ended:
+                counted = counted.replace(outcomes.FAILED, f"[red]{outcomes.FAILED}[/red]")
+            table.add_row(
+                tag.tag,
+                str(states.count("pending") or ""),
+                str(states.count("running") or ""),
+                counted,
+                self._workflow(tag),
+            )
         parts: list[RenderableType] = [table]
+        user = [f"{n}={c}" for n, c in self.counts.items() if n not in self._lifecycle]
+        if user:
+            parts.append(Text("events: " + ", ".join(user[:12]), style="cyan"))
         for pod in list(self.failures):
             parts.append(Text(f"{pod} failed; last lines of its log:", style="red"))
             parts.append(Text(self._tail(pod), style="dim"))

@@ -38,6 +38,8 @@ class PodSummary(msgspec.Struct):
     log_bytes_lost: int = 0
     #: Why its log may be incomplete (a broken log stream on Kubernetes), if it may be.
     log_incomplete: str | None = None
+    #: How it ended, in the words of `outcomes` (succeeded, stopped by workflow, ...).
+    outcome: str | None = None
 
 
 class CorrectedStats(msgspec.Struct):
@@ -95,6 +97,8 @@ class Summary(msgspec.Struct):
     variables: dict[str, str | int | float | bool] = {}
     #: Versions, platform and the spec's commit: what it takes to run it again.
     provenance: Provenance | None = None
+    #: The pod whose failure failed the run (`tag-id`), if one did.
+    cause: str | None = None
 
 
 class RunRecords:

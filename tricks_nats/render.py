@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 from typing import assert_never
 
+from tricks_nats import outcomes
 from tricks_nats.entries import Entry, EventEntry, PodEntry, VerdictEntry, WorkflowEntry
 
 _STATE_COLOURS = {
     "running": "green",
-    "exited": "green",
-    "stopped": "blue",
-    "failed": "red",
     "pending": "white",
+    outcomes.SUCCEEDED: "green",
+    outcomes.BY_WORKFLOW: "blue",
+    outcomes.FAILED: "red",
+    outcomes.NEVER_STARTED: "white",
 }
 _VERDICT_COLOURS = {
     "succeeded": "green",
@@ -39,7 +41,8 @@ def describe(entry: Entry, *, colour: bool = False) -> str:
             extra = f" (exit {entry.exit_code})" if entry.exit_code is not None else ""
             if entry.reason:
                 extra += f": {entry.reason}"
-            painted = _paint(entry.state, _STATE_COLOURS.get(entry.state), colour)
+            shown = entry.outcome or entry.state  # an ended pod: how it ended
+            painted = _paint(shown, _STATE_COLOURS.get(shown, "yellow"), colour)
             text = f"{entry.tag}-{entry.pod_id} {painted}{extra}"
         case EventEntry():
             by = f" by {entry.pod}" if entry.pod else ""

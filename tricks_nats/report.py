@@ -11,10 +11,11 @@ from pathlib import Path
 
 import msgspec
 
-from tricks_nats import entries, figures, stats
+from tricks_nats import entries, figures, outcomes, stats
 from tricks_nats.entries import EventEntry, WorkflowEntry
 from tricks_nats.errors import UsageError
-from tricks_nats.records import PodSummary, Summary
+from tricks_nats.records import Summary
+from tricks_nats.words import plural
 
 
 @dataclass(frozen=True)
@@ -56,16 +57,6 @@ class Run:
     cause: str | None = None
 
 
-def outcome_of(pod: PodSummary) -> str:
-    if pod.started_at is None:
-        return "never started"
-    if pod.stopped_by_workflow:
-        return "stopped by workflow"
-    if pod.state == "stopped":  # stopped by the tool as the run ended (failure, timeout)
-        return "stopped as the run ended"
-    return "succeeded" if pod.exit_code == 0 else "failed"
-
-
 def load_run(run_dir: Path) -> Run:
     try:
         summary = msgspec.json.decode((run_dir / "summary.json").read_bytes(), type=Summary)
@@ -81,10 +72,10 @@ def load_run(run_dir: Path) -> Run:
             tag=pod.tag,
             start=(start - t0) if start is not None else 0.0,
             stop=(stop - t0) if start is not None else 0.0,
-            outcome=outcome_of(pod),
+            outcome=outcomes.of(pod, summary.verdict),
         )
         bars.append(bar)
-        if bar.outcome == "failed":
+        if bar.outcome == outcomes.FAILED:
             stops.append((stop, bar.pod))
     markers = []
     events = []
@@ -103,7 +94,8 @@ def load_run(run_dir: Path) -> Run:
             )
         elif isinstance(entry, EventEntry) and entry.name not in coordinator:
             events.append(EventMark(entry.ts - t0, entry.name, entry.count, entry.pod))
-    cause = min(stops)[1] if stops else None
+    # recorded since outcomes were; before: the first failed pod by stop time
+    cause = summary.cause or (min(stops)[1] if stops and summary.verdict == "failed" else None)
     return Run(summary.experiment, summary.verdict, t0, end, bars, markers, summary, events, cause)
 
 
@@ -113,21 +105,18 @@ def text_summary(run: Run) -> str:
         lines.append(f"  reason: {run.summary.reason}")
     for tag in dict.fromkeys(b.tag for b in run.bars):
         bars = [b for b in run.bars if b.tag == tag]
-        outcomes: dict[str, int] = {}
-        for b in bars:
-            outcomes[b.outcome] = outcomes.get(b.outcome, 0) + 1
-        ran = [b for b in bars if b.outcome != "never started"]
+        ran = [b for b in bars if b.outcome != outcomes.NEVER_STARTED]
         span = (
             f"{min(b.start for b in ran):.2f}s -> {max(b.stop for b in ran):.2f}s"
             if ran
             else "never ran"
         )
-        shown = ", ".join(f"{n} {o}" for o, n in outcomes.items())
-        lines.append(f"  {tag}: {len(bars)} pods ({shown}), {span}")
+        shown = outcomes.counted([b.outcome for b in bars])
+        lines.append(f"  {tag}: {plural(len(bars), 'pod')} ({shown}), {span}")
     if run.cause is not None:
         bar = next(b for b in run.bars if b.pod == run.cause)
         pod = next(p for p in run.summary.pods if f"{p.tag}-{p.pod_id}" == run.cause)
-        lines.append(f"  first failure: {run.cause} (exit {pod.exit_code}) at {bar.stop:.2f}s")
+        lines.append(f"  caused the failure: {run.cause} (exit {pod.exit_code}) at {bar.stop:.2f}s")
     events = run.summary.events
     if events:
         lines.append("  events: " + ", ".join(f"{k}={v}" for k, v in sorted(events.items())))

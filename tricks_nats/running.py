@@ -172,6 +172,7 @@ def _write_early_verdict(
     provenance: Provenance | None,
 ) -> None:
     from tricks_nats.entries import VerdictEntry
+    from tricks_nats.outcomes import NEVER_STARTED
     from tricks_nats.records import PodSummary, Summary
 
     verdict = "interrupted" if interrupted else "error"
@@ -185,7 +186,7 @@ def _write_early_verdict(
             started_at=started_at,
             ended_at=time.time(),
             pods=[
-                PodSummary(tag=t.tag, pod_id=i, reason="never started")
+                PodSummary(tag=t.tag, pod_id=i, reason="never started", outcome=NEVER_STARTED)
                 for t in exp.tags
                 for i in range(t.replicas)
             ],

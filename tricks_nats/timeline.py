@@ -12,19 +12,35 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tricks_nats import figures
+from tricks_nats import figures, outcomes
 from tricks_nats.report import Bar, Run
 
 #: Outcome -> colour (Okabe-Ito; grey for pods that never ran), in legend order.
 COLOURS = {
-    "succeeded": "#009E73",
-    "stopped by workflow": "#0072B2",
-    "stopped as the run ended": "#56B4E9",
-    "failed": "#D55E00",
-    "never started": "#BBBBBB",
+    outcomes.SUCCEEDED: "#009E73",
+    outcomes.BY_WORKFLOW: "#0072B2",
+    outcomes.AFTER_FAILURE: "#56B4E9",
+    outcomes.AT_TIMEOUT: "#E69F00",
+    outcomes.INTERRUPTED: "#CC79A7",
+    outcomes.AFTER_ERROR: "#000000",
+    outcomes.FAILED: "#D55E00",
+    outcomes.NEVER_STARTED: "#BBBBBB",
 }
-#: Outcomes drawn hatched as well (told apart without colour too).
-HATCHES = {"stopped as the run ended": "////", "never started": "...."}
+#: Outcomes drawn hatched as well (told apart without colour too): the pods tricks-nats
+#: stopped as the run ended, each reason its own pattern (matplotlib's, plotly's).
+HATCHES = {
+    outcomes.AFTER_FAILURE: "////",
+    outcomes.AT_TIMEOUT: "\\\\\\\\",
+    outcomes.INTERRUPTED: "xxx",
+    outcomes.AFTER_ERROR: "...",
+    outcomes.NEVER_STARTED: "....",
+}
+PATTERNS = {
+    outcomes.AFTER_FAILURE: "/",
+    outcomes.AT_TIMEOUT: "\\",
+    outcomes.INTERRUPTED: "x",
+    outcomes.AFTER_ERROR: ".",
+}
 CAUSE_LABEL = "✗ caused the failure"
 #: PNG pixels per inch; `figure_size(run)` times DPI is the PNG's size.
 DPI = 200
@@ -146,7 +162,9 @@ def _matplotlib(run: Run, output: Path, title: str | None, *, show_title: bool) 
             ev = None
         span = _span(run)
         present = [
-            o for o in COLOURS if o != "never started" and any(b.outcome == o for b in run.bars)
+            o
+            for o in COLOURS
+            if o != outcomes.NEVER_STARTED and any(b.outcome == o for b in run.bars)
         ]
         many = len(run.bars) > MAX_POD_LABELS
         height = 0.7 if not many else 0.9
@@ -183,13 +201,13 @@ def _matplotlib(run: Run, output: Path, title: str | None, *, show_title: bool) 
             for o in present
         ]
         for y, b in rows:
-            if b.outcome == "never started" and not many:
+            if b.outcome == outcomes.NEVER_STARTED and not many:
                 ax.text(0, y, " never started", va="center", color="#666666", style="italic")
         if run.cause is not None:
             _mark_cause(ax, rows, run.cause, span, height)
             handles.append(
                 Patch(
-                    facecolor=COLOURS["failed"],
+                    facecolor=COLOURS[outcomes.FAILED],
                     edgecolor="black",
                     linewidth=1.4,
                     label="caused the failure",
@@ -335,7 +353,7 @@ def _html(run: Run, output: Path, title: str | None) -> None:
         mine = [(y, b) for y, b in rows if b.outcome == outcome]
         if not mine:
             continue
-        if outcome == "never started":
+        if outcome == outcomes.NEVER_STARTED:
             fig.add_trace(
                 go.Scatter(
                     name=outcome,
@@ -352,7 +370,8 @@ def _html(run: Run, output: Path, title: str | None) -> None:
                 col=1,
             )
             continue
-        pattern = {"shape": "/", "fgcolor": "white"} if outcome in HATCHES else None
+        shape = PATTERNS.get(outcome)
+        pattern = {"shape": shape, "fgcolor": "white"} if shape else None
         fig.add_trace(
             go.Bar(
                 orientation="h",

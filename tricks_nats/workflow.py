@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tricks_nats import entries as J
+from tricks_nats import outcomes
 from tricks_nats.protocol import pod_name
 from tricks_nats.records import PodSummary
 from tricks_nats.spec import Condition, Experiment, Tag
@@ -227,6 +228,9 @@ class Workflow:
         self.stopping_failure: str | None = None
         #: The first pod failure of any tag, explained (the likely cause of what follows).
         self.first_failure: str | None = None
+        self.first_failed: str | None = None
+        #: The pod whose failure failed the run (`tag-id`): set once the verdict is failed.
+        self.cause: str | None = None
 
     @property
     def finishing(self) -> bool:
@@ -277,6 +281,8 @@ class Workflow:
                 self._alive -= 1
             if pod.state == "pending":
                 pod.reason = pod.reason or "never started"
+            if pod.outcome is None:  # it never ran (pending, or stopped before it started)
+                pod.outcome = outcomes.NEVER_STARTED
         verdict, reason = self.decided or ("error", "the coordinator stopped before a verdict")
         if verdict == "succeeded":
             failed = [s for s in self.pods.values() if s.state == "failed"]
@@ -287,6 +293,8 @@ class Workflow:
                     + (f" ({s.reason})" if s.reason else "")
                     for s in failed[:5]
                 ) + (" ..." if len(failed) > 5 else "")
+        if verdict == "failed" and self.cause is None:
+            self.cause = self.first_failed
         return verdict, reason
 
     # -- rules ------------------------------------------------------------------------------
@@ -372,10 +380,14 @@ class Workflow:
             pod.reason = fact.reason
         pod.log_bytes_lost = fact.log_bytes_lost
         pod.log_incomplete = fact.log_incomplete
-        if pod.stopped_by_workflow or self.finishing:
-            pod.state = "stopped"
+        if pod.stopped_by_workflow:
+            pod.state, pod.outcome = "stopped", outcomes.BY_WORKFLOW
+        elif self.decided is not None:
+            pod.state, pod.outcome = "stopped", outcomes.stopped_as_run_ended(self.decided[0])
+        elif fact.exit_code == 0:
+            pod.state, pod.outcome = "exited", outcomes.SUCCEEDED
         else:
-            pod.state = "exited" if fact.exit_code == 0 else "failed"
+            pod.state, pod.outcome = "failed", outcomes.FAILED
         actions: list[Action] = [
             Journal(
                 J.PodEntry(
@@ -384,6 +396,7 @@ class Workflow:
                     state=pod.state,
                     exit_code=fact.exit_code,
                     reason=fact.reason,
+                    outcome=pod.outcome,
                 )
             )
         ]
@@ -391,6 +404,7 @@ class Workflow:
             actions.append(KeepLogTail(fact.tag, fact.pod_id))
             if self.first_failure is None:
                 self.first_failure = _explain(pod)
+                self.first_failed = pod_name(pod.tag, pod.pod_id)
             actions += self._on_failure(pod)
         actions.append(RemoveFromRoster(fact.tag, fact.pod_id, listed=pod.started_at is not None))
         return actions
@@ -402,6 +416,7 @@ class Workflow:
         if self.stopping_failure is not None or self.exp.tag(pod.tag).on_failure != "stop":
             return []
         self.stopping_failure = _explain(pod)
+        self.cause = pod_name(pod.tag, pod.pod_id)
         return [ArmFailFast(self.stopping_failure)]
 
     def _settled(self) -> list[Action]:

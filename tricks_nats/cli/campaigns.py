@@ -104,22 +104,32 @@ def _live(exp: Experiment, show: Show, *, transient: bool = False) -> LiveView |
 
 
 def single(exp: Experiment, opts: UpOptions, show: Show) -> int:
-    """One experiment: its journal (or live view), then its verdict line; the exit code."""
+    """One experiment: its journal (or live view), then its verdict line and what to look at
+    next (how pods ended, events, failing logs, records); the exit code."""
+    from tricks_nats.cli import epilogue
     from tricks_nats.running import up as run_up
 
     live = _live(exp, show)
     on_journal, on_start = _journal_printer(show, live)
-    opts = replace(opts, on_journal=on_journal, on_start=on_start)
+    where: list[Path] = []
+
+    def started(exp_id: str, root: Path) -> None:
+        where.append(root)
+        on_start(exp_id, root)
+
+    opts = replace(opts, on_journal=on_journal, on_start=started)
     with live if live is not None else contextlib.nullcontext():
         outcome = asyncio.run(run_up(exp, opts))
-    s = outcome.summary
-    line = (
-        f"{outcome.verdict}: {s.experiment} ({len(s.pods)} pods, {s.ended_at - s.started_at:.1f}s)"
-    )
-    if outcome.reason:
-        line += f": {outcome.reason}"
-    if not show.as_json:
-        say(line, err=outcome.exit_code != 0)
+        if live is not None:
+            live.on_end(epilogue.duration(outcome))
+    if show.as_json:
+        return outcome.exit_code
+    err = outcome.exit_code != 0
+    say(epilogue.verdict_line(outcome), err=err)
+    if not show.quiet:
+        records = where[0] if where else None
+        for line in epilogue.details(outcome, exp, records, live=live is not None):
+            say(line, err=err)
     return outcome.exit_code
 
 
