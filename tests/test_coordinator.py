@@ -12,6 +12,7 @@ from tricks_nats import protocol as p
 from tricks_nats.driver import Config, Driver
 from tricks_nats.runtimes import PodPlan
 from tricks_nats.runtimes.fake import Program, exit_on_term, ignore_term
+from tricks_nats.spec import parse
 
 
 def driven(body: Callable[[Driver, PodPlan, asyncio.Event], Any]) -> Program:
@@ -181,6 +182,20 @@ async def test_timeout_stops_everything(make_run) -> None:
     assert {run.pod(outcome, "a", i).exit_code for i in range(2)} == {137}
     assert {run.pod(outcome, "a", i).state for i in range(2)} == {"stopped"}
     assert outcome.summary.events["a_stop"] == 2
+
+
+async def test_timeout_zero_lifts_the_specs_timeout(make_run) -> None:
+    """`up --timeout 0` means no limit, as `timeout: 0` in a spec does (coreutils' timeout 0)."""
+
+    async def works_a_while(plan: PodPlan, stop: asyncio.Event) -> int:
+        await asyncio.sleep(0.2)  # the pod's work: far beyond the spec's 0.01 s
+        return 0
+
+    spec = "timeout: 0.01\nexperiment:\n- {tag: a, command: x}\n"
+    run = await make_run(spec, {"a": works_a_while}, timeout=0)
+    assert run.coordinator.timeout is None
+    assert (await run.outcome()).verdict == "succeeded"
+    assert parse("timeout: 0\nexperiment:\n- {tag: a, command: x}\n", "t.yaml").timeout is None
 
 
 async def test_interrupt_stops_pods_and_reports_interrupted(make_run) -> None:

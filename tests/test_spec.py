@@ -162,11 +162,11 @@ def test_workflow_conditions() -> None:
         ("experiment:\n- {tag: a, command: [1, 2]}\n", "experiment[0].command"),
         (
             "experiment:\n- {tag: a, command: x}\ntimeout: .nan\n",
-            "s.yaml:3:10: timeout: expected float > 0.0, got nan",
+            "s.yaml:3:10: timeout: expected float >= 0.0, got nan",
         ),
         (
             "experiment:\n- {tag: a, command: x}\ntimeout: -1\n",
-            "s.yaml:3:10: timeout: expected float > 0.0, got -1",
+            "s.yaml:3:10: timeout: expected float >= 0.0, got -1",
         ),
         (
             "experiment:\n- {tag: a, command: x, env: {A: ~}}\n",
@@ -230,7 +230,7 @@ def test_errors_inside_unions_are_each_located_by_their_path() -> None:
         "s.yaml:6:31: experiment[0].resources.requests.cpu: expected int | float | str, got [1]",
         "s.yaml:6:45: experiment[0].resources.limits: expected a mapping, got an integer",
         "s.yaml:7:10: runtime: expected one of local, kubernetes, got 3",
-        "s.yaml:8:10: timeout: expected float > 0.0, got -0.5",
+        "s.yaml:8:10: timeout: expected float >= 0.0, got -0.5",
     ]
 
 
@@ -276,7 +276,7 @@ def test_wrong_types_deep_in_lists_of_mappings_are_located() -> None:
         # a struct in a union: msgspec's text said "expected object, got [...]"
         ("tag: a, workflow: [go]", "2:22: experiment[0].workflow: expected a mapping, got a list"),
         # NaN passes JSON Schema's bounds, not msgspec's (nor so the spec's)
-        ("timeout: .nan", "3:10: timeout: expected float > 0.0, got nan"),
+        ("timeout: .nan", "3:10: timeout: expected float >= 0.0, got nan"),
         # a bound applies to a value of its type only: one error, the type's, as msgspec finds
         ("tag: a, replicas: .nan", "2:22: experiment[0].replicas: expected int, got nan"),
         ("tag: a, replicas: -0.5", "2:22: experiment[0].replicas: expected int, got -0.5"),

@@ -111,7 +111,13 @@ class Spec(msgspec.Struct, forbid_unknown_fields=True):
     experiment: Annotated[list[TagSpec], msgspec.Meta(min_length=1)]
     apiVersion: Literal["v1"] = "v1"
     name: str | None = None
-    timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    timeout: (
+        Annotated[
+            float,
+            msgspec.Meta(ge=0, description="Seconds before the run is stopped; 0: no limit."),
+        ]
+        | None
+    ) = None
     runtime: Runtime | None = None
     #: Where the local runtime starts pods, relative to the spec's directory (the default).
     workdir: str | None = None
@@ -672,7 +678,7 @@ def experiment_of(
     return Experiment(
         name=spec.name or stem,
         tags=tags,
-        timeout=spec.timeout,
+        timeout=spec.timeout or None,  # 0: no limit, as `up --timeout 0`
         runtime=chosen,
         source=source,
         text=text,

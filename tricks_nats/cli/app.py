@@ -92,7 +92,10 @@ def up(
     timeout: Annotated[
         float | None,
         typer.Option(
-            "--timeout", min=0, help="Seconds before the run is stopped (wins over the spec)."
+            "--timeout",
+            min=0,
+            help="Seconds before the run is stopped (verdict timed_out); wins over the spec's "
+            "timeout; 0: no limit.",
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the verdict.")] = False,
