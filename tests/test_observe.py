@@ -301,6 +301,30 @@ async def test_report_errors_are_one_line(tmp_path: Path) -> None:
     assert len(err.decode().strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("output", ["t.png", "t.svg", "figures/"])
+def test_report_without_the_report_extra_says_so_before_anything(
+    tmp_path: Path, output: str
+) -> None:
+    """Without matplotlib (the `report` extra), `report -o` is one line naming the extra,
+    not the whole report and then the error."""
+    run = make_run(tmp_path)
+    no_matplotlib = (
+        "import sys; sys.modules['matplotlib'] = None; "
+        "from tricks_nats.cli.app import main; sys.argv[0] = 'tricks-nats'; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", no_matplotlib, "report", str(run), "-o", f"{tmp_path}/{output}"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "tricks-nats: error: drawing needs matplotlib: pip install 'tricks-nats[report]'\n"
+    )
+
+
 def test_state_file_holds_secrets_only_while_running(tmp_path: Path) -> None:
     state = statefile.RunState(
         experiment="e-1",

@@ -61,6 +61,18 @@ def check_format(output: Path) -> str:
     return suffix
 
 
+def check_drawable(output: Path) -> str:
+    """`check_format`, and a UsageError naming the extra when the library that draws this
+    format is not installed: said before any work (a report printed, samples read)."""
+    import importlib.util
+
+    suffix = check_format(output)
+    package = "plotly" if suffix in HTML_FORMATS else "matplotlib"
+    if importlib.util.find_spec(package) is None:
+        raise missing(package)
+    return suffix
+
+
 @dataclass(frozen=True)
 class SeriesStyle:
     color: str

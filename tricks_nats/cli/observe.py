@@ -177,7 +177,7 @@ def report(
     """Summarise a run: pods, events, and every metric's percentiles (with coordination-
     omission warnings); with -o, draw it (needs tricks-nats[report]). For a campaign: each
     metric per configuration, mean and spread over repetitions."""
-    from tricks_nats import campaign_results, results
+    from tricks_nats import campaign_results, figures, results
     from tricks_nats.report import load_run, text_summary
     from tricks_nats.rundir import find_campaign, find_run
 
@@ -192,6 +192,11 @@ def report(
             typer.echo(campaign_results.render(campaign_results.load(campaign)))
             return
         run_dir = find_run(run, runs_dir)
+        to_dir = output is not None and (output.endswith("/") or Path(output).is_dir())
+        if output is not None:  # a bad format or a missing extra: said before the report
+            if to_dir and fmt not in ("svg", "pdf", "png", "html"):
+                raise UsageError(f"--format {fmt!r}: use svg, pdf, png or html")
+            figures.check_drawable(Path(f"x.{fmt}") if to_dir else Path(output))
         timeline = load_run(run_dir)
         typer.echo(text_summary(timeline))
         found = results.load(run_dir)
@@ -199,11 +204,9 @@ def report(
             typer.echo(results.render(found))
         if output is None:
             return
-        if output.endswith("/") or Path(output).is_dir():
+        if to_dir:
             from tricks_nats.report import draw_all
 
-            if fmt not in ("svg", "pdf", "png", "html"):
-                raise UsageError(f"--format {fmt!r}: use svg, pdf, png or html")
             for path in draw_all(run_dir, Path(output), suffix=f".{fmt}"):
                 typer.echo(f"wrote {path}")
         else:
