@@ -794,3 +794,32 @@ def test_the_ring_runs_on_a_real_cluster(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     verdicts = [json.loads(line) for line in proc.stdout.splitlines() if '"verdict"' in line]
     assert verdicts and verdicts[-1]["verdict"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["up", "examples/ring/ring.yaml", "--runtime", "kubernetes", "--nats-url", "nats://x:1"],
+        ["down", "ring-20261123-000000-abcd"],
+    ],
+)
+def test_without_the_kubernetes_extra_the_runtime_names_it(args: list[str]) -> None:
+    """kubernetes-asyncio is an extra (`tricks-nats[kubernetes]`): without it, the kubernetes
+    runtime and `down` are one line naming the extra, exit 2, nothing started."""
+    without = (
+        "import sys; sys.modules['kubernetes_asyncio'] = None; "
+        "from tricks_nats.cli.app import main; sys.argv[0] = 'tricks-nats'; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", without, *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "tricks-nats: error: the kubernetes runtime needs kubernetes-asyncio, which is not "
+        "installed: pip install 'tricks-nats[kubernetes]'\n"
+    )

@@ -53,9 +53,10 @@ def down(
     """Delete every pod of an experiment on Kubernetes (by its labels)."""
 
     async def run() -> list[str]:
-        from tricks_nats.runtimes import kube_api
         from tricks_nats.runtimes import kube_objects as ko
+        from tricks_nats.runtimes import load
 
+        kube_api = load("tricks_nats.runtimes.kube_api", "kubernetes")
         async with kube_api.session(kubeconfig, context) as (core, hinted):
             ns = namespace or hinted or ko.DEFAULT_NAMESPACE
             return await kube_api.delete_experiment(core, ns, experiment, grace)

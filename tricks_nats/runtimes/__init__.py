@@ -130,9 +130,28 @@ def create(name: str, exp: Experiment, exp_id: str, options: Mapping[str, Any]) 
         known = ", ".join(REGISTRY)
         raise UsageError(f"runtime {name!r} is not available (known: {known})")
     module, cls = REGISTRY[name]
-    factory = getattr(importlib.import_module(module), cls)
+    factory = getattr(load(module, name), cls)
     runtime: Runtime = factory.for_experiment(exp, exp_id, options.get(name))
     return runtime
+
+
+#: The Python packages a runtime needs beyond the core, and the extra that installs them.
+EXTRAS: dict[str, tuple[str, str]] = {"kubernetes": ("kubernetes_asyncio", "kubernetes")}
+
+
+def load(module: str, runtime: str) -> Any:
+    """Import one of a runtime's modules; a UsageError naming the extra to install when a
+    package it needs is missing (`pip install 'tricks-nats[kubernetes]'`)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        package, extra = EXTRAS.get(runtime, ("", ""))
+        if not package or (exc.name or "").split(".")[0] != package:
+            raise
+        raise UsageError(
+            f"the {runtime} runtime needs {package.replace('_', '-')}, which is not "
+            f"installed: pip install 'tricks-nats[{extra}]'"
+        ) from exc
 
 
 def exit_code_of(returncode: int) -> int:
