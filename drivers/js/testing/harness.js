@@ -93,13 +93,15 @@ async function stop(child) {
  * @param {string} exp
  */
 export async function startServer(exp) {
-  const dir = mkdtempSync(join(tmpdir(), "tricks-js-"));
+  // Everything that can fail before the server owns the directory comes first: a failed
+  // start must not leave an empty tricks-js-* directory behind.
   const permissions = JSON.parse(
     execFileSync(pythonBin(), ["-m", "tests.conformance.fixture", "permissions", exp], {
       cwd: ROOT,
       encoding: "utf8",
     }),
   );
+  const dir = mkdtempSync(join(tmpdir(), "tricks-js-"));
   const admin = { user: "admin", password: randomBytes(12).toString("hex") };
   const pod = { user: "pod", password: randomBytes(12).toString("hex") };
   const conf = join(dir, "server.conf");
@@ -131,7 +133,14 @@ export async function startServer(exp) {
     })();
     return { child, listening };
   };
-  let { child, listening: port } = await launch(-1);
+  let first;
+  try {
+    first = await launch(-1);
+  } catch (error) {
+    rmSync(dir, { recursive: true, force: true });
+    throw error;
+  }
+  let { child, listening: port } = first;
   return {
     url: `nats://127.0.0.1:${port}`,
     port,
