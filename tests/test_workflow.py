@@ -438,3 +438,24 @@ def test_alive_follows_launches_and_exits() -> None:
     assert not wf.alive()
     wf.handle(W.CountChanged("ready", 2))
     assert wf.alive()  # the client launches
+
+
+def test_a_run_that_may_never_end_is_said_before_it_starts() -> None:
+    """No timeout, and a tag that stops only on a user's event: `up` notes it may run forever.
+    A lifecycle count (checked by validate) or any timeout needs no note."""
+    spec = """\
+experiment:
+- tag: server
+  command: x
+  workflow:
+    stop: {name: done, value: 3}
+- tag: client
+  command: x
+  workflow:
+    stop: {name: server_stop, value: 1}
+"""
+    (note,) = W.open_ended(parse(spec, "t.yaml"), None)
+    assert note.startswith("no timeout: tag 'server' stops only when 'done' reaches 3;")
+    assert W.open_ended(parse(spec, "t.yaml"), 60) == []
+    assert W.open_ended(parse("timeout: 5\n" + spec, "t.yaml"), None) == []
+    assert W.open_ended(parse("timeout: 5\n" + spec, "t.yaml"), 0) != []  # --timeout 0 lifts it

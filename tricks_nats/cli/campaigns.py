@@ -108,7 +108,11 @@ def single(exp: Experiment, opts: UpOptions, show: Show) -> int:
     next (how pods ended, events, failing logs, records); the exit code."""
     from tricks_nats.cli import epilogue
     from tricks_nats.running import up as run_up
+    from tricks_nats.workflow import open_ended
 
+    if not show.quiet:
+        for note in open_ended(exp, opts.timeout):
+            say(f"tricks-nats: note: {note}", err=True)
     live = _live(exp, show)
     on_journal, on_start = _journal_printer(show, live)
     where: list[Path] = []

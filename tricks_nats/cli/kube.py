@@ -56,7 +56,9 @@ def down(
         from tricks_nats.runtimes import kube_objects as ko
         from tricks_nats.runtimes import load
 
-        kube_api = load("tricks_nats.runtimes.kube_api", "kubernetes")
+        load("tricks_nats.runtimes.kube_api", "kubernetes")  # one line if the extra is missing
+        from tricks_nats.runtimes import kube_api
+
         async with kube_api.session(kubeconfig, context) as (core, hinted):
             ns = namespace or hinted or ko.DEFAULT_NAMESPACE
             return await kube_api.delete_experiment(core, ns, experiment, grace)
