@@ -201,6 +201,12 @@ def test_fail_fast_stops_at_the_first_failure_and_resume_retries(tmp_path: Path)
     c = campaign(d)
     assert [r["state"] for r in c["runs"]] == ["succeeded", "failed", "succeeded"]
     failed_dir = c["runs"][1]["run_dir"]
+    nothing = cli("resume", str(d))  # every run has a verdict: says so, runs nothing
+    assert nothing.returncode == 1 and campaign(d)["runs"] == c["runs"]
+    assert nothing.stdout.startswith(
+        f"campaign {d.name}: every run has a verdict: nothing to run (--retry-failed runs "
+        "the 1 failed again); records in"
+    )
     # --retry-failed runs it again, in a new directory, keeping the old one listed
     retry = cli("up", str(spec), "--resume", str(d), "--retry-failed", "-q")
     assert retry.returncode == 1  # `exit 3` fails again

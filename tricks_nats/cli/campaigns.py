@@ -154,6 +154,11 @@ def up(study: Study, opts: UpOptions, show: Show, flags: Flags, resume: Path | N
     todo = found.todo(retry_failed=flags.retry_failed)
     if show.lines:
         what = f"{len(todo)} of {len(found.runs)} runs" if resume else study.describe()
+        if resume and not todo:
+            failed = sum(r.state in ("failed", "error") for r in found.runs)
+            what = "every run has a verdict: nothing to run" + (
+                f" (--retry-failed runs the {failed} failed again)" if failed else ""
+            )
         say(f"campaign {found.campaign}: {what}; records in {directory}")
     printer = _Progress(show)
     options = cmod.CampaignOptions(
