@@ -22,6 +22,8 @@ export declare class NatsUnavailable extends TricksError {}
 export declare class WaitTimeout extends TricksError {}
 /** NATS refused a subject to these credentials (permissions violation); final at once (exit 1). */
 export declare class PermissionDenied extends TricksError {}
+/** `discover` of a tag the experiment does not have (TRICKS_TAGS): a typo, said at once. */
+export declare class UnknownTag extends TricksError {}
 
 /**
  * A pod's identity and where its NATS is, read from the environment. In the configs that
@@ -37,6 +39,8 @@ export interface Config {
   natsUrl: string;
   natsUser: string | undefined;
   natsPassword: string | undefined;
+  /** The experiment's tags (TRICKS_TAGS); absent: discover checks none. */
+  tags?: string[];
 }
 
 /** One running pod, as its tag's roster lists it. */

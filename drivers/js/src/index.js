@@ -77,6 +77,9 @@ export class WaitTimeout extends TricksError {}
  */
 export class PermissionDenied extends TricksError {}
 
+/** `discover` of a tag the experiment does not have (TRICKS_TAGS): a typo, said at once. */
+export class UnknownTag extends TricksError {}
+
 /**
  * A pod's identity and where its NATS is. `natsPassword` is a non-enumerable property: it is
  * not printed (util.inspect, console.log), serialized (JSON.stringify) nor copied by a spread.
@@ -89,6 +92,7 @@ export class PermissionDenied extends TricksError {}
  * @property {string} natsUrl
  * @property {string | undefined} natsUser
  * @property {string | undefined} natsPassword
+ * @property {string[]} [tags] the experiment's tags (TRICKS_TAGS); absent: discover checks none
  */
 
 /**
@@ -160,6 +164,7 @@ export function configFromEnv(env = process.env) {
     url = `nats://${ip}:${port}`;
   }
   const user = env.TRICKS_NATS_USER || undefined;
+  const tags = env.TRICKS_TAGS ? env.TRICKS_TAGS.split(",") : undefined;
   return hidePassword({
     tag: need("TAG"),
     replicas: integer("REPLICAS"),
@@ -169,6 +174,7 @@ export function configFromEnv(env = process.env) {
     natsUrl: url,
     natsUser: user,
     natsPassword: user ? (env.TRICKS_NATS_PASSWORD ?? "") : undefined,
+    ...(tags ? { tags } : {}),
   });
 }
 
@@ -1129,6 +1135,14 @@ export class Driver {
    */
   async discover(tag, count = null, options = {}) {
     checkName(tag, "tag");
+    const tags = this.config.tags;
+    if (tags && !tags.includes(tag)) {
+      const shown = tags.slice(0, 20).join(", ") + (tags.length > 20 ? ", ..." : "");
+      throw new UnknownTag(
+        `no tag ${JSON.stringify(tag).replaceAll('"', "'")} in experiment ` +
+          `${this.config.experiment} (its tags: ${shown})`,
+      );
+    }
     if (count !== null && count !== undefined && !(Number.isInteger(count) && count >= 0)) {
       throw new TricksError(`count must be an integer >= 0, got ${count}`);
     }

@@ -14,6 +14,7 @@ import {
   parseRoster,
   PermissionDenied,
   TricksError,
+  UnknownTag,
   WaitTimeout,
 } from "../src/index.js";
 import { startExperiment, startProxy } from "../testing/harness.js";
@@ -146,7 +147,7 @@ describe("against an experiment", () => {
    */
   const failedWith = (err, kind, message) => {
     assert.ok(err instanceof kind, String(err));
-    for (const other of [ConfigError, NatsUnavailable, WaitTimeout, PermissionDenied]) {
+    for (const other of [ConfigError, NatsUnavailable, WaitTimeout, PermissionDenied, UnknownTag]) {
       if (other !== kind) assert.ok(!(err instanceof other), String(err));
     }
     assert.match(err.message, message);
@@ -335,6 +336,22 @@ describe("against an experiment", () => {
     assert.deepEqual((await d.discover("other", 1, { timeout: 5 })).map((p) => p.ip), [
       "127.0.0.99",
     ]);
+  });
+
+  test("discover of a tag the experiment lacks (TRICKS_TAGS) is said at once", async () => {
+    const d = await driver("c", 0, 1, { TRICKS_TAGS: "lone,client" });
+    assert.deepEqual(d.config.tags, ["lone", "client"]);
+    await ex.runPod("lone", 0, "127.0.0.20");
+    assert.deepEqual((await d.discover("lone")).map((p) => p.pod_id), [0]);
+    for (const call of [() => d.discover("loan"), () => d.discover("loan", 3)]) {
+      await assert.rejects(call(), (err) =>
+        failedWith(
+          err,
+          UnknownTag,
+          new RegExp(`^no tag 'loan' in experiment ${d.config.experiment} \\(its tags: lone, client\\)$`),
+        ),
+      );
+    }
   });
 
   test("a blocking discover waits for new pods, not for pods that stopped", async () => {
