@@ -118,6 +118,15 @@ async def test_discover_times_out_with_exit_code_1(nats_server) -> None:
         one_error_line(err, "discovering 2 pods of 'server' (1 running)")
 
 
+async def test_discover_of_a_tag_the_experiment_lacks_exits_2_at_once(nats_server) -> None:
+    async with experiment(nats_server) as ex:
+        env = {**pod_env(ex), E.TAGS: "server,client"}
+        code, out, err = await tricks(env, "discover", "sever", "--count", "3")  # never waits
+        assert (code, out) == (2, "")
+        one_error_line(err, f"no tag 'sever' in experiment {ex.exp} (its tags: server, client)")
+        assert (await tricks(env, "discover", "server"))[0] == 0
+
+
 async def test_configuration_errors_exit_2(nats_server) -> None:
     async with experiment(nats_server) as ex:
         env = pod_env(ex)
