@@ -5,136 +5,125 @@ drivers/PROTOCOL.md is the prose twin of this module; change both or neither.
 
 from __future__ import annotations
 
-import re
-import secrets
-import time
-
 import msgspec
 
-from tricks_nats.errors import UnknownTag, UsageError
-
-VERSION = "2"
-
-#: Event names and tags: one NATS subject token, one KV key, a Kubernetes-friendly word.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
-EXPERIMENT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-
-
-def check_name(name: object, what: str = "event name") -> str:
-    """`name` if it is a valid event name or tag (NAME_RE), else a UsageError saying why: the
-    one check every API (driver, shell driver, bus) makes before a name reaches a subject."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise UsageError(f"bad {what} {name!r}: letters, digits, '-' or '_' only")
-    return name
-
-
-def parse_tags(value: str | None) -> tuple[str, ...] | None:
-    """The experiment's tags from TRICKS_TAGS (comma-separated); None when unset or empty
-    (a hand-made environment, or too many tags to pass): then no tag is refused."""
-    return tuple(value.split(",")) if value else None
-
-
-def check_tag_known(tag: str, tags: tuple[str, ...] | None, exp: str) -> None:
-    """An UnknownTag error when `tags` is known and lacks `tag` (PROTOCOL.md, section 6.4)."""
-    if tags is not None and tag not in tags:
-        shown = ", ".join(tags[:20]) + (", ..." if len(tags) > 20 else "")
-        raise UnknownTag(f"no tag {tag!r} in experiment {exp} (its tags: {shown})")
-
-
-INCR_HEADER = "Nats-Incr"
-MSG_ID_HEADER = "Nats-Msg-Id"
-POD_HEADER = "Tricks-Pod"
-
-#: How long the server remembers message ids: a retried publish within it counts once.
-#: Far longer than a driver's retries (bus.RECOVERY_S) and a script's retry of `event --id`;
-#: short enough that the server's id table stays small at thousands of increments a second
-#: (it holds every id of the window; one hour cost ~15% more server CPU per increment).
-DUPLICATE_WINDOW_S = 300.0
-
-
-def new_experiment_id(name: str) -> str:
-    """`<name>-<yyyymmdd-hhmmss>-<4 hex>`: sortable, unique, a valid subject token and bucket."""
-    base = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:30] or "experiment"
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    return f"{base}-{stamp}-{secrets.token_hex(2)}"
-
-
-def counts_bucket(exp: str) -> str:
-    return f"tricks-{exp}-counts"
-
-
-def pods_bucket(exp: str) -> str:
-    return f"tricks-{exp}-pods"
-
-
-def stream_of(bucket: str) -> str:
-    return f"KV_{bucket}"
-
-
-def count_subject(exp: str, event: str) -> str:
-    """The counter of `event` in the counts stream; only the coordinator writes it."""
-    return f"$KV.{counts_bucket(exp)}.{event}"
-
-
-def event_subject(exp: str, event: str) -> str:
-    """Pods register `event` with a request here; the coordinator adds exactly one."""
-    return f"tricks.{exp}.event.{event}"
-
-
-def roster_subject(exp: str, tag: str) -> str:
-    """The last message here is the roster of `tag`: its running pods."""
-    return f"$KV.{pods_bucket(exp)}.{tag}"
-
-
-def reached_subject(exp: str, event: str, value: int) -> str:
-    """The coordinator publishes here once when `event` first reaches `value`."""
-    return f"tricks.{exp}.reached.{event}.{value}"
-
-
-def journal_subject(exp: str, kind: str = ">") -> str:
-    """Journal entries of one kind (pod, event, workflow, verdict); `>` for all of them."""
-    return f"tricks.{exp}.journal.{kind}"
-
-
-def journal_stream(exp: str) -> str:
-    """The stream that keeps an experiment's journal, for `watch --from-start` and `status`."""
-    return f"tricks-{exp}-journal"
-
-
-def experiment_of_stream(stream: str) -> str | None:
-    """The experiment id behind a counts stream name (`status` lists experiments this way)."""
-    prefix, suffix = "KV_tricks-", "-counts"
-    if stream.startswith(prefix) and stream.endswith(suffix):
-        return stream[len(prefix) : -len(suffix)]
-    return None
-
-
-def metrics_subject(exp: str, pod: str = "*") -> str:
-    """Pods publish their batches of samples here (a JetStream publish: the reply is the
-    metrics stream's acknowledgement); `pod` is `<tag>-<pod_id>`."""
-    return f"tricks.{exp}.metrics.{pod}"
-
-
-def metrics_stream(exp: str) -> str:
-    """The stream that holds the batches until the coordinator has written them."""
-    return f"tricks-{exp}-metrics"
-
-
-def metrics_msg_id(exp: str, pod: str, nonce: str) -> str:
-    """One per batch, identical across that batch's retries: stored and written once."""
-    return f"{exp}.{pod}.metrics.{nonce}"
-
-
-#: A batch's body is at most this many bytes (the stream refuses larger ones).
-MAX_BATCH_BYTES = 1 << 20
-#: What the metrics stream may hold at once: past it, batches are refused (and counted as
-#: dropped by the pod), so a pod that floods cannot fill the coordinator's disk.
-METRICS_STREAM_BYTES = 1 << 30
-#: Label keys: short identifiers; these five are the CSV's own columns.
-LABEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
-RESERVED_LABELS = frozenset({"ts", "tag", "pod_id", "name", "value"})
-MAX_LABELS = 8
-MAX_LABEL_VALUE = 200
+from tricks_nats.wirenames import (  # re-exported: the names beside the message shapes
+    DUPLICATE_WINDOW_S as DUPLICATE_WINDOW_S,
+)
+from tricks_nats.wirenames import (
+    EXPERIMENT_RE as EXPERIMENT_RE,
+)
+from tricks_nats.wirenames import (
+    INCR_HEADER as INCR_HEADER,
+)
+from tricks_nats.wirenames import (
+    LABEL_RE as LABEL_RE,
+)
+from tricks_nats.wirenames import (
+    MAX_BATCH_BYTES as MAX_BATCH_BYTES,
+)
+from tricks_nats.wirenames import (
+    MAX_LABEL_VALUE as MAX_LABEL_VALUE,
+)
+from tricks_nats.wirenames import (
+    MAX_LABELS as MAX_LABELS,
+)
+from tricks_nats.wirenames import (
+    MAX_MSG_ID as MAX_MSG_ID,
+)
+from tricks_nats.wirenames import (
+    METRICS_STREAM_BYTES as METRICS_STREAM_BYTES,
+)
+from tricks_nats.wirenames import (
+    MSG_ID_HEADER as MSG_ID_HEADER,
+)
+from tricks_nats.wirenames import (
+    NAME_RE as NAME_RE,
+)
+from tricks_nats.wirenames import (
+    POD_HEADER as POD_HEADER,
+)
+from tricks_nats.wirenames import (
+    RESERVED_LABELS as RESERVED_LABELS,
+)
+from tricks_nats.wirenames import (
+    VERSION as VERSION,
+)
+from tricks_nats.wirenames import (
+    check_label as check_label,
+)
+from tricks_nats.wirenames import (
+    check_name as check_name,
+)
+from tricks_nats.wirenames import (
+    check_tag_known as check_tag_known,
+)
+from tricks_nats.wirenames import (
+    count_subject as count_subject,
+)
+from tricks_nats.wirenames import (
+    counts_bucket as counts_bucket,
+)
+from tricks_nats.wirenames import (
+    event_msg_id as event_msg_id,
+)
+from tricks_nats.wirenames import (
+    event_subject as event_subject,
+)
+from tricks_nats.wirenames import (
+    experiment_of_stream as experiment_of_stream,
+)
+from tricks_nats.wirenames import (
+    inbox_prefix as inbox_prefix,
+)
+from tricks_nats.wirenames import (
+    journal_stream as journal_stream,
+)
+from tricks_nats.wirenames import (
+    journal_subject as journal_subject,
+)
+from tricks_nats.wirenames import (
+    lifecycle_msg_id as lifecycle_msg_id,
+)
+from tricks_nats.wirenames import (
+    metrics_msg_id as metrics_msg_id,
+)
+from tricks_nats.wirenames import (
+    metrics_stream as metrics_stream,
+)
+from tricks_nats.wirenames import (
+    metrics_subject as metrics_subject,
+)
+from tricks_nats.wirenames import (
+    new_experiment_id as new_experiment_id,
+)
+from tricks_nats.wirenames import (
+    parse_tags as parse_tags,
+)
+from tricks_nats.wirenames import (
+    pod_dedup_id as pod_dedup_id,
+)
+from tricks_nats.wirenames import (
+    pod_name as pod_name,
+)
+from tricks_nats.wirenames import (
+    pods_bucket as pods_bucket,
+)
+from tricks_nats.wirenames import (
+    reached_subject as reached_subject,
+)
+from tricks_nats.wirenames import (
+    roster_subject as roster_subject,
+)
+from tricks_nats.wirenames import (
+    start_event as start_event,
+)
+from tricks_nats.wirenames import (
+    stop_event as stop_event,
+)
+from tricks_nats.wirenames import (
+    stream_of as stream_of,
+)
 
 
 class MetricsBatch(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True):
@@ -147,44 +136,6 @@ class MetricsBatch(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=Tr
     samples: list[list[object]] = []
     dropped: int = 0
     intervals: dict[str, float] = {}
-
-
-def inbox_prefix(exp: str) -> str:
-    """Replies for an experiment's clients come back under their own prefix (isolation)."""
-    return f"_INBOX_{exp}"
-
-
-def pod_name(tag: str, pod_id: int) -> str:
-    return f"{tag}-{pod_id}"
-
-
-def event_msg_id(exp: str, pod: str, event: str, nonce: str) -> str:
-    """Unique per driver call, identical across that call's retries: counted exactly once."""
-    return f"{exp}.{pod}.{event}.{nonce}"
-
-
-#: A pod's message id is at most this long (the coordinator refuses longer ones).
-MAX_MSG_ID = 200
-
-
-def pod_dedup_id(msg_id: str) -> str:
-    """The counts stream's message id for a pod's registration: in the `p.` namespace, so no
-    id a pod sends can collide with the coordinator's own (`c.`)."""
-    return f"p.{msg_id}"
-
-
-def lifecycle_msg_id(tag: str, pod_id: int, what: str) -> str:
-    """Deterministic, so a restarted coordinator cannot count a pod's start or stop twice;
-    in the `c.` namespace, which no pod can reach (see `pod_dedup_id`)."""
-    return f"c.{tag}-{pod_id}.{what}"
-
-
-def start_event(tag: str) -> str:
-    return f"{tag}_start"
-
-
-def stop_event(tag: str) -> str:
-    return f"{tag}_stop"
 
 
 class PodRecord(msgspec.Struct, forbid_unknown_fields=False):

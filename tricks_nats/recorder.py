@@ -159,24 +159,8 @@ class Recorder:
     def _labels(self, labels: dict[str, Any]) -> dict[str, str]:
         if len(labels) > p.MAX_LABELS:
             raise TricksError(f"at most {p.MAX_LABELS} labels per sample, got {len(labels)}")
-        out = {}
-        for key, value in labels.items():
-            if key not in self._keys:
-                if not isinstance(key, str) or not p.LABEL_RE.match(key):
-                    raise TricksError(
-                        f"bad label {key!r}: a letter or '_', then letters, digits or '_' "
-                        "(at most 32)"
-                    )
-                if key in p.RESERVED_LABELS:
-                    raise TricksError(f"label {key!r} is a column of metrics.csv: use another name")
-                self._keys.add(key)
-            if value.__class__ is not str:
-                if isinstance(value, bool) or not isinstance(value, str | int | float):
-                    raise TricksError(f"label {key}={value!r}: use a string or a number")
-                value = str(value)
-            if len(value) > p.MAX_LABEL_VALUE:
-                raise TricksError(f"label {key}: longer than {p.MAX_LABEL_VALUE} characters")
-            out[key] = value
+        out = {key: p.check_label(key, value) for key, value in labels.items()}
+        self._keys.update(out)
         return out
 
     def expect_interval(self, name: str, ms: float) -> None:
