@@ -6,8 +6,8 @@ message shapes.
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 import time
 
 from tricks_nats.errors import TricksError, UnknownTag, UsageError
@@ -55,7 +55,7 @@ def new_experiment_id(name: str) -> str:
     """`<name>-<yyyymmdd-hhmmss>-<4 hex>`: sortable, unique, a valid subject token and bucket."""
     base = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:30] or "experiment"
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    return f"{base}-{stamp}-{secrets.token_hex(2)}"
+    return f"{base}-{stamp}-{os.urandom(2).hex()}"
 
 
 def counts_bucket(exp: str) -> str:

@@ -19,10 +19,12 @@ import contextlib
 import secrets
 import signal
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tricks_nats import podconfig
 from tricks_nats.errors import (
     ConfigError,
     NatsUnavailable,
@@ -31,8 +33,7 @@ from tricks_nats.errors import (
     UnknownTag,
     WaitTimeout,
 )
-from tricks_nats.podconfig import Config
-from tricks_nats.protocol import PodRecord, check_name, check_tag_known, event_msg_id
+from tricks_nats.protocol import PodRecord, check_name, check_tag_known, event_msg_id, pod_name
 
 __all__ = [
     "Config",
@@ -53,6 +54,32 @@ if TYPE_CHECKING:
 
 Peer = PodRecord
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A pod's identity and where its NATS is, read from the environment."""
+
+    tag: str
+    replicas: int
+    pod_id: int
+    experiment: str
+    pod_ip: str
+    nats_url: str
+    nats_user: str | None = None
+    #: A secret: never in a repr, a log line or an error message.
+    nats_password: str | None = field(default=None, repr=False)
+    #: The experiment's tags (TRICKS_TAGS); None when not given: discover then checks nothing.
+    tags: tuple[str, ...] | None = None
+
+    @property
+    def pod(self) -> str:
+        return pod_name(self.tag, self.pod_id)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Read from the environment (`os.environ` by default): PROTOCOL.md section 1."""
+        return cls(**podconfig.read(environ))
 
 
 class Driver:

@@ -1,0 +1,252 @@
+"""The shell commands' fast path (`tricks_nats.cli.fastpath` over `tricks_nats.syncwire`): a
+plain `tricks-nats event/wait/discover/record` imports nothing heavy, other forms fall back to
+the full command, and the small blocking client keeps the protocol's promises against a real
+nats-server: a wait cut off while its notification goes by still ends at the count, a frozen
+server or a stranger on the port never hangs a call, wrong credentials are said at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tricks_nats import env as E
+from tricks_nats.natsserver import EmbeddedServer, User
+
+from .conftest import cli_env
+from .helpers import experiment
+from .test_shell_driver import one_error_line, pod_env, tricks
+from .test_trust_driver import HANG_GUARD_S
+
+HEAVY = {"asyncio", "nats", "typer", "click", "rich", "msgspec", "dataclasses"}
+LAUNCH = "import sys; from tricks_nats.cli.launch import main; sys.argv[0] = 'tricks-nats'; main()"
+
+
+async def run(env: dict[str, str], *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(HANG_GUARD_S):
+            out, err = await proc.communicate(stdin)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def imported(env: dict[str, str], *args: str) -> tuple[int, str, set[str]]:
+    """Exit code, output and every module a `tricks-nats ARGS` imported."""
+    code, out, err = await run(env, sys.executable, "-X", "importtime", "-c", LAUNCH, *args)
+    modules = {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in err.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    return code, out, modules
+
+
+async def test_the_plain_calls_import_nothing_heavy(nats_server) -> None:
+    async with experiment(nats_server) as ex:
+        env = {**pod_env(ex), E.TAGS: "sh,server"}
+        await ex.run_pod("server", 0, "127.0.0.10")
+        calls = {
+            ("event", "ready"): "1\n",
+            ("event", "ready", "--id", "a-1"): "2\n",
+            ("wait", "ready", "2", "--timeout", "30"): "2\n",
+            ("discover", "server", "--count=1"): "0 127.0.0.10\n",
+            ("discover", "server", "--json"): (
+                '[{"tag": "server", "pod_id": 0, "ip": "127.0.0.10", "name": "server-0"}]\n'
+            ),
+            ("record", "took_ms", "1.5", "-l", "op=get", "--expected-interval-ms", "10"): "",
+        }
+        for args, expect in calls.items():
+            code, out, modules = await imported(env, *args)
+            assert (code, out) == (0, expect), args
+            assert not modules & HEAVY, (args, modules & HEAVY)
+        assert await ex.bus.count("ready") == 2
+
+
+async def test_other_forms_take_the_full_command(nats_server) -> None:
+    async with experiment(nats_server) as ex:
+        env = pod_env(ex)
+        code, out, modules = await imported(env, "event", "--help")
+        assert code == 0 and out.startswith("Usage: tricks-nats event") and "typer" in modules
+        code, _, err = await run(env, "tricks-nats", "wait", "x", "-1")
+        assert code == 2 and "Usage:" in err  # the full command's own usage error
+        code, out, _ = await run(env, "tricks-nats", "event", "x", "--bogus")
+        assert code == 2
+        samples = b"took_ms 1\ntook_ms 2 op=put\n"
+        assert await run(env, "tricks-nats", "record", "-", stdin=samples) == (0, "", "")
+        slow = {**env, "TRICKS_SHELL_FAST": "0"}
+        code, out, modules = await imported(slow, "event", "x")
+        assert (code, out) == (0, "1\n") and "asyncio" in modules
+        assert await run(env, "tricks-nats", "event", "x") == (0, "2\n", "")
+
+
+class CutOff:
+    """A TCP relay between one client and the server that, once the client has read a count
+    after subscribing to a notification (a wait now waiting), drops the connection and
+    refuses new ones until `reopen()`: what a server restart looks like to the client."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.waiting = asyncio.Event()
+        self.open = asyncio.Event()
+        self.open.set()
+        self.refused = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.open.is_set():
+            self.refused += 1
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self._writers += [writer, up_writer]
+        subscribed = asyncio.Event()
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, up: bool) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+                    if up and b".reached." in data:
+                        subscribed.set()
+                    if not up and subscribed.is_set() and b'{"val":"1"}' in data:
+                        self.waiting.set()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, up=True), pipe(up_reader, writer, up=False))
+
+    def cut(self) -> None:
+        self.open.clear()
+        for w in self._writers:
+            w.close()
+
+    def reopen(self) -> None:
+        self.open.set()
+
+
+@contextlib.asynccontextmanager
+async def relay(port: int) -> AsyncIterator[tuple[CutOff, int]]:
+    cut = CutOff(port)
+    listener = await asyncio.start_server(cut.handle, "127.0.0.1", 0)
+    try:
+        yield cut, listener.sockets[0].getsockname()[1]
+    finally:
+        listener.close()
+        cut.cut()
+        await listener.wait_closed()
+
+
+async def test_a_wait_cut_off_while_its_notification_goes_by_still_ends_at_the_count(
+    nats_server,
+) -> None:
+    """PROTOCOL.md 6.3, step 5: the notification is published while the waiter is away (lost
+    to it); once back, it subscribes again, reads the count and returns it."""
+    async with experiment(nats_server) as ex, relay(nats_server.port) as (cut, port):
+        env = {**pod_env(ex), E.NATS_URL: f"nats://127.0.0.1:{port}"}
+        assert await tricks(pod_env(ex), "event", "x") == (0, "1\n", "")
+        waiter = asyncio.create_task(run(env, "tricks-nats", "wait", "x", "2"))
+        async with asyncio.timeout(HANG_GUARD_S):
+            await cut.waiting.wait()  # it subscribed, read 1, and waits
+        cut.cut()
+        assert await tricks(pod_env(ex), "event", "x") == (0, "2\n", "")  # notified: nobody hears
+        cut.reopen()
+        assert await waiter == (0, "2\n", "")
+
+
+async def test_a_frozen_server_never_hangs_a_call(tmp_path) -> None:
+    """A server that accepts and never answers (SIGSTOP): a call with --timeout ends at it
+    (exit 1); one without gives up after the 20 s NATS has to answer (exit 3). One line each."""
+    server = EmbeddedServer(store_dir=tmp_path / "js", supervise=False)
+    await server.start()
+    try:
+        async with experiment(server) as ex:
+            env = pod_env(ex)
+            assert server._proc is not None
+            os.kill(server._proc.pid, signal.SIGSTOP)
+            try:
+                timed, lost = await asyncio.gather(
+                    run(env, "tricks-nats", "wait", "x", "1", "--timeout", "1"),
+                    run(env, "tricks-nats", "event", "x"),
+                )
+            finally:
+                os.kill(server._proc.pid, signal.SIGCONT)
+        assert timed[:2] == (1, "")
+        one_error_line(timed[2], "timed out after 1s")
+        assert lost[:2] == (3, "")
+        one_error_line(lost[2], "NATS")
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    "says", [b"HTTP/1.1 400 Bad Request\r\n\r\n", b"INFO {not json\r\n", b"\x00\xff" * 40]
+)
+async def test_a_stranger_on_the_port_is_one_line_exit_3(says: bytes) -> None:
+    async def stranger(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(says + b"\r\n")
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(stranger, "127.0.0.1", 0)
+    try:
+        port = listener.sockets[0].getsockname()[1]
+        env = {
+            **cli_env(),
+            E.TAG: "sh",
+            E.REPLICAS: "1",
+            E.POD_ID: "0",
+            E.EXP_ID: "e-20260101-000000-beef",
+            E.NATS_URL: f"nats://127.0.0.1:{port}",
+        }
+        code, out, err = await run(env, "tricks-nats", "discover", "t")
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    assert (code, out) == (3, "")
+    one_error_line(err, "not a NATS server")
+
+
+async def test_wrong_credentials_are_said_at_once_exit_3(tmp_path) -> None:
+    pod = User("pod", "right")
+    async with EmbeddedServer(store_dir=tmp_path / "js", users=[pod], supervise=False) as server:
+        env = {
+            **cli_env(),
+            E.TAG: "sh",
+            E.REPLICAS: "1",
+            E.POD_ID: "0",
+            E.EXP_ID: "e-20260101-000000-beef",
+            E.NATS_URL: server.url,
+            E.NATS_USER: "pod",
+            E.NATS_PASSWORD: "wrong",
+        }
+        code, out, err = await run(env, "tricks-nats", "event", "x")
+    assert (code, out) == (3, "")
+    one_error_line(err, "credentials refused")
+    assert "wrong" not in err
+
+
+def test_urls_the_small_client_reads() -> None:
+    from tricks_nats.syncwire import Unsupported, _address
+
+    assert _address("nats://127.0.0.1:4222") == ("127.0.0.1", 4222, None, None)
+    assert _address("nats://u:p%40x@h:1") == ("h", 1, "u", "p@x")
+    assert _address("127.0.0.9") == ("127.0.0.9", 4222, None, None)
+    assert _address("nats://[::1]:5") == ("::1", 5, None, None)
+    for other in ("tls://h:1", "ws://h:1"):
+        with pytest.raises(Unsupported):
+            _address(other)
