@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import localrun, measures, metrics, peers
+from bench import localrun, measures, metrics, peers, shellcalls
 from bench.measures import Plan
 from bench.pool import Pool
 from bench.report import (
@@ -39,7 +39,7 @@ QUICK = Plan(
     discovery_repeats={100: 3, 1000: 1},
     up_pods=200,
     up_runs=1,
-    up_kinds=["workflow"],
+    up_kinds=["workflow", "driver"],
     cli_runs=5,
 )
 
@@ -69,6 +69,7 @@ SECTIONS = (
     "up",
     "metrics",
     "cli",
+    "shell",
 )
 
 
@@ -128,6 +129,8 @@ async def run(plan: Plan, only: set[str]) -> list[Row]:
         await _guard("metrics", rows, NATS, metrics.metrics_rows(quick, log), None)
     if want("cli"):
         rows.extend(await asyncio.to_thread(localrun.cli_startup, plan.cli_runs))
+    if want("shell"):
+        rows.extend(await asyncio.to_thread(shellcalls.shell_calls, plan.cli_runs * 3))
     return rows
 
 

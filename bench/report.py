@@ -259,6 +259,21 @@ def targets(rows: list[Row]) -> list[Verdict]:
         )
     else:
         out.append(Verdict("`tricks-nats --help` <= 0.3 s", None, "no row"))
+    shell = [r for r in rows if r.measure.startswith("shell ") and "fast path" in r.note]
+    if shell and all(r.p50_ms is not None for r in shell):
+        worst = max(shell, key=lambda r: r.p50_ms or 0.0)
+        full = {r.measure: r for r in rows if r.measure.startswith("shell ") and r not in shell}
+        slow = full.get(worst.measure)
+        out.append(
+            Verdict(
+                "a shell-driver call <= 60 ms (p50, each command)",
+                (worst.p50_ms or 0.0) <= 60,
+                f"slowest: {worst.measure} p50 {worst.p50_ms:.1f} ms"
+                + (f" (full command: {slow.p50_ms:.0f} ms)" if slow and slow.p50_ms else ""),
+            )
+        )
+    else:
+        out.append(Verdict("a shell-driver call <= 60 ms", None, "no row"))
     return out
 
 
