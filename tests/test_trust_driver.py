@@ -502,7 +502,7 @@ async def test_pending_calls_of_a_closed_driver_end_cleanly_when_cancelled(
                 for task in tasks:
                     assert_documented(task)
                 await driver.close()
-                with pytest.raises(TricksError, match="not connected"):
+                with pytest.raises(TricksError, match="the driver is closed"):
                     await driver.wait_event("never", 1)
             finally:
                 await end_by_cancelling(tasks)

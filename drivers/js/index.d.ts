@@ -106,6 +106,8 @@ export declare class Driver {
   /**
    * Connect with `config`, by default read from the environment. A refused or unreachable
    * server is tried again for `recoveryMs`; refused credentials fail at once.
+   * @throws {ConfigError} no `config` and an incomplete environment
+   * @throws {NatsUnavailable} unreachable for `recoveryMs`, or the credentials refused
    */
   static connect(config?: Config, tuning?: Tuning): Promise<Driver>;
   /** One request's timeout in ms (default 2000); a call retries past it while NATS restarts. */
@@ -122,15 +124,28 @@ export declare class Driver {
   get pod(): string;
   /** What JSON.stringify shows: the pod, its configuration (no password), closed or not. */
   toJSON(): { pod: string; config: Config; closed: boolean };
-  /** Running pods of `tag` (sorted by pod id); with `count`, block until that many run. */
+  /**
+   * Running pods of `tag` (sorted by pod id); with `count`, block until that many run
+   * (`options.timeout`: seconds for the whole call; absent: forever).
+   * @throws {UnknownTag} a tag not in TRICKS_TAGS (at once)
+   * @throws {WaitTimeout} the timeout ran out first
+   */
   discover(tag: string, count?: number | null, options?: WaitOptions): Promise<Peer[]>;
-  /** +1 on event `name` (a request to the coordinator), exactly once; the count right after. */
+  /**
+   * +1 on event `name` (a request to the coordinator), exactly once; the count right after.
+   * @throws {TricksError} a bad name, or a registration the coordinator refused
+   */
   registerEvent(name: string): Promise<number>;
-  /** The registration with a given Nats-Msg-Id: calls with the same id count once. */
+  /**
+   * The registration with a given Nats-Msg-Id (`names.msgId(...)`): calls with the same id
+   * count once; the count right after the first of them.
+   */
   increment(name: string, msgId: string): Promise<number>;
   /**
    * Block until event `name` has been registered at least `value` times (the count, read
-   * after each notification, decides: a notification alone releases nothing).
+   * after each notification, decides: a notification alone releases nothing). Resolves to
+   * the count reached (>= value); `options.timeout`: seconds (absent: forever).
+   * @throws {WaitTimeout} the timeout ran out first
    */
   waitEvent(name: string, value: number, options?: WaitOptions): Promise<number>;
   /** The current count of event `name` (0 when never registered). */

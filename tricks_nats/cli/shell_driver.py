@@ -1,5 +1,6 @@
-"""`tricks-nats event/wait/discover`: the driver API for shell scripts and any language that can
-run a command (drivers/PROTOCOL.md, section 10).
+"""`tricks-nats event/wait/discover/record`: the driver API for shell scripts and any language
+that can run a command (drivers/PROTOCOL.md, section 10). The plain calls take the fast path
+(`fastpath`, over `syncwire`); these typer commands run the rest (`--help`, `record -`, TLS).
 
 Configured from the pod's environment alone. Exit codes: 0 ok, 1 timeout (or the experiment is
 not on this NATS), 2 usage or configuration error, 3 NATS unreachable; errors are one line on
@@ -13,13 +14,13 @@ import contextlib
 import json
 import logging
 import math
-import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
+from tricks_nats.cli.fastpath import ID_RE
 from tricks_nats.cli.output import fail
 from tricks_nats.errors import TricksError, UsageError
 from tricks_nats.protocol import check_name
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: What `event --id` accepts: it becomes the last token of the Nats-Msg-Id.
-ID_RE = re.compile(r"^[A-Za-z0-9_:-]{1,100}$")
 
 TimeoutOpt = Annotated[
     float | None,

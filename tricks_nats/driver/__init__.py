@@ -9,6 +9,13 @@ background thread, so the NATS connection stays alive between calls)::
         servers = tricks.discover("server", 6)
         tricks.register_event("server-connected")
         tricks.wait_event("server-connected", 6, timeout=60)
+
+Timeouts are seconds (`None`: wait forever). Given arguments of the annotated types, a call
+raises only `TricksError` and its subclasses: `ConfigError` (the environment),
+`NatsUnavailable` (NATS away for 20 s, or the credentials refused), `PermissionDenied` (a
+subject these credentials do not reach: a wrong EXP_ID), `UnknownTag` (`discover` of a tag not
+in TRICKS_TAGS), `WaitTimeout` (a timeout ran out; also a `TimeoutError`). The reference, for
+all three drivers: docs/api.md.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ class Config:
 
     @property
     def pod(self) -> str:
+        """The pod's name, `<tag>-<pod_id>` (e.g. `server-3`)."""
         return pod_name(self.tag, self.pod_id)
 
     @classmethod
@@ -83,21 +91,33 @@ class Config:
 
 
 class Driver:
-    """The asyncio driver. `await Driver.connect()` or `async with Driver() as d:`."""
+    """The asyncio driver: `async with Driver() as tricks:` or `await Driver.connect()`.
+
+    `Driver(config=None, *, record_buffer=None)` does not connect: `open()` does (`async
+    with` and `connect()` call it). `config`: who the pod is, by default `Config.from_env()`
+    (raises `ConfigError`). `record_buffer`: samples that may wait to be sent (default
+    100,000); a sample recorded while that many wait is dropped and counted in `dropped`.
+    """
 
     def __init__(self, config: Config | None = None, *, record_buffer: int | None = None) -> None:
         self.config = config or Config.from_env()
         self._bus: Bus | None = None
         self._recorder: Recorder | None = None
         self._record_buffer = record_buffer
+        self._closed = False
 
     @classmethod
     async def connect(cls, config: Config | None = None) -> Driver:
+        """A connected driver (`Driver(config)`, then `open()`); raises as `open()` does."""
         driver = cls(config)
         await driver.open()
         return driver
 
     async def open(self) -> None:
+        """Connect to the experiment's NATS, riding out a server restart for 20 s.
+
+        Raises `NatsUnavailable` (unreachable for 20 s, or the credentials refused).
+        """
         from tricks_nats.bus import RECOVERY_S, Bus, Endpoint
 
         c = self.config
@@ -125,13 +145,16 @@ class Driver:
         self.record = self._recorder.record_kw  # type: ignore[method-assign,assignment]
 
     async def close(self) -> None:
-        """Send the samples recorded so far (10 s at most), then disconnect."""
+        """Send the samples recorded so far (10 s at most; the rest are dropped and counted),
+        then disconnect. A call still waiting (`wait_event`, a blocking `discover`) fails at
+        once with `TricksError`. Never raises; closing twice is harmless."""
         if self._recorder is not None:
             await self._recorder.close()
             _restore_sigterm()
         if self._bus is not None:
             await self._bus.close()
             self._bus = None
+        self._closed = True
 
     async def __aenter__(self) -> Driver:
         await self.open()
@@ -142,14 +165,24 @@ class Driver:
 
     @property
     def bus(self) -> Bus:
+        """The NATS layer (`tricks_nats.bus.Bus`), for what the driver does not cover;
+        `TricksError` before `open()` and after `close()`."""
         if self._bus is None:
+            if self._closed:
+                raise TricksError("the driver is closed")
             raise TricksError("the driver is not connected (use `await Driver.connect()`)")
         return self._bus
 
     async def discover(
         self, tag: str, count: int | None = None, timeout: float | None = None
     ) -> list[Peer]:
-        """The running pods of `tag` now; with `count`, block until at least `count` run."""
+        """The running pods of `tag`, as `Peer`s (`tag`, `pod_id`, `ip`, `name`) sorted by
+        `pod_id`: those running now (possibly none); with `count`, first block until at least
+        `count` run (`timeout`: seconds for the whole call, `None` = forever).
+
+        Raises `UnknownTag` (a tag not in TRICKS_TAGS, at once), `WaitTimeout` (`timeout` ran
+        out), `TricksError` (a bad tag name, `count` < 0), `NatsUnavailable`, `PermissionDenied`.
+        """
         check_name(tag, "tag")
         check_tag_known(tag, self.config.tags, self.config.experiment)
         if count is not None and count < 0:
@@ -157,27 +190,36 @@ class Driver:
         return await self.bus.discover(tag, count, timeout)
 
     async def register_event(self, name: str) -> int:
-        """Add one to event `name` (exactly once, even if the publish is retried).
+        """Add one to event `name` (exactly once, even if the request is retried).
 
-        Returns the count right after this registration.
+        Returns the count right after this registration (concurrent registrations get
+        distinct counts). Raises `TricksError` (a bad name, or the coordinator refused it:
+        `<tag>_start`/`<tag>_stop` are its own), `NatsUnavailable`, `PermissionDenied`.
         """
         return await self.register_with_id(name, secrets.token_hex(8))
 
     async def register_with_id(self, name: str, key: str) -> int:
         """`register_event` with a caller-chosen id: calls with the same `key` (within 5
-        minutes) count once, so a script can retry one safely (the shell's `event --id`)."""
+        minutes) count once, so a script can retry one safely (the shell's `event --id`).
+        Returns the count right after the (first) registration; raises as `register_event`."""
         check_name(name, "event name")
         c = self.config
         msg_id = event_msg_id(c.experiment, c.pod, name, key)
         return await self.bus.register(name, msg_id=msg_id, pod=c.pod)
 
     async def wait_event(self, name: str, value: int, timeout: float | None = None) -> int:
-        """Block until event `name` has been registered at least `value` times."""
+        """Block until event `name` has been registered at least `value` times; return the
+        count reached (>= `value`). `timeout`: seconds, `None` = forever.
+
+        Raises `WaitTimeout` (`timeout` ran out: the message says the count),
+        `TricksError` (a bad name, the driver closed meanwhile), `NatsUnavailable`,
+        `PermissionDenied`.
+        """
         check_name(name, "event name")
         return await self.bus.wait_count(name, value, timeout)
 
     async def count(self, name: str) -> int:
-        """The current count of event `name`, without waiting."""
+        """The current count of event `name` (0 if never registered), without waiting."""
         check_name(name, "event name")
         return await self.bus.count(name)
 
@@ -185,33 +227,48 @@ class Driver:
         """Record one sample of metric `name` (e.g. a latency in ms: name it `..._ms`) now.
 
         Never blocks: the sample is buffered and sent in a batch; a full buffer drops it
-        (counted in `dropped`, reported in the run's summary). Labels are short strings.
+        (counted in `dropped`, reported in the run's summary). `value`: a finite number.
+        Labels: at most 8, keys like identifiers (not ts, tag, pod_id, name, value), values
+        strings of at most 200 characters (numbers become strings). Raises `TricksError` at
+        once for a bad name, value or label, or before `open()`.
         """
         self.recorder.record_kw(name, value, **labels)
 
     def expect_interval(self, name: str, ms: float) -> None:
         """Declare that `name` is recorded every `ms` milliseconds (a closed-loop client's
-        pace): the report then corrects its percentiles for coordination omission."""
+        pace): the report then corrects its percentiles for coordination omission.
+        Raises `TricksError` for a bad name or an `ms` that is not a positive number."""
         self.recorder.expect_interval(name, ms)
 
     async def flush(self) -> None:
-        """Return once every sample recorded so far has been stored (or dropped)."""
+        """Return once every sample recorded so far has been stored (or dropped, and
+        counted in `dropped`): it does not raise for a sample it could not store."""
         await self.recorder.flush()
 
     @property
     def dropped(self) -> int:
-        """Samples dropped so far (a full buffer, a refused batch)."""
+        """Samples dropped so far (a full buffer, a refused batch): cumulative, 0 before
+        `open()`."""
         return self._recorder.dropped if self._recorder is not None else 0
 
     @property
     def recorder(self) -> Recorder:
+        """The sample buffer and its sender (`tricks_nats.recorder.Recorder`); `TricksError`
+        before `open()`."""
         if self._recorder is None:
             raise TricksError("the driver is not connected (use `await Driver.connect()`)")
         return self._recorder
 
 
 class SyncDriver:
-    """The blocking facade over `Driver`, for programs that are not asyncio."""
+    """The blocking facade over `Driver`, for programs that are not asyncio.
+
+    `SyncDriver(config=None, *, record_buffer=None)` connects at once (raises `ConfigError`,
+    `NatsUnavailable`), runs the driver's event loop in a daemon thread, is a context
+    manager, and closes at interpreter exit if the program did not. Its methods are
+    `Driver`'s, blocking, with the same returns and errors (`register_with_id`, `open`,
+    `bus` and `recorder` are `Driver`'s only); timeouts are seconds, `None` = forever.
+    """
 
     def __init__(self, config: Config | None = None, *, record_buffer: int | None = None) -> None:
         self.config = config or Config.from_env()
@@ -240,15 +297,20 @@ class SyncDriver:
     def discover(
         self, tag: str, count: int | None = None, timeout: float | None = None
     ) -> list[Peer]:
+        """As `Driver.discover`: the running pods of `tag` (`list[Peer]`, sorted by
+        `pod_id`); with `count`, blocks until at least `count` run."""
         return self._call(self._driver.discover(tag, count, timeout))
 
     def register_event(self, name: str) -> int:
+        """As `Driver.register_event`: +1, exactly once; the count right after."""
         return self._call(self._driver.register_event(name))
 
     def wait_event(self, name: str, value: int, timeout: float | None = None) -> int:
+        """As `Driver.wait_event`: blocks until `name` reaches `value`; the count reached."""
         return self._call(self._driver.wait_event(name, value, timeout))
 
     def count(self, name: str) -> int:
+        """As `Driver.count`: the current count of `name` (0 if never registered)."""
         return self._call(self._driver.count(name))
 
     def record(self, name: str, value: float, **labels: str | float) -> None:
@@ -256,16 +318,22 @@ class SyncDriver:
         self._driver.recorder.record_kw(name, value, **labels)
 
     def expect_interval(self, name: str, ms: float) -> None:
+        """As `Driver.expect_interval`: `name` is recorded every `ms` milliseconds."""
         self._driver.recorder.expect_interval(name, ms)
 
     def flush(self) -> None:
+        """As `Driver.flush`: returns once every sample so far is stored (or dropped)."""
         self._call(self._driver.flush())
 
     @property
     def dropped(self) -> int:
+        """As `Driver.dropped`: samples dropped so far, cumulative."""
         return self._driver.dropped
 
     def close(self) -> None:
+        """As `Driver.close` (sends the buffered samples, 10 s at most), then stops the
+        driver's thread: a later call that waits (`discover`, `register_event`, `wait_event`,
+        `count`, `flush`) raises `TricksError`. Closing twice is harmless."""
         atexit.unregister(self.close)
         if self._thread.is_alive():
             try:

@@ -730,6 +730,9 @@ export class Driver {
    *   one request's timeout (default 2000), the ride-out budget of connecting and of every
    *   call (default 20000), the samples record() keeps waiting at most (default 100000)
    * @returns {Promise<Driver>}
+   * @throws {ConfigError} no `config` and an incomplete environment
+   * @throws {NatsUnavailable} unreachable for `recoveryMs`, or the credentials refused
+   * @throws {TricksError} a `bufferSamples` that is not an integer > 0
    */
   static async connect(config, tuning = {}) {
     const c = config ?? configFromEnv();
@@ -779,6 +782,7 @@ export class Driver {
    * Send the samples still buffered (for 10 s at most), then drain and close the connection.
    * Calls still pending (a waitEvent, a blocking discover) fail at once with a TricksError.
    * Never fails itself; calling it again is harmless.
+   * @returns {Promise<void>}
    */
   async close() {
     if (!this.#closing) {
@@ -943,7 +947,11 @@ export class Driver {
   /**
    * Add one to event `name`, exactly once even when the request is retried.
    * @param {string} name
-   * @returns {Promise<number>} the count right after this registration
+   * @returns {Promise<number>} the count right after this registration (concurrent
+   *   registrations get distinct counts)
+   * @throws {TricksError} a bad name, or the coordinator refused it (`<tag>_start`/`_stop`)
+   * @throws {NatsUnavailable} NATS or the coordinator silent for `recoveryMs` (20 s)
+   * @throws {PermissionDenied} these credentials do not reach the experiment (at once)
    */
   async registerEvent(name) {
     checkName(name, "event name");
@@ -955,8 +963,10 @@ export class Driver {
    * The registration of PROTOCOL.md 6.1 with a given message id: calls with the same id
    * count once (registerEvent makes a fresh one per call).
    * @param {string} name
-   * @param {string} msgId
-   * @returns {Promise<number>}
+   * @param {string} msgId the whole Nats-Msg-Id (`names.msgId(exp, pod, event, nonce)`)
+   * @returns {Promise<number>} the count right after the (first) registration with this id
+   * @throws {TricksError} a bad name or message id, or a refused registration; and as
+   *   registerEvent
    */
   async increment(name, msgId) {
     checkName(name, "event name");
@@ -994,9 +1004,10 @@ export class Driver {
   }
 
   /**
-   * The current count of event `name` (0 when never registered).
+   * The current count of event `name` (0 when never registered), without waiting.
    * @param {string} name
    * @returns {Promise<number>}
+   * @throws {TricksError} a bad name; and NatsUnavailable, PermissionDenied
    */
   async count(name) {
     checkName(name, "event name");
@@ -1027,6 +1038,9 @@ export class Driver {
    * @param {number} value
    * @param {{timeout?: number}} [options] timeout in seconds (default: forever)
    * @returns {Promise<number>} the count reached (>= value)
+   * @throws {WaitTimeout} `timeout` ran out (the message says the count)
+   * @throws {TricksError} a bad name, a non-integer `value`, a bad timeout, or the driver
+   *   closed meanwhile; and NatsUnavailable, PermissionDenied
    */
   async waitEvent(name, value, options = {}) {
     checkName(name, "event name");
@@ -1131,7 +1145,11 @@ export class Driver {
    * @param {string} tag
    * @param {number | null} [count]
    * @param {{timeout?: number}} [options] timeout in seconds (default: forever)
-   * @returns {Promise<Peer[]>} sorted by pod id
+   * @returns {Promise<Peer[]>} sorted by pod id: `{tag, pod_id, ip, name}`
+   * @throws {UnknownTag} a tag not in the experiment's tags (TRICKS_TAGS), at once
+   * @throws {WaitTimeout} `timeout` ran out before `count` pods ran
+   * @throws {TricksError} a bad tag, a `count` that is not an integer >= 0, a bad timeout,
+   *   or the driver closed meanwhile; and NatsUnavailable, PermissionDenied
    */
   async discover(tag, count = null, options = {}) {
     checkName(tag, "tag");
@@ -1204,6 +1222,7 @@ export class Driver {
    * @param {Record<string, string | number> | null} [labels] at most 8; keys like identifiers
    *   (not ts, tag, pod_id, name, value), values strings of at most 200 characters (or numbers)
    * @returns {void}
+   * @throws {TricksError} a bad name, value or label (at once; never for a full buffer)
    */
   record(name, value, labels) {
     if (typeof name !== "string" || !NAME_RE.test(name)) checkName(name, "metric name");
@@ -1229,8 +1248,9 @@ export class Driver {
    * closed-loop client's target rate): the coordinator then corrects its summary for
    * coordinated omission. Sent with the batches.
    * @param {string} name
-   * @param {number} ms
+   * @param {number} ms milliseconds, > 0
    * @returns {void}
+   * @throws {TricksError} a bad name, or an `ms` that is not a finite number > 0
    */
   expectInterval(name, ms) {
     checkName(name, "metric name");
@@ -1246,7 +1266,10 @@ export class Driver {
     if (this.#timer === null) this.#arm();
   }
 
-  /** Samples dropped so far (a full buffer, a batch refused or not taken); cumulative. */
+  /**
+   * Samples dropped so far (a full buffer, a batch refused or not taken); cumulative.
+   * @returns {number}
+   */
   get dropped() {
     return this.#dropped;
   }
