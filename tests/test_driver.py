@@ -297,3 +297,21 @@ async def test_pod_permissions_reach_only_their_experiment(tmp_path) -> None:
         finally:
             for b in buses:
                 await b.close()
+
+
+async def test_a_timeout_of_zero_looks_once_and_leaves_the_driver_working(nats_server) -> None:
+    """timeout=0: the count (or the roster) as it is now, or WaitTimeout at once; the driver
+    goes on working (a wait cancelled inside the client's flush used to break the connection)."""
+    async with experiment(nats_server) as ex, Driver(ex.config()) as d:
+        await d.register_event("e")
+        assert await d.wait_event("e", 1, timeout=0) == 1
+        with pytest.raises(
+            WaitTimeout, match=r"timed out after 0s waiting for 'e' to reach 2 \(it is 1\)"
+        ):
+            await d.wait_event("e", 2, timeout=0)
+        await ex.run_pod("server", 0, "127.0.0.10")
+        assert [p.pod_id for p in await d.discover("server", 1, timeout=0)] == [0]
+        with pytest.raises(WaitTimeout, match=r"discovering 2 pods of 'server' \(1 running\)"):
+            await d.discover("server", 2, timeout=0)
+        assert await d.register_event("e") == 2  # still connected
+        assert await d.wait_event("e", 2, timeout=5) == 2

@@ -598,7 +598,17 @@ class Bus:
         the notification resolves a future straight from the connection's reader (no task
         per subscription, no callback), and the server drops the interest by itself after
         that one message (UNSUB with a limit of 1, sent with the SUB).
+
+        A `timeout` of 0 (or less) looks once and subscribes to nothing: a wait cancelled
+        inside nats-py's flush would leave the connection broken (nats.py issue 624).
         """
+        if timeout is not None and timeout <= 0:
+            now = await self.count(event)
+            if now >= value:
+                return now
+            raise WaitTimeout(
+                f"timed out after {timeout:g}s waiting for {event!r} to reach {value} (it is {now})"
+            )
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -697,6 +707,14 @@ class Bus:
         if count is None:
             return await self.roster(tag)
         live: list[p.PodRecord] = []
+        if timeout is not None and timeout <= 0:  # look once (see wait_count)
+            live = await self.roster(tag)
+            if len(live) >= count:
+                return live
+            raise WaitTimeout(
+                f"timed out after {timeout:g}s discovering {count} pods of "
+                f"{tag!r} ({len(live)} running)"
+            )
         try:
             async with asyncio.timeout(timeout):
                 while True:
