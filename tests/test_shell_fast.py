@@ -21,7 +21,7 @@ from tricks_nats.natsserver import EmbeddedServer, User
 from .conftest import cli_env
 from .helpers import experiment
 from .test_shell_driver import one_error_line, pod_env, tricks
-from .test_trust_driver import HANG_GUARD_S
+from .test_trust_driver import HANG_GUARD_S, finish
 
 HEAVY = {"asyncio", "nats", "typer", "click", "rich", "msgspec", "dataclasses"}
 LAUNCH = "import sys; from tricks_nats.cli.launch import main; sys.argv[0] = 'tricks-nats'; main()"
@@ -35,15 +35,10 @@ async def run(env: dict[str, str], *args: str, stdin: bytes = b"") -> tuple[int,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        async with asyncio.timeout(HANG_GUARD_S):
-            out, err = await proc.communicate(stdin)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    assert proc.stdin is not None
+    proc.stdin.write(stdin)
+    proc.stdin.close()
+    return await finish(proc)
 
 
 async def imported(env: dict[str, str], *args: str) -> tuple[int, str, set[str]]:
