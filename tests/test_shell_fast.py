@@ -245,3 +245,42 @@ def test_urls_the_small_client_reads() -> None:
     for other in ("tls://h:1", "ws://h:1"):
         with pytest.raises(Unsupported):
             _address(other)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"MSG {reply} 1 99999999999\r\n", b"MSG {reply} 1 -5\r\n", b"HMSG {reply} 1 x y\r\n"],
+)
+async def test_garbled_replies_never_crash_nor_hang_a_call(reply: bytes) -> None:
+    """A server that speaks NATS until the first request, then answers with nonsense: the call
+    drops the connection, tries again, and ends at its --timeout: one line, exit 1."""
+
+    async def garbling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'INFO {"server_id":"x","headers":true,"max_payload":1048576}\r\n')
+        with contextlib.suppress(ConnectionError):
+            while line := await reader.readline():
+                if line.startswith(b"PING"):
+                    writer.write(b"PONG\r\n")
+                elif line.startswith((b"PUB ", b"HPUB ")):
+                    inbox = line.split()[2].decode()
+                    writer.write(reply.replace(b"{reply}", inbox.encode()) + b"x" * 64)
+                await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(garbling, "127.0.0.1", 0)
+    try:
+        port = listener.sockets[0].getsockname()[1]
+        env = {
+            **cli_env(),
+            E.TAG: "sh",
+            E.REPLICAS: "1",
+            E.POD_ID: "0",
+            E.EXP_ID: "e-20260101-000000-beef",
+            E.NATS_URL: f"nats://127.0.0.1:{port}",
+        }
+        code, out, err = await run(env, "tricks-nats", "wait", "x", "1", "--timeout", "2")
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    assert (code, out) == (1, "")
+    one_error_line(err, "timed out after 2s")

@@ -29,6 +29,9 @@ REQUEST_TIMEOUT_S = 2.0
 RECOVERY_S = 20.0
 PATIENCE_S = 300.0
 CONNECT_TIMEOUT_S = 2.0
+#: What a reply may be at most (a roster of thousands of pods is far below), and a line.
+MAX_PAYLOAD = 64 << 20
+MAX_LINE = 1 << 20
 
 
 class Unsupported(Exception):
@@ -120,11 +123,15 @@ class Connection:
 
     def _line(self, until: float) -> str:
         while b"\r\n" not in self.buf:
+            if len(self.buf) > MAX_LINE:
+                raise Dropped("a protocol line longer than 1 MiB: not NATS")
             self._read_more(until)
         line, _, self.buf = self.buf.partition(b"\r\n")
         return line.decode(errors="replace")
 
     def _exactly(self, n: int, until: float) -> bytes:
+        if not 0 <= n <= MAX_PAYLOAD:
+            raise Dropped(f"a message of {n} bytes: not what a pod's calls get")
         while len(self.buf) < n + 2:
             self._read_more(until)
         data, self.buf = self.buf[:n], self.buf[n + 2 :]
