@@ -84,11 +84,14 @@ async def test_the_run_survives_its_nats_server_being_killed(tmp_path: Path) -> 
     try:
         assert up.stdout is not None
         experiment = ""
+        seen: list[bytes] = []
         while True:  # every worker registered phase1 and now waits for `go`
             line = await up.stdout.readline()
             if not line:
                 _, err = await up.communicate()
-                raise AssertionError(f"up ended early: {err.decode()[-3000:]}")
+                journal = b"".join(seen[-15:]).decode()
+                raise AssertionError(f"up ended early: {err.decode()[-3000:]}\n{journal}")
+            seen.append(line)
             entry: dict[str, Any] = json.loads(line)
             experiment = entry["experiment"]
             if entry["kind"] == "event" and (entry["name"], entry["count"]) == ("phase1", 4):

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tricks_nats import env as E
+from tricks_nats.driver import Driver
 from tricks_nats.natsserver import EmbeddedServer, User
 
 from .conftest import cli_env
@@ -39,6 +40,18 @@ async def run(env: dict[str, str], *args: str, stdin: bytes = b"") -> tuple[int,
     proc.stdin.write(stdin)
     proc.stdin.close()
     return await finish(proc)
+
+
+def stranger_env(port: int) -> dict[str, str]:
+    """A pod's environment pointing at whatever listens on `port` (no experiment there)."""
+    return {
+        **cli_env(),
+        E.TAG: "sh",
+        E.REPLICAS: "1",
+        E.POD_ID: "0",
+        E.EXP_ID: "e-20260101-000000-beef",
+        E.NATS_URL: f"nats://127.0.0.1:{port}",
+    }
 
 
 async def imported(env: dict[str, str], *args: str) -> tuple[int, str, set[str]]:
@@ -207,14 +220,7 @@ async def test_a_stranger_on_the_port_is_one_line_exit_3(says: bytes) -> None:
     listener = await asyncio.start_server(stranger, "127.0.0.1", 0)
     try:
         port = listener.sockets[0].getsockname()[1]
-        env = {
-            **cli_env(),
-            E.TAG: "sh",
-            E.REPLICAS: "1",
-            E.POD_ID: "0",
-            E.EXP_ID: "e-20260101-000000-beef",
-            E.NATS_URL: f"nats://127.0.0.1:{port}",
-        }
+        env = stranger_env(port)
         code, out, err = await run(env, "tricks-nats", "discover", "t")
     finally:
         listener.close()
@@ -261,33 +267,78 @@ def test_urls_the_small_client_reads() -> None:
 async def test_garbled_replies_never_crash_nor_hang_a_call(reply: bytes) -> None:
     """A server that speaks NATS until the first request, then answers with nonsense: the call
     drops the connection, tries again, and ends at its --timeout: one line, exit 1."""
+    async with server_saying(reply + b"x" * 64) as port:
+        code, out, err = await run(
+            stranger_env(port), "tricks-nats", "wait", "x", "1", "--timeout", "2"
+        )
+    assert (code, out) == (1, "")
+    one_error_line(err, "timed out after 2s")
 
-    async def garbling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+@contextlib.asynccontextmanager
+async def server_saying(after_request: bytes | None):
+    """Speaks NATS until the first request, then sends `after_request` (None: hangs up;
+    `{reply}` in it becomes the request's reply subject)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b'INFO {"server_id":"x","headers":true,"max_payload":1048576}\r\n')
         with contextlib.suppress(ConnectionError):
             while line := await reader.readline():
                 if line.startswith(b"PING"):
                     writer.write(b"PONG\r\n")
                 elif line.startswith((b"PUB ", b"HPUB ")):
-                    inbox = line.split()[2].decode()
-                    writer.write(reply.replace(b"{reply}", inbox.encode()) + b"x" * 64)
+                    if after_request is None:
+                        break
+                    inbox = line.split()[2]  # `{reply}`: the request's reply subject
+                    writer.write(after_request.replace(b"{reply}", inbox))
                 await writer.drain()
         writer.close()
 
-    listener = await asyncio.start_server(garbling, "127.0.0.1", 0)
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
     try:
-        port = listener.sockets[0].getsockname()[1]
-        env = {
-            **cli_env(),
-            E.TAG: "sh",
-            E.REPLICAS: "1",
-            E.POD_ID: "0",
-            E.EXP_ID: "e-20260101-000000-beef",
-            E.NATS_URL: f"nats://127.0.0.1:{port}",
-        }
-        code, out, err = await run(env, "tricks-nats", "wait", "x", "1", "--timeout", "2")
+        yield listener.sockets[0].getsockname()[1]
     finally:
         listener.close()
         await listener.wait_closed()
+
+
+async def test_a_server_that_hangs_up_on_every_request_ends_the_call_exit_3() -> None:
+    """No --timeout: the 20 s budget of section 6 holds for dropped connections too (the
+    call must not reconnect and resend forever). The three calls run at once."""
+    async with server_saying(None) as port:
+        calls = [("event", "x"), ("record", "m", "1"), ("wait", "x", "1")]
+        ended = await asyncio.gather(
+            *(run(stranger_env(port), "tricks-nats", *args) for args in calls)
+        )
+    for code, out, err in ended:
+        assert (code, out) == (3, "")
+        one_error_line(err, "NATS did not answer")
+
+
+@pytest.mark.parametrize("says", [b"MSG\r\n", b"MSG 5\r\n", b"HMSG a b 9 5\r\nxxxxx\r\n"])
+async def test_a_control_line_short_of_arguments_is_one_line(says: bytes) -> None:
+    async with server_saying(says) as port:
+        code, out, err = await run(
+            stranger_env(port), "tricks-nats", "wait", "x", "1", "--timeout", "2"
+        )
     assert (code, out) == (1, "")
     one_error_line(err, "timed out after 2s")
+
+
+async def test_a_wait_with_a_timeout_of_years_waits(nats_server) -> None:
+    """poll() cannot block for more than ~24 days: a longer --timeout must still wait."""
+    async with experiment(nats_server) as ex, relay(nats_server.port) as (cut, port):
+        env = {**pod_env(ex), E.NATS_URL: f"nats://127.0.0.1:{port}"}
+        async with Driver(ex.config("other")) as d:
+            await d.register_event("x")
+            waiter = asyncio.create_task(
+                run(env, "tricks-nats", "wait", "x", "2", "--timeout", "1e10")
+            )
+            done, _ = await asyncio.wait(
+                [waiter, asyncio.create_task(cut.waiting.wait())],
+                timeout=HANG_GUARD_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            assert waiter not in done, waiter.result()
+            await d.register_event("x")
+        assert await waiter == (0, "2\n", "")

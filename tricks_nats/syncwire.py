@@ -32,6 +32,8 @@ CONNECT_TIMEOUT_S = 2.0
 #: What a reply may be at most (a roster of thousands of pods is far below), and a line.
 MAX_PAYLOAD = 64 << 20
 MAX_LINE = 1 << 20
+#: The longest a single blocking read waits (a longer wait is made of several).
+MAX_BLOCK_S = 3600.0
 
 
 class Unsupported(Exception):
@@ -107,16 +109,19 @@ class Connection:
 
     def _read_more(self, until: float) -> None:
         assert self.sock is not None
-        wait = until - time.monotonic()
-        if wait <= 0:
-            raise TimeoutError
-        self.sock.settimeout(wait)
-        try:
-            chunk = self.sock.recv(65536)
-        except TimeoutError:
-            raise
-        except OSError as exc:
-            raise Dropped(str(exc)) from exc
+        while True:
+            wait = until - time.monotonic()
+            if wait <= 0:
+                raise TimeoutError
+            # poll() takes at most ~24 days: a longer --timeout waits in slices
+            self.sock.settimeout(min(wait, MAX_BLOCK_S))
+            try:
+                chunk = self.sock.recv(65536)
+                break
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise Dropped(str(exc)) from exc
         if not chunk:
             raise Dropped("the server closed the connection")
         self.buf += chunk
@@ -230,8 +235,13 @@ class Connection:
         op, _, rest = line.partition(" ")
         if op in ("MSG", "HMSG"):
             parts = rest.split()
+            least = 4 if op == "HMSG" else 3  # subject sid [reply] [header bytes] bytes
             try:
+                if not least <= len(parts) <= least + 1:
+                    raise ValueError(line)
                 sizes = [int(x) for x in parts[-2 if op == "HMSG" else -1 :]]
+                if op == "HMSG" and not 0 <= sizes[0] <= sizes[1]:
+                    raise ValueError(line)
             except ValueError as exc:
                 raise Dropped(f"a garbled message from the server: {line[:80]!r}") from exc
             payload = self._exactly(sizes[-1], until)
@@ -308,6 +318,8 @@ class Connection:
         why = "no reply"
         while True:
             try:
+                if self.sock is None:  # dropped: connect again (after the backoff below)
+                    self.connect()
                 self.send(frame)
                 until = time.monotonic() + self._left(REQUEST_TIMEOUT_S)
                 msg = self.take(
@@ -329,9 +341,7 @@ class Connection:
                     give_up = min(first + PATIENCE_S, max(give_up, time.monotonic() + RECOVERY_S))
             except Dropped as exc:
                 why = str(exc)
-                self.close()
-                self.connect()
-                continue  # resend at once on the new connection
+                self.close()  # and on: the budget and the backoff hold for drops too
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 raise _timed_out()
             if time.monotonic() + pause >= give_up:
@@ -419,6 +429,7 @@ class Connection:
         """PROTOCOL.md 6.3: subscribe to the threshold's notification first, then read; the
         count decides. `until`: a monotonic deadline (None: forever); a WaitTimeout then."""
         subject = w.reached_subject(self.experiment, event, value)
+        pause = 0.05
         while True:
             self.next_id += 1
             sid = f"w{self.next_id}"
@@ -440,6 +451,8 @@ class Connection:
                         self.flush()
             except Dropped:
                 self.close()
+                time.sleep(self._left(pause))  # a server that drops at once is not hammered
+                pause = min(pause * 2, 1.0)
                 self.connect()  # resubscribes; then read again
             finally:
                 self.subs.pop(sid, None)
@@ -481,9 +494,12 @@ class Connection:
         reply = self.request(
             w.metrics_subject(exp, pod), "store samples", {w.MSG_ID_HEADER: msg_id}, body
         )
-        error = _json_object(reply.data).get("error")
+        answer = _json_object(reply.data)
+        error = answer.get("error")
         if error:
             return str(error.get("description") if isinstance(error, dict) else error)
+        if not isinstance(answer.get("seq"), int):  # {"stream": ..., "seq": n}: stored
+            return f"not an acknowledgement: {reply.data[:100]!r}"
         return None
 
 
