@@ -293,3 +293,12 @@ def test_sigkill_of_up_leaves_no_pod_and_no_server(tmp_path: Path) -> None:
     assert not left, [p.cmdline() for p in left]
     assert exp is not None and not exp_processes(exp)
     assert not work.exists()  # the embedded server's temporary store went with it
+
+
+def test_the_end_of_up_shows_a_pods_log_lines_without_their_control_characters() -> None:
+    """A pod's log may hold escape sequences: the end of `up` prints them as text, so a pod
+    cannot move the cursor, retitle or clear the user's terminal."""
+    from tricks_nats.cli.epilogue import printable
+
+    assert printable("plain\ttext é") == "plain\ttext é"
+    assert printable("\x1b[2J\x1b]0;pwned\x07boom") == "\\x1b[2J\\x1b]0;pwned\\x07boom"

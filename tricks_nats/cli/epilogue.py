@@ -66,6 +66,14 @@ def events_shown(exp: Experiment, counts: dict[str, int]) -> str:
     return text
 
 
+def printable(line: str) -> str:
+    """A pod's log line as safe to print on a terminal: a control character (an escape
+    sequence a pod wrote) shows as `\x1b`, not as what it would do to the user's terminal."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line)
+
+
 def _failing_logs(outcome: Outcome, records: Path | None) -> list[str]:
     s = outcome.summary
     failed = [p for p in s.pods if outcomes.of(p, s.verdict) == outcomes.FAILED]
@@ -80,7 +88,7 @@ def _failing_logs(outcome: Outcome, records: Path | None) -> list[str]:
             f"  {name} {what} (exit {pod.exit_code}); "
             + (f"last lines of its log{where}:" if tail else f"its log is empty{where}")
         )
-        lines += [f"    | {line}" for line in tail]
+        lines += [f"    | {printable(line)}" for line in tail]
     if len(failed) > FAILED_SHOWN:
         lines.append(f"  and {plural(len(failed) - FAILED_SHOWN, 'more failed pod')}")
     return lines
