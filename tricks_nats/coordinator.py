@@ -102,8 +102,7 @@ class Coordinator:
         self.tags_env = {E.TAGS: tags} if len(tags) <= E.TAGS_MAX else {}
         self.queue: asyncio.Queue[Fact] = asyncio.Queue()
         self.keeper = CountKeeper(bus, self._on_count)
-        lifecycle = {n for t in exp.tags for n in (p.start_event(t.tag), p.stop_event(t.tag))}
-        self.registrar = Registrar(bus, self.keeper, lifecycle)
+        self.registrar = Registrar(bus, self.keeper, exp.lifecycle)
         self.rosters = Rosters(bus, self.keeper)
         self.collector = Collector(records.root, exp, bus)
         self._fail_timer: asyncio.TimerHandle | None = None

@@ -45,7 +45,6 @@ class LiveView:
         self.failures: deque[str] = deque(maxlen=3)
         self.verdict: str | None = None
         self._live: Live | None = None
-        self._lifecycle = {e for t in exp.tags for e in (f"{t.tag}_start", f"{t.tag}_stop")}
 
     def __enter__(self) -> LiveView:
         self._live = Live(
@@ -129,7 +128,7 @@ class LiveView:
                 self._workflow(tag),
             )
         parts: list[RenderableType] = [table]
-        user = [f"{n}={c}" for n, c in self.counts.items() if n not in self._lifecycle]
+        user = [f"{n}={c}" for n, c in self.counts.items() if n not in self.exp.lifecycle]
         if user:
             parts.append(Text("events: " + ", ".join(user[:12]), style="cyan"))
         for pod in list(self.failures):

@@ -192,6 +192,11 @@ class Experiment:
         """Found once: a run asks for a tag at every pod's exit (thousands of tags, of pods)."""
         return {t.tag: t for t in self.tags}
 
+    @functools.cached_property
+    def lifecycle(self) -> frozenset[str]:
+        """The coordinator's own events: `<tag>_start` and `<tag>_stop` of every tag."""
+        return frozenset(e for t in self.tags for e in (start_event(t.tag), stop_event(t.tag)))
+
     @property
     def pod_count(self) -> int:
         return sum(t.replicas for t in self.tags)

@@ -30,13 +30,12 @@ def open_ended(exp: Experiment, timeout: float | None) -> list[str]:
     user's (its pods may never register it; a lifecycle count is checked by `validate`)."""
     if timeout if timeout is not None else exp.timeout:
         return []
-    lifecycle = {e for t in exp.tags for e in (f"{t.tag}_start", f"{t.tag}_stop")}
     return [
         f"no timeout: tag {t.tag!r} stops only when {t.stop.name!r} reaches {t.stop.value}; "
         "if it never does, the run goes on until Ctrl-C (set `timeout:` in the spec, or "
         "--timeout SECONDS)"
         for t in exp.tags
-        if t.stop is not None and t.stop.name not in lifecycle
+        if t.stop is not None and t.stop.name not in exp.lifecycle
     ]
 
 

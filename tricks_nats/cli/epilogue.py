@@ -57,9 +57,8 @@ def details(
 def events_shown(exp: Experiment, counts: dict[str, int]) -> str:
     """`server-connected=6, client_stop=6`: the user's events and those the workflows wait
     on, in the order they first counted (not every pod's start and stop)."""
-    lifecycle = {e for t in exp.tags for e in (f"{t.tag}_start", f"{t.tag}_stop")}
     used = {c.name for t in exp.tags for c in (t.start, t.stop) if c is not None}
-    names = [n for n in counts if n not in lifecycle or n in used]
+    names = [n for n in counts if n not in exp.lifecycle or n in used]
     text = ", ".join(f"{n}={counts[n]}" for n in names[:EVENTS_SHOWN])
     if len(names) > EVENTS_SHOWN:
         text += f", and {len(names) - EVENTS_SHOWN} more"

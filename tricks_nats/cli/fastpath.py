@@ -143,11 +143,11 @@ def _convert(text: str, kind: str) -> Any:
 GRACE_S = 0.5
 
 
-def _connection(until: float | None) -> Any:
+def _connection(until: float | None, config: dict[str, Any] | None = None) -> Any:
     from tricks_nats import podconfig
     from tricks_nats.syncwire import Connection
 
-    conn = Connection(podconfig.read(), None if until is None else until + GRACE_S)
+    conn = Connection(config or podconfig.read(), None if until is None else until + GRACE_S)
     conn.connect()
     return conn
 
@@ -181,7 +181,7 @@ def _discover(args: dict[str, Any], until: float | None) -> int:
     tag = w.check_name(args["tag"], "tag")
     config = podconfig.read()
     w.check_tag_known(tag, config["tags"], config["experiment"])
-    conn = _connection(until)
+    conn = _connection(until, config)
     try:
         pods = conn.discover(tag, args.get("count"), until)
     finally:
