@@ -74,6 +74,9 @@ from tricks_nats.wirenames import (
     experiment_of_stream as experiment_of_stream,
 )
 from tricks_nats.wirenames import (
+    group_msg_id as group_msg_id,
+)
+from tricks_nats.wirenames import (
     inbox_prefix as inbox_prefix,
 )
 from tricks_nats.wirenames import (
@@ -204,6 +207,22 @@ def parse_count(data: bytes) -> int | None:
         return int(msgspec.json.decode(data, type=CounterValue).val)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
         return None
+
+
+class Reached(msgspec.Struct, forbid_unknown_fields=False):
+    """The body of a notification on `tricks.<exp>.reached.<event>.<n>`."""
+
+    event: str
+    value: int
+
+
+def reached_value(data: bytes, event: str) -> int | None:
+    """The count a notification says `event` reached, or None when the body is not one."""
+    try:
+        reached = msgspec.json.decode(data, type=Reached)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return reached.value if reached.event == event else None
 
 
 def pod_permissions(exp: str) -> dict[str, dict[str, list[str]]]:

@@ -160,6 +160,13 @@ def pod_dedup_id(msg_id: str) -> str:
     return f"p.{msg_id}"
 
 
+def group_msg_id(token: str) -> str:
+    """The counts stream's message id for one group write of pods' registrations (`b.`: no
+    pod's id can reach it, see `pod_dedup_id`); the registrar keeps it across the retries of
+    that write."""
+    return f"b.{token}"
+
+
 def lifecycle_msg_id(tag: str, pod_id: int, what: str) -> str:
     """Deterministic, so a restarted coordinator cannot count a pod's start or stop twice;
     in the `c.` namespace, which no pod can reach (see `pod_dedup_id`)."""
