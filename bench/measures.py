@@ -317,7 +317,7 @@ async def nats_barriers(ctx: NatsCtx, pool: Pool, plan: Plan, log: Log) -> list[
         waiting,
         out_msgs=ctx.out_msgs,
         rss=ctx.rss,
-        note="Driver.register_event (via the registrar) + wait_event",
+        note="Driver.register_event (via the registrar) + wait_event; all at once: Driver.barrier",
         server_pid=ctx.server.pid,
         coordinator=True,
     )

@@ -192,6 +192,38 @@ async def test_waiters_get_one_notification_not_every_increment(nats_server) -> 
         assert [s.rsplit(".", 1)[1] for s in seen] == ["1", "2", "3", "4", "5"]
 
 
+async def test_barrier_releases_everyone_with_one_request_and_one_notification(
+    nats_server,
+) -> None:
+    """`barrier` = register + wait in one request: each participant gets a count >= n, the
+    counts registered are exactly n, and JetStream is read by nobody (the registration's
+    reply is the first read, the notification the last)."""
+    n = 12
+    async with experiment(nats_server) as ex:
+        reads = await ex.bus.nc.subscribe("$JS.API.DIRECT.GET.>")
+        drivers = [await Driver.connect(ex.config("t", i, n)) for i in range(n)]
+        try:
+            reached = await asyncio.gather(*(d.barrier("line", n, timeout=60) for d in drivers))
+            assert all(r >= n for r in reached)
+            assert await ex.bus.count("line") == n
+            await ex.bus.nc.flush()
+            assert reads.pending_msgs == 1  # only the count read of the line above
+            late = await drivers[0].barrier("line", n, timeout=5)  # met already: at once
+            assert late == n + 1
+        finally:
+            await reads.unsubscribe()
+            await asyncio.gather(*(d.close() for d in drivers))
+
+
+async def test_barrier_times_out_saying_the_count(nats_server) -> None:
+    async with experiment(nats_server) as ex, Driver(ex.config()) as d:
+        with pytest.raises(WaitTimeout, match="'pair' to reach 2 \\(it is 1\\)"):
+            await d.barrier("pair", 2, timeout=2)
+        assert await d.count("pair") == 1  # the arrival itself was counted
+        with pytest.raises(TricksError, match="bad event name"):
+            await d.barrier("no spaces", 1)
+
+
 async def test_discover_now_and_blocking(nats_server) -> None:
     async with experiment(nats_server) as ex, Driver(ex.config("c", 0)) as d:
         assert await d.discover("server") == []

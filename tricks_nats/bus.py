@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -238,6 +238,10 @@ class Bus:
             log.debug("closing the NATS connection: %s", exc)
             await _abandon(self.nc)
 
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+        """A task that ends with this connection at the latest (`close` cancels it)."""
+        return self._tasks.spawn(coro, name=name)
+
     # -- plain messages -------------------------------------------------------------------
 
     async def publish(self, subject: str, body: bytes) -> None:
@@ -388,13 +392,13 @@ class Bus:
         return None
 
     async def increment(
-        self, event: str, *, msg_id: str | None = None, pod: str | None = None
+        self, event: str, *, msg_id: str | None = None, pod: str | None = None, by: int = 1
     ) -> int:
-        """The coordinator's write: add exactly one to `event` in the counts stream (a retried
+        """The coordinator's write: add exactly `by` to `event` in the counts stream (a retried
         publish with the same `msg_id` counts once). Returns the count right after it (from
         the ack, or for a duplicate, read back from the original message)."""
         p.check_name(event)
-        headers = {p.INCR_HEADER: "1", **_headers(msg_id or f"c.{secrets.token_hex(12)}", pod)}
+        headers = {p.INCR_HEADER: str(by), **_headers(msg_id or f"c.{secrets.token_hex(12)}", pod)}
         subject = p.count_subject(self.exp_id, event)
         reply = await self._request(subject, b"", f"count event {event!r}", headers)
         try:
@@ -585,25 +589,38 @@ class Bus:
             return 0
         return value
 
-    async def wait_count(self, event: str, value: int, timeout: float | None = None) -> int:
+    async def wait_count(
+        self,
+        event: str,
+        value: int,
+        timeout: float | None = None,
+        read: Callable[[], Awaitable[int]] | None = None,
+    ) -> int:
         """Return once `event` has reached `value`; resolves by subscription, never polling.
 
         Subscribe to the coordinator's one-shot notification first, then read the count: an
-        increment between the two is caught by the subscription, one before by the read. A
-        notification alone is never trusted: the count is read again, and below `value` the
-        wait goes on (nobody but the coordinator can publish it, but a waiter does not depend
-        on that).
+        increment between the two is caught by the subscription, one before by the read. The
+        notification ends the wait with the count its body states, when that is `>= value`:
+        only the coordinator may publish it (the pods' permissions), and whoever could forge
+        it could as well forge the count itself, so reading the count again would prove
+        nothing (it would cost every waiter of a barrier a JetStream read at release). A body
+        that does not state such a count (garbage) is answered by reading the count: below
+        `value`, the wait goes on.
 
         The release path is kept short, since a barrier releases all its waiters at once:
         the notification resolves a future straight from the connection's reader (no task
         per subscription, no callback), and the server drops the interest by itself after
         that one message (UNSUB with a limit of 1, sent with the SUB).
 
+        `read` is the first read of the count (a barrier registers there: its reply is the
+        count right after); later reads are direct gets.
+
         A `timeout` of 0 (or less) looks once and subscribes to nothing: a wait cancelled
         inside nats-py's flush would leave the connection broken (nats.py issue 624).
         """
+        first = read or (lambda: self.count(event))
         if timeout is not None and timeout <= 0:
-            now = await self.count(event)
+            now = await first()
             if now >= value:
                 return now
             raise WaitTimeout(
@@ -612,10 +629,11 @@ class Bus:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    seen = await self._wait_notified(event, value)
+                    seen = await self._wait_notified(event, value, first)
                     if seen >= value:
                         return seen
                     log.warning("a notification for %r = %d, but it is %d", event, value, seen)
+                    first = lambda: self.count(event)  # noqa: E731
         except TimeoutError as exc:
             now = await self.count(event)
             if now >= value:
@@ -624,8 +642,32 @@ class Bus:
                 f"timed out after {timeout:g}s waiting for {event!r} to reach {value} (it is {now})"
             ) from exc
 
-    async def _wait_notified(self, event: str, value: int) -> int:
-        """One subscription: the count once it is >= value, or as read after a notification."""
+    async def barrier(
+        self, event: str, value: int, *, msg_id: str, pod: str | None, timeout: float | None
+    ) -> int:
+        """Register `event`, then wait until it reaches `value` (Testground's signal and wait)
+        with one request and one notification: the subscription goes out before the
+        registration, so the registration's reply is the first read of the count."""
+        registered = False
+
+        async def register_then_count() -> int:
+            nonlocal registered
+            if registered:
+                return await self.count(event)
+            total = await self.register(event, msg_id=msg_id, pod=pod)
+            registered = True
+            return total
+
+        return await self.wait_count(event, value, timeout, read=register_then_count)
+
+    async def _wait_notified(
+        self, event: str, value: int, read: Callable[[], Awaitable[int]]
+    ) -> int:
+        """One subscription: the count once it is >= value, or as read after a notification.
+
+        No flush between subscribing and reading: a server handles one connection's commands
+        in order, so the SUB is in place before the read's request is served (and after a
+        reconnect, nats-py sends its SUBs before anything buffered)."""
         arrived: asyncio.Future[Msg | None] = asyncio.get_running_loop().create_future()
         sub = await self.nc.subscribe(p.reached_subject(self.exp_id, event, value), future=arrived)
         self._arrivals.add(arrived)
@@ -639,13 +681,13 @@ class Bus:
         try:
             with self.on_reconnect(recheck):
                 await sub.unsubscribe(limit=1)
-                # The server has our interest before we read (retried across a reconnect,
-                # whose resubscription nats-py sends ahead of anything else).
-                await self.ride_out(f"wait for {event!r}", self.flush)
-                current = await self.count(event)
+                current = await read()
                 if current >= value:
                     return current
-                await arrived
+                notice = await arrived
+                told = None if notice is None else p.reached_value(notice.data, event)
+                if told is not None and told >= value:
+                    return told  # only the coordinator may publish it (see the docstring)
                 return await self.count(event)
         finally:
             self._arrivals.discard(arrived)

@@ -218,6 +218,19 @@ class Driver:
         check_name(name, "event name")
         return await self.bus.wait_count(name, value, timeout)
 
+    async def barrier(self, name: str, value: int, timeout: float | None = None) -> int:
+        """`register_event(name)`, then `wait_event(name, value)`, in one request and one
+        notification (the cheapest barrier: Testground's signal-and-wait). Returns the count
+        reached (>= `value`). `timeout` bounds the whole call: when it runs out during the
+        registration, that registration may have been counted (as with any call cut short).
+
+        Raises as `register_event` and `wait_event`.
+        """
+        check_name(name, "event name")
+        c = self.config
+        msg_id = event_msg_id(c.experiment, c.pod, name, secrets.token_hex(8))
+        return await self.bus.barrier(name, value, msg_id=msg_id, pod=c.pod, timeout=timeout)
+
     async def count(self, name: str) -> int:
         """The current count of event `name` (0 if never registered), without waiting."""
         check_name(name, "event name")
@@ -308,6 +321,10 @@ class SyncDriver:
     def wait_event(self, name: str, value: int, timeout: float | None = None) -> int:
         """As `Driver.wait_event`: blocks until `name` reaches `value`; the count reached."""
         return self._call(self._driver.wait_event(name, value, timeout))
+
+    def barrier(self, name: str, value: int, timeout: float | None = None) -> int:
+        """As `Driver.barrier`: registers `name`, blocks until it reaches `value`."""
+        return self._call(self._driver.barrier(name, value, timeout))
 
     def count(self, name: str) -> int:
         """As `Driver.count`: the current count of `name` (0 if never registered)."""
