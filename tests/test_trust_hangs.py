@@ -511,3 +511,30 @@ async def test_a_program_that_cannot_start_is_reported_and_leaves_nothing(
     run = runtime._made_cgroup
     if run is not None:  # the pods' cgroups went with them (or are only waiting to)
         assert not any(p.name.endswith("m-0") for p in run.iterdir() if p.is_dir())
+
+
+async def test_programs_are_found_as_exec_would_and_pods_start_inside_their_cgroup(
+    tmp_path: Path, runtime: LocalRuntime
+) -> None:
+    """The launch checks the program before the cgroup shell runs it: a file that is not
+    executable is 126 "Permission denied" (not the shell's own error), one relative to the
+    pod's directory and one on the pod's PATH start; the pod's process is in its cgroup."""
+    (tmp_path / "data.txt").write_text("not a program\n")
+    bad = PodPlan("b", 0, 1, ("./data.txt",), None, {}, tmp_path / "b.log", tmp_path)
+    await runtime.launch(bad)
+    ev = await exited(runtime)
+    assert ev.exit_code == 126 and ev.reason and "Permission denied" in ev.reason
+    tool = tmp_path / "bin" / "where-am-i"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\ncat /proc/self/cgroup\n")
+    tool.chmod(0o755)
+    for command, env in (
+        (("./bin/where-am-i",), {}),
+        (("where-am-i",), {"PATH": f"{tool.parent}:/usr/bin:/bin"}),
+    ):
+        log = tmp_path / f"{len(env)}.log"
+        await runtime.launch(PodPlan("w", len(env), 1, command, None, env, log, tmp_path))
+        assert (await exited(runtime)).exit_code == 0
+        if runtime.tracking == "cgroup":  # the unified hierarchy's line names the pod's
+            (unified,) = [line for line in log.read_text().splitlines() if line.startswith("0::")]
+            assert unified.endswith(f"-w-{len(env)}"), unified
