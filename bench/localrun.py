@@ -213,15 +213,14 @@ def _failed_pod_log(runs: Path) -> str:
     return ""
 
 
-async def local_runtime(
-    n: int, runs: int, kinds: list[str], log: Callable[[str], None]
-) -> list[Row]:
-    """`kinds`: "workflow" (n `true` pods, a workflow barrier on `pod_start` = n starts one
-    more pod: the pods' own work is nil, what is left is the tool) and/or "driver" (n pods
-    that register an event and wait for n, through the shell driver when it is installed,
-    else a `python -c` SyncDriver one-liner: their own work is most of the run here)."""
+async def local_runtime(kinds: dict[str, int], runs: int, log: Callable[[str], None]) -> list[Row]:
+    """`kinds`, each with its number of pods n: "workflow" (n `true` pods, a workflow barrier
+    on `pod_start` = n starts one more pod: the pods' own work is nil, what is left is the
+    tool) and/or "driver" (n pods that register an event and wait for n, through the shell
+    driver when it is installed, else a `python -c` SyncDriver one-liner: their own work is
+    most of the run here)."""
     rows: list[Row] = []
-    for kind in kinds:
+    for kind, n in kinds.items():
         workflow = kind == "workflow"
         if workflow:
             command: list[str] | str = ["true"]

@@ -37,9 +37,8 @@ QUICK = Plan(
     increment_seconds=2.0,
     discovery_sizes=[100, 1000],
     discovery_repeats={100: 3, 1000: 1},
-    up_pods=200,
     up_runs=1,
-    up_kinds=["workflow", "driver"],
+    up_kinds={"workflow": 1000, "driver": 200},
     cli_runs=5,
 )
 
@@ -53,9 +52,8 @@ FULL = Plan(
     increment_seconds=5.0,
     discovery_sizes=[100, 1000],
     discovery_repeats={100: 5, 1000: 2},
-    up_pods=200,
     up_runs=1,
-    up_kinds=["workflow", "driver"],
+    up_kinds={"workflow": 1000, "driver": 200},
     cli_runs=20,
 )
 
@@ -121,7 +119,7 @@ async def run(plan: Plan, only: set[str]) -> list[Row]:
             "up",
             rows,
             NATS,
-            localrun.local_runtime(plan.up_pods, plan.up_runs, plan.up_kinds, log),
+            localrun.local_runtime(plan.up_kinds, plan.up_runs, log),
             None,
         )
     if want("metrics"):

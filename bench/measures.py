@@ -55,9 +55,8 @@ class Plan:
     increment_seconds: float
     discovery_sizes: list[int]
     discovery_repeats: dict[int, int]
-    up_pods: int
     up_runs: int
-    up_kinds: list[str]  # "workflow" and/or "driver" (see localrun.local_runtime)
+    up_kinds: dict[str, int]  # pods per kind: "workflow", "driver" (see localrun.local_runtime)
     cli_runs: int
     warmup: int = 1
     systems: set[str] = field(default_factory=lambda: {NATS, FLOOR, ZK, REDIS})
