@@ -8,11 +8,9 @@ import asyncio
 import json
 from typing import Any
 
-from nats.aio.msg import Msg
-
 from tests.helpers import experiment
 from tricks_nats import protocol as p
-from tricks_nats.bus import Bus, Endpoint
+from tricks_nats.bus import Bus, Endpoint, Request
 from tricks_nats.counting import CountKeeper
 from tricks_nats.registrar import Registrar
 
@@ -42,7 +40,7 @@ class CountingRegistrar(Registrar):
         self.expect = expect
         self.all_taken = asyncio.Event()
 
-    async def _take(self, msg: Msg) -> None:
+    async def _take(self, msg: Request) -> None:
         await super()._take(msg)
         self.taken += 1
         if self.taken >= self.expect:

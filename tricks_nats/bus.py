@@ -278,6 +278,16 @@ class Bus:
 
         await self.nc.subscribe(subject, cb=on_msg)
 
+    async def take(self, subject: str, handler: Callable[[Request], Awaitable[None]]) -> None:
+        """Requests on `subject`, handed to `handler` one at a time as they arrive, on the
+        connection's own task: the handler must not wait for anything (it queues what takes
+        time and answers later with `publish(request.reply, body)`)."""
+
+        async def on_msg(msg: Msg) -> None:
+            await handler(Request(msg.subject, msg.headers or {}, msg.reply))
+
+        await self.nc.subscribe(subject, cb=on_msg)
+
     # -- streams ----------------------------------------------------------------------------
 
     async def follow(
@@ -773,6 +783,15 @@ class Bus:
                 f"timed out after {timeout:g}s discovering {count} pods of "
                 f"{tag!r} ({len(live)} running)"
             ) from exc
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request as `Bus.take` hands it over: `reply` is empty when nobody waits for one."""
+
+    subject: str
+    headers: dict[str, str]
+    reply: str
 
 
 @dataclass(frozen=True)

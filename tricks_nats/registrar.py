@@ -23,10 +23,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import msgspec
-from nats.aio.msg import Msg
 
 from tricks_nats import protocol as p
-from tricks_nats.bus import Bus
+from tricks_nats.bus import Bus, Request
 from tricks_nats.counting import CountKeeper
 from tricks_nats.errors import NatsUnavailable, TricksError
 
@@ -66,7 +65,7 @@ class Registrar:
         self.registrations = 0
 
     async def start(self) -> None:
-        await self.bus.nc.subscribe(p.event_subject(self.bus.exp_id, "*"), cb=self._on_request)
+        await self.bus.take(p.event_subject(self.bus.exp_id, "*"), self._on_request)
         await self.bus.flush()  # the server knows we answer before the first pod starts
 
     def refusal(self, event: str, msg_id: str) -> str | None:
@@ -78,16 +77,16 @@ class Registrar:
             return f"message id longer than {p.MAX_MSG_ID} characters"
         return None
 
-    async def _on_request(self, msg: Msg) -> None:
+    async def _on_request(self, msg: Request) -> None:
         """Never blocks: an answer known is sent, anything else joins its event's queue."""
         try:
             await self._take(msg)
         except Exception as exc:  # garbage on the wire is logged, never the end of the run
             log.warning("registration on %r not answered: %s", msg.subject, exc)
 
-    async def _take(self, msg: Msg) -> None:
+    async def _take(self, msg: Request) -> None:
         event = msg.subject.rsplit(".", 1)[-1]
-        headers = msg.headers or {}
+        headers = msg.headers
         msg_id = headers.get(p.MSG_ID_HEADER) or secrets.token_hex(12)
         problem = self.refusal(event, msg_id)
         if problem is not None:
