@@ -73,6 +73,7 @@ async def test_the_plain_calls_import_nothing_heavy(nats_server) -> None:
             ("event", "ready"): "1\n",
             ("event", "ready", "--id", "a-1"): "2\n",
             ("wait", "ready", "2", "--timeout", "30"): "2\n",
+            ("barrier", "ready", "3", "--timeout", "30"): "3\n",
             ("discover", "server", "--count=1"): "0 127.0.0.10\n",
             ("discover", "server", "--json"): (
                 '[{"tag": "server", "pod_id": 0, "ip": "127.0.0.10", "name": "server-0"}]\n'
@@ -83,7 +84,22 @@ async def test_the_plain_calls_import_nothing_heavy(nats_server) -> None:
             code, out, modules = await imported(env, *args)
             assert (code, out) == (0, expect), args
             assert not modules & HEAVY, (args, modules & HEAVY)
-        assert await ex.bus.count("ready") == 2
+        assert await ex.bus.count("ready") == 3
+
+
+async def test_a_barrier_of_shell_pods_releases_all_on_either_path(nats_server) -> None:
+    """`tricks-nats barrier NAME N` in N processes at once: each registers once and ends
+    with the count N, on the fast path and on the full command alike."""
+    async with experiment(nats_server) as ex:
+        for fast, name in (("1", "fast"), ("0", "full")):
+            env = {**pod_env(ex), "TRICKS_SHELL_FAST": fast}
+            calls = [
+                run(env, "tricks-nats", "barrier", name, "4", "--timeout", "60") for _ in "1234"
+            ]
+            assert await asyncio.gather(*calls) == [(0, "4\n", "")] * 4, name
+            assert await ex.bus.count(name) == 4
+        code, _, err = await run(env, "tricks-nats", "barrier", "lonely", "2", "--timeout", "0.5")
+        assert code == 1 and "'lonely' to reach 2 (it is 1)" in err
 
 
 async def test_other_forms_take_the_full_command(nats_server) -> None:

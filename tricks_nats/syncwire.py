@@ -22,6 +22,7 @@ from tricks_nats.errors import NatsUnavailable, PermissionDenied, TricksError, W
 
 TYPE_CHECKING = False  # typing itself costs an import: only for the type checker
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 #: As the asyncio driver (bus.PUBLISH_TIMEOUT_S, RECOVERY_S, PATIENCE_S).
@@ -425,9 +426,12 @@ class Connection:
                 )
         return sorted(out, key=lambda p: p["pod_id"])
 
-    def wait(self, event: str, value: int, until: float | None) -> int:
+    def wait(
+        self, event: str, value: int, until: float | None, first: Callable[[], int] | None = None
+    ) -> int:
         """PROTOCOL.md 6.3: subscribe to the threshold's notification first, then read; the
-        count decides. `until`: a monotonic deadline (None: forever); a WaitTimeout then."""
+        count decides. `until`: a monotonic deadline (None: forever); a WaitTimeout then.
+        `first`: the first read instead of a count (a barrier registers there)."""
         subject = w.reached_subject(self.experiment, event, value)
         pause = 0.05
         while True:
@@ -436,8 +440,11 @@ class Connection:
             self.subs[sid] = (subject, True)
             try:
                 self.send(f"SUB {subject} {sid}\r\nUNSUB {sid} 1\r\n".encode())
-                self.flush()
-                seen = self.count(event)
+                if first is None:
+                    self.flush()
+                    seen = self.count(event)
+                else:  # the registration goes out after the SUB, on this connection
+                    seen, first = first(), None
                 if seen >= value:
                     return seen
                 while True:
@@ -446,7 +453,10 @@ class Connection:
                         return self._timed_out_waiting(event, value, until)
                     note = self.take(time.monotonic() + cut, lambda m, s=sid: m.sid == s)
                     if note is not None:
-                        break  # read again below (the message alone proves nothing)
+                        told = _reached(note.data, event)
+                        if told is not None and told >= value:
+                            return told  # only the coordinator may publish it
+                        break  # not a count: read it below
                     if until is None:  # a long wait: look once in a while that we still hear
                         self.flush()
             except Dropped:
@@ -531,6 +541,15 @@ def _address(url: str) -> tuple[str, int, str | None, str | None]:
         unquote(user) if user else None,
         unquote(password) if password else None,
     )
+
+
+def _reached(data: bytes, event: str) -> int | None:
+    """The count a notification's body states for `event` (PROTOCOL.md 6.3), or None."""
+    body = _json_object(data)
+    value = body.get("value")
+    if body.get("event") != event or not isinstance(value, int) or isinstance(value, bool):
+        return None
+    return value
 
 
 def _json_object(data: bytes) -> dict[str, Any]:

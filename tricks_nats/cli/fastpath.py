@@ -1,5 +1,6 @@
-"""`tricks-nats event/wait/discover/record` without typer, asyncio or nats-py: what a pod runs,
-often in a loop and by the hundred, costs a Python start and a few round trips (`syncwire`).
+"""`tricks-nats event/wait/barrier/discover/record` without typer, asyncio or nats-py: what a
+pod runs, often in a loop and by the hundred, costs a Python start and a few round trips
+(`syncwire`).
 
 Only the plain forms are taken here; anything else (`--help`, `-v`, a usage error, `record -`,
 a TLS or websocket URL) returns None and the full command (`shell_driver`, typer) runs instead,
@@ -35,6 +36,7 @@ class _Fallback(Exception):
 COMMANDS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, str]]]] = {
     "event": (("name",), {"--id": ("key", "str")}),
     "wait": (("name", "value"), {"--timeout": ("timeout", "seconds")}),
+    "barrier": (("name", "value"), {"--timeout": ("timeout", "seconds")}),
     "discover": (
         ("tag",),
         {
@@ -112,7 +114,7 @@ def _parse(command: str, words: list[str]) -> dict[str, Any]:
         raise _Fallback
     for name, value in zip(names, positional, strict=True):
         out[name] = value
-    if command == "wait":
+    if command in ("wait", "barrier"):
         out["value"] = _convert(out["value"], "count")
     if command == "record":
         if out["name"] == "-":
@@ -175,6 +177,17 @@ def _wait(args: dict[str, Any], until: float | None) -> int:
     return 0
 
 
+def _barrier(args: dict[str, Any], until: float | None) -> int:
+    name = w.check_name(args["name"], "event name")
+    conn = _connection(until)
+    try:
+        msg_id = w.event_msg_id(conn.experiment, conn.pod, name, os.urandom(8).hex())
+        _say(str(conn.wait(name, args["value"], until, lambda: conn.register(name, msg_id))))
+    finally:
+        conn.close()
+    return 0
+
+
 def _discover(args: dict[str, Any], until: float | None) -> int:
     from tricks_nats import podconfig
 
@@ -225,6 +238,7 @@ def _record(args: dict[str, Any], until: float | None) -> int:
 _COMMAND: dict[str, Callable[[dict[str, Any], float | None], int]] = {
     "event": _event,
     "wait": _wait,
+    "barrier": _barrier,
     "discover": _discover,
     "record": _record,
 }

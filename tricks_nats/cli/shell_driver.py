@@ -116,6 +116,20 @@ def wait(
     typer.echo(_run(lambda driver: driver.wait_event(name, value, timeout), timeout))
 
 
+def barrier(
+    name: Annotated[str, typer.Argument(help="The event to register (+1) and wait for.")],
+    value: Annotated[int, typer.Argument(min=0, help="The count to reach.")],
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Register event NAME once, then block until it has been registered VALUE times (`event`
+    then `wait`, in one call); print the count reached."""
+    try:
+        check_name(name, "event name")
+    except UsageError as exc:
+        fail(exc)
+    typer.echo(_run(lambda driver: driver.barrier(name, value, timeout), timeout))
+
+
 def discover(
     tag: Annotated[str, typer.Argument(help="The tag whose running pods to list.")],
     count: Annotated[
@@ -234,4 +248,5 @@ def register(app: typer.Typer) -> None:
     app.command("record")(record)
     app.command("event")(event)
     app.command("wait")(wait)
+    app.command("barrier")(barrier)
     app.command("discover")(discover)
