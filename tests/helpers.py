@@ -68,10 +68,11 @@ async def experiment(server: EmbeddedServer, name: str = "test") -> AsyncIterato
 
 
 #: Python that a pod runs first to hand its environment (its credentials) to a test, which
-#: then acts as that pod would: `pod.env` in the spec's directory, written atomically.
+#: then acts as that pod would: `pod.env` in the spec's directory, written atomically (each
+#: pod through its own temporary file: pods of one tag run this at the same moment).
 DUMP_ENV = (
-    "import json, os; json.dump(dict(os.environ), open('pod.env.tmp', 'w')); "
-    "os.replace('pod.env.tmp', 'pod.env'); "
+    "import json, os; t = 'pod.env.%d.tmp' % os.getpid(); "
+    "json.dump(dict(os.environ), open(t, 'w')); os.replace(t, 'pod.env'); "
 )
 
 
