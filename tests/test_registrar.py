@@ -102,3 +102,30 @@ async def test_one_message_id_on_two_events_counts_on_each(nats_server) -> None:
         b = await _register(nc, p.event_subject(ex.exp, "b"), "same")
         assert (a["val"], b["val"]) == ("1", "1")
         assert (await ex.bus.count("a"), await ex.bus.count("b")) == (1, 1)
+
+
+async def test_a_write_whose_id_is_still_in_process_is_asked_again_under_the_same_id(
+    nats_server,
+) -> None:
+    """JetStream answers 10158 while an earlier publish with the same id is not yet applied
+    (a stream whose leader just changed, seen on a 3-server cluster): the count is not refused,
+    the write is asked again with the same id and its outcome taken."""
+    exp = p.new_experiment_id("inproc")
+    bus = await Bus.open(Endpoint(nats_server.url), exp, name="coordinator")
+    seen: list[str | None] = []
+
+    async def fake_jetstream(msg: Any) -> None:  # stands in for the counts stream
+        seen.append(msg.headers.get(p.MSG_ID_HEADER) if msg.headers else None)
+        if len(seen) == 1:
+            error = {"code": 503, "err_code": p.JS_ID_IN_PROCESS, "description": "in process"}
+            await msg.respond(json.dumps({"error": error}).encode())
+        else:
+            await msg.respond(json.dumps({"stream": "s", "seq": 9, "val": "4"}).encode())
+
+    sub = await bus.nc.subscribe(p.count_subject(exp, "ready"), cb=fake_jetstream)
+    try:
+        assert await bus.increment("ready", msg_id="b.abc", by=3) == 4
+        assert seen == ["b.abc", "b.abc"]
+    finally:
+        await sub.unsubscribe()
+        await bus.close()

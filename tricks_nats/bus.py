@@ -32,6 +32,7 @@ from nats.js.api import (
 from nats.js.kv import KeyValue
 
 from tricks_nats import protocol as p
+from tricks_nats import replication
 from tricks_nats.endpoint import Endpoint as Endpoint  # re-exported: the bus's address
 from tricks_nats.endpoint import Secret
 from tricks_nats.errors import NatsUnavailable, PermissionDenied, TricksError, WaitTimeout
@@ -309,26 +310,41 @@ class Bus:
     # -- buckets (coordinator) ------------------------------------------------------------
 
     async def create_buckets(self) -> None:
-        """Create this experiment's streams and buckets on file storage; idempotent."""
+        """Create this experiment's streams and buckets on file storage, each kept by as many
+        servers as `replication.choose` says (3 on a cluster, else 1); idempotent."""
         counts = p.counts_bucket(self.exp_id)
+        plan = replication.choose(self.nc._server_info)
+        replicas = plan.tries[0]
         try:
-            await self.js.add_stream(
-                StreamConfig(
-                    name=p.stream_of(counts),
-                    subjects=[f"$KV.{counts}.>"],
-                    allow_msg_counter=True,
-                    allow_direct=True,
-                    storage=StorageType.FILE,
-                    duplicate_window=p.DUPLICATE_WINDOW_S,
-                    max_msg_size=4096,
-                )
-            )
+            while True:  # the first stream settles how many copies JetStream can keep
+                try:
+                    await self.js.add_stream(
+                        StreamConfig(
+                            name=p.stream_of(counts),
+                            subjects=[f"$KV.{counts}.>"],
+                            allow_msg_counter=True,
+                            allow_direct=True,
+                            storage=StorageType.FILE,
+                            duplicate_window=p.DUPLICATE_WINDOW_S,
+                            max_msg_size=4096,
+                            num_replicas=replicas,
+                        )
+                    )
+                    break
+                except nats.js.errors.APIError as exc:
+                    lower = plan.lower(replicas, exc.err_code)
+                    if lower is None:
+                        raise
+                    log.warning("JetStream cannot keep %d replicas: %s", replicas, exc.description)
+                    replicas = lower
+            log.info("the experiment's streams have %d replica(s): %s", replicas, plan.reason)
             self._pods = await self.js.create_key_value(
                 KeyValueConfig(
                     bucket=p.pods_bucket(self.exp_id),
                     history=1,
                     storage=StorageType.FILE,
                     direct=True,
+                    replicas=replicas,
                 )
             )
             await self.js.add_stream(
@@ -337,6 +353,7 @@ class Bus:
                     subjects=[p.journal_subject(self.exp_id)],
                     storage=StorageType.FILE,
                     max_msg_size=64 * 1024,
+                    num_replicas=replicas,
                 )
             )
             await self.js.add_stream(
@@ -348,10 +365,12 @@ class Bus:
                     max_msg_size=p.MAX_BATCH_BYTES,
                     max_bytes=p.METRICS_STREAM_BYTES,
                     discard=DiscardPolicy.NEW,
+                    num_replicas=replicas,
                 )
             )
         except (nats.js.errors.Error, nats.errors.Error) as exc:
-            raise TricksError(f"cannot create the experiment's buckets: {exc}") from exc
+            where = f" ({replicas} replicas: {plan.reason})" if replicas > 1 else ""
+            raise TricksError(f"cannot create the experiment's buckets{where}: {exc}") from exc
 
     async def delete_buckets(self) -> None:
         streams = [
@@ -410,14 +429,26 @@ class Bus:
         p.check_name(event)
         headers = {p.INCR_HEADER: str(by), **_headers(msg_id or f"c.{secrets.token_hex(12)}", pod)}
         subject = p.count_subject(self.exp_id, event)
-        reply = await self._request(subject, b"", f"count event {event!r}", headers)
-        try:
-            ack = msgspec.json.decode(reply.data, type=p.PubAckOrError)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise TricksError(
-                f"increment of {event!r}: the reply is not a JetStream "
-                f"acknowledgement: {reply.data[:100]!r}"
-            ) from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECOVERY_S
+        pause = 0.02
+        while True:
+            reply = await self._request(subject, b"", f"count event {event!r}", headers)
+            try:
+                ack = msgspec.json.decode(reply.data, type=p.PubAckOrError)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise TricksError(
+                    f"increment of {event!r}: the reply is not a JetStream "
+                    f"acknowledgement: {reply.data[:100]!r}"
+                ) from exc
+            # An earlier attempt with this id is still being applied (a stream whose leader
+            # just changed): asking again soon gets its outcome, as a duplicate.
+            if not ack.error or ack.error.err_code != p.JS_ID_IN_PROCESS:
+                break
+            if loop.time() + pause >= deadline:
+                raise NatsUnavailable(f"increment of {event!r}: {ack.error.description}")
+            await asyncio.sleep(pause)  # a backoff between attempts, not a wait for an event
+            pause = min(pause * 2, 1.0)
         if ack.error:
             raise TricksError(f"increment of {event!r} refused: {ack.error.description}")
         if ack.val is not None:

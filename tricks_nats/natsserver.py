@@ -55,15 +55,47 @@ def find_binary() -> str:
     )
 
 
-def _config(host: str, port: int, store: Path, users: list[User], http_port: int | None) -> str:
+@dataclass(frozen=True)
+class Cluster:
+    """A server's part in a NATS cluster: the cluster's name, the port this server takes
+    routes on, and every member's route URL (its own included: a server skips itself)."""
+
+    name: str
+    port: int
+    routes: tuple[str, ...]
+
+
+def _config(
+    host: str,
+    port: int,
+    store: Path,
+    users: list[User],
+    http_port: int | None,
+    *,
+    name: str | None = None,
+    cluster: Cluster | None = None,
+    sync_interval: str | None = None,
+) -> str:
+    jetstream: dict[str, Any] = {"store_dir": str(store)}
+    if sync_interval is not None:
+        jetstream["sync_interval"] = sync_interval
     conf: dict[str, Any] = {
         "host": host,
         "port": port,
-        "jetstream": {"store_dir": str(store)},
+        "jetstream": jetstream,
         "max_payload": 8 * 1024 * 1024,  # a roster of 100,000 pods
     }
     if http_port is not None:
         conf["http"] = f"{host}:{http_port}"
+    if name is not None:
+        conf["server_name"] = name
+    if cluster is not None:
+        conf["cluster"] = {
+            "name": cluster.name,
+            "host": host,
+            "port": cluster.port,
+            "routes": list(cluster.routes),
+        }
     if users:
         entries = []
         for u in users:
@@ -103,6 +135,12 @@ class EmbeddedServer:
     on_gone: Callable[[str], None] | None = None
     #: Bytes of the server's log that could not be written (a full disk).
     log_lost: int = 0
+    #: JetStream's `sync_interval`: None keeps nats-server's default (an fsync every 2
+    #: minutes), "always" syncs every write before it is acknowledged (README, Durability).
+    sync_interval: str | None = None
+    #: `server_name` and the cluster this server joins (tests run a 3-server cluster).
+    name: str | None = None
+    cluster: Cluster | None = None
 
     @property
     def url(self) -> str:
@@ -143,7 +181,18 @@ class EmbeddedServer:
         # (pods run as the same user and could read it), and the watchdog removes it if we die.
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(_config(self.host, self.port, self._store, self.users, http))
+            f.write(
+                _config(
+                    self.host,
+                    self.port,
+                    self._store,
+                    self.users,
+                    http,
+                    name=self.name,
+                    cluster=self.cluster,
+                    sync_interval=self.sync_interval,
+                )
+            )
         self.watchdog.remove_on_death(conf)
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -262,3 +311,8 @@ class EmbeddedServer:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        """The process is alive (a server may be ready, then die: a route port taken)."""
+        return self._proc is not None and self._proc.returncode is None

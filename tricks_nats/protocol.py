@@ -174,6 +174,11 @@ class CounterValue(msgspec.Struct, forbid_unknown_fields=False):
     val: str
 
 
+#: JetStream's err_code for a publish whose message id an earlier publish, not yet applied,
+#: carries ("duplicate message id is in process": a stream whose leader just changed).
+JS_ID_IN_PROCESS = 10158
+
+
 class ApiError(msgspec.Struct, forbid_unknown_fields=False):
     code: int = 0
     err_code: int = 0
