@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import localrun, measures, metrics, peers, shellcalls
+from bench import durability, localrun, measures, metrics, peers, shellcalls
 from bench.measures import Plan
 from bench.pool import Pool
 from bench.report import (
@@ -61,6 +61,7 @@ SECTIONS = (
     "floor",
     "barrier",
     "increments",
+    "durability",
     "discovery",
     "zookeeper",
     "redis",
@@ -110,6 +111,8 @@ async def run(plan: Plan, only: set[str]) -> list[Row]:
                 for section, system, fn in steps:
                     if want(section):
                         await _guard(section, rows, system, fn(ctx, pool, plan, log), pool)
+        if want("durability"):
+            await _guard("durability", rows, NATS, durability.durability(pool, plan, log), pool)
         if want("zookeeper"):
             await _guard("zookeeper", rows, ZK, measures.zookeeper_all(pool, plan, log), pool)
         if want("redis"):
