@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.measures import vm_hwm_mb
@@ -139,10 +139,19 @@ async def baseline(n: int, command: list[str] | str) -> float:
             await bus.close()
 
 
-async def up_once(n: int, command: list[str] | str, work: Path, workflow: bool) -> dict[str, float]:
-    """Run `tricks-nats up`; return total wall, time to all running, coordinator peak RSS."""
+async def up_once(
+    n: int,
+    command: list[str] | str,
+    work: Path,
+    workflow: bool,
+    *,
+    spec_json: str | None = None,
+    args: Sequence[str] = (),
+) -> dict[str, float]:
+    """Run `tricks-nats up` (`spec_json` instead of the local spec, `args` added); return
+    total wall, time to all running, coordinator peak RSS."""
     spec = work / "bench-up.yaml"
-    spec.write_text(spec_text(n, command, workflow))
+    spec.write_text(spec_json or spec_text(n, command, workflow))
     runs = work / "runs"
     wall_start = time.time()
     start = time.monotonic()
@@ -152,6 +161,7 @@ async def up_once(n: int, command: list[str] | str, work: Path, workflow: bool) 
         str(spec),
         "--runs-dir",
         str(runs),
+        *args,
         env=_env(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

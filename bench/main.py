@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import durability, localrun, measures, metrics, peers, shellcalls
+from bench import durability, kuberun, localrun, measures, metrics, peers, shellcalls
 from bench.measures import Plan
 from bench.pool import Pool
 from bench.report import (
@@ -66,6 +66,7 @@ SECTIONS = (
     "zookeeper",
     "redis",
     "up",
+    "kube",
     "metrics",
     "cli",
     "shell",
@@ -125,6 +126,8 @@ async def run(plan: Plan, only: set[str]) -> list[Row]:
             localrun.local_runtime(plan.up_kinds, plan.up_runs, log),
             None,
         )
+    if want("kube"):
+        await _guard("kube", rows, NATS, kuberun.kube_runtime(plan.kube_pods, log), None)
     if want("metrics"):
         quick = plan.cli_runs < FULL.cli_runs
         await _guard("metrics", rows, NATS, metrics.metrics_rows(quick, log), None)

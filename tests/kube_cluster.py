@@ -21,6 +21,11 @@ patches, finalizer release), so the runtime sees the same stream of events as on
   the next n pod creations (`after=True`: once the pod exists, so the reply is lost),
   `delete_errors` answers the next deletions with these statuses (429, 500, ...);
 - `node_down` tags run on a node that goes away: their pods stay Terminating when deleted;
+- a DELETE on the pod collection (deletecollection) deletes the pods its label selector picks
+  (kmock lacks it); `delete_collection = False` plays an API or RBAC without it (405);
+- `max_creating` and `max_watching` are the most pod creations and pod watches the API served
+  at once; `hold_creates = n` holds the first creations until n are in flight together (so a
+  client's concurrency is seen to reach its bound, not just to stay under it);
 - `restart_policy` plays an admission webhook that changes a tag's restartPolicy: the kubelet
   then reports an exit as CrashLoopBackOff (`lastState.terminated`, `restartCount`).
 
@@ -31,12 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import datetime
 import itertools
 import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +57,12 @@ import yaml
 from tricks_nats.runtimes import kube_objects as ko
 
 FINALIZER = "fake-kubelet/container"
+PODS = kmock.resource("v1/pods")
+
+#: The request kmock is matching against its reactions (see `Cluster.__iter__`).
+_matching: contextvars.ContextVar[kmock.Request | None] = contextvars.ContextVar(
+    "matching", default=None
+)
 
 
 @dataclass
@@ -152,6 +165,13 @@ class Cluster(kmock.KubernetesEmulator):
     log_refusals: asyncio.Queue[str] = attrs.field(factory=asyncio.Queue)
     restart_policy: dict[str, str] = attrs.field(factory=dict)
     delete_errors: list[int] = attrs.field(factory=list)
+    delete_collection: bool = True
+    hold_creates: int = 0
+    max_creating: int = 0
+    max_watching: int = 0
+    _creating: int = 0
+    _watching: int = 0
+    _creates_held: asyncio.Event = attrs.field(factory=asyncio.Event)
     _lost_creates: list[bool] = attrs.field(factory=list)
     _log_wakers: set[asyncio.Event] = attrs.field(factory=set)
     _drop_logs: asyncio.Event = attrs.field(factory=asyncio.Event)
@@ -191,6 +211,27 @@ class Cluster(kmock.KubernetesEmulator):
             if res.plural == "pods" and not obj.deleted and namespace in (None, ns):
                 out[name] = dict(obj.raw)
         return out
+
+    def __iter__(self) -> Iterator[kmock.Request]:
+        """Every request so far; but while kmock matches a new request against its reactions,
+        only that one: kmock 0.8 tests `request in reaction` by filtering every request it has
+        recorded, so each request cost O(requests so far) and a 1000-pod run took minutes."""
+        one = _matching.get()
+        if one is not None:
+            yield one
+        else:
+            yield from super().__iter__()
+
+    def exists(self, namespace: str | None, name: str) -> bool:
+        obj = self.objects._objects.get((PODS, namespace, name))
+        return obj is not None and not obj.deleted
+
+    def _KubernetesEmulator__get_objs(self, request: kmock.Request, strict: bool) -> list[Any]:
+        """kmock 0.8 looks for a named object by scanning them all (O(pods) a request)."""
+        if request.resource is not None and request.namespace and request.name:
+            obj = self.objects._objects.get((request.resource, request.namespace, request.name))
+            return [] if obj is None else [obj]
+        return super()._KubernetesEmulator__get_objs(request, strict)  # type: ignore[misc,no-any-return]
 
     def runtime_requests(self) -> list[kmock.Request]:
         return [r for r in self if r.headers.get("User-Agent", "").startswith("tricks-nats/")]
@@ -296,6 +337,24 @@ class Cluster(kmock.KubernetesEmulator):
         pods = request.resource is not None and request.resource.plural == "pods"
         if pods and request.subresource == "log":
             return await self._serve_log(request)
+        if pods and request.method == kmock.method.DELETE and request.name is None:
+            return await self._delete_collection(request)
+        if pods and request.action == kmock.action.CREATE:
+            self._creating += 1
+            self.max_creating = max(self.max_creating, self._creating)
+            try:
+                if self.hold_creates:
+                    if self._creating >= self.hold_creates:
+                        self.hold_creates = 0
+                        self._creates_held.set()
+                    await self._creates_held.wait()
+                return await self._answer(request)
+            finally:
+                self._creating -= 1
+        return await self._answer(request)
+
+    async def _answer(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        pods = request.resource is not None and request.resource.plural == "pods"
         if pods and request.action == kmock.action.WATCH:
             self._watch_count += 1
             self.watches.put_nowait(self._watch_count)
@@ -318,12 +377,15 @@ class Cluster(kmock.KubernetesEmulator):
             tag = (request.data["metadata"].get("labels") or {}).get(ko.TAG, "")
             if tag in self.restart_policy:  # an admission webhook at work
                 request.data.setdefault("spec", {})["restartPolicy"] = self.restart_policy[tag]
+        matching = _matching.set(request)
         try:
             response = await super()._handle(request)
         except kmock.KubernetesError as exc:  # e.g. 409: it exists
             if creating:
                 self.create_answers.put_nowait(exc.status)
             raise
+        finally:
+            _matching.reset(matching)
         if creating:
             self.create_answers.put_nowait(0 if lost else response.status)
         if response.status >= 300:
@@ -343,6 +405,42 @@ class Cluster(kmock.KubernetesEmulator):
             self.stops[request.name].set()
         return response
 
+    async def _delete_collection(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """deletecollection as an API server does it: each pod the selector picks is deleted
+        (gracefully: it has the kubelet's finalizer) and the answer lists them."""
+        if self.delete_errors:
+            return _status(self.delete_errors.pop(0), "try again later")
+        if not self.delete_collection:
+            return _status(405, "deletecollection is not allowed")
+        wanted = _selector(request.params.get("labelSelector", ""))
+        if wanted is None:
+            return _status(400, "only equality label selectors are understood here")
+        items = []
+        async with self._lock:
+            for (res, ns, _), obj in self.objects.items():
+                labels = obj.get("metadata", {}).get("labels") or {}
+                if res != PODS or ns != request.namespace or obj.deleted:
+                    continue
+                if any(labels.get(k) != v for k, v in wanted.items()):
+                    continue
+                meta = obj.get("metadata", {})
+                if meta.get("finalizers"):
+                    if not meta.get("deletionTimestamp"):
+                        now = datetime.datetime.now(tz=datetime.UTC).isoformat()
+                        obj.patch({"metadata": {"deletionTimestamp": now}})
+                        await self._buses[PODS].put({"type": "MODIFIED", "object": obj.raw})
+                    items.append(obj.raw)
+                else:
+                    obj.delete()
+                    items.append(obj.last.raw)
+                    await self._buses[PODS].put({"type": "DELETED", "object": obj.last.raw})
+        for item in items:
+            stop = self.stops.get(item["metadata"]["name"])
+            if stop is not None:
+                stop.set()
+        body = {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}
+        return aiohttp.web.json_response(body)
+
     @staticmethod
     def _hang_up(request: kmock.Request) -> aiohttp.web.StreamResponse:
         """Drop the connection without an answer (the client sees a disconnection)."""
@@ -357,7 +455,7 @@ class Cluster(kmock.KubernetesEmulator):
         if self.logs_down:
             self.log_refusals.put_nowait(name)
             return _status(503, "the API server is restarting")
-        if name not in self.pods(request.namespace):
+        if not self.exists(request.namespace, name):
             return _status(404, f"{name} gone")
         if request.params.get("follow") not in ("true", "True", "1"):
             ctx = self.logs.get(name)
@@ -408,6 +506,8 @@ class Cluster(kmock.KubernetesEmulator):
         stream = self._events(request).__aiter__()
         dropped = asyncio.ensure_future(drop.wait())
         step: asyncio.Future[Any] | None = None
+        self._watching += 1
+        self.max_watching = max(self.max_watching, self._watching)
         try:
             while True:
                 step = asyncio.ensure_future(anext(stream))
@@ -420,6 +520,7 @@ class Cluster(kmock.KubernetesEmulator):
                     return
                 yield item
         finally:
+            self._watching -= 1
             for pending in (step, dropped):
                 if pending is not None and not pending.done():
                     pending.cancel()
@@ -501,11 +602,27 @@ class Cluster(kmock.KubernetesEmulator):
 
 
 def _status(code: int, message: str) -> aiohttp.web.Response:
-    reason = {404: "NotFound", 410: "Expired", 429: "TooManyRequests", 500: "InternalError"}.get(
-        code, "ServiceUnavailable"
-    )
+    reason = {
+        400: "BadRequest",
+        404: "NotFound",
+        405: "MethodNotAllowed",
+        410: "Expired",
+        429: "TooManyRequests",
+        500: "InternalError",
+    }.get(code, "ServiceUnavailable")
     body = {"kind": "Status", "code": code, "reason": reason, "message": message}
     return aiohttp.web.json_response(body, status=code)
+
+
+def _selector(text: str) -> dict[str, str] | None:
+    """An equality-based label selector (`a=b,c==d`) as a dict; None for any other kind."""
+    wanted = {}
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        key, eq, value = term.replace("==", "=").partition("=")
+        if not eq or "!" in key:
+            return None
+        wanted[key.strip()] = value.strip()
+    return wanted
 
 
 async def _first(*events: asyncio.Event) -> None:

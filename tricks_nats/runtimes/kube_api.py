@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import math
 import os
@@ -114,6 +115,16 @@ async def connect(
     api = client.ApiClient(configuration=cfg)
     api.user_agent = USER_AGENT
     return api, namespace
+
+
+def sibling(api: client.ApiClient, *, pool: int) -> client.ApiClient:
+    """A client of the same cluster and credentials with its own connection pool (`pool`
+    connections at most, 0: no bound), so one kind of request cannot starve another."""
+    cfg = copy.deepcopy(api.configuration)
+    cfg.connection_pool_maxsize = pool
+    other = client.ApiClient(configuration=cfg)
+    other.user_agent = USER_AGENT
+    return other
 
 
 def _config_problem(path: str, context: str | None, exc: Exception) -> str:

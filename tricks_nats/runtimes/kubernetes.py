@@ -2,7 +2,9 @@
 
 Costs per pod: one create, one log stream (followed while the pod runs; once it has ended, the
 same request returns its whole log), one delete (or a share of one deletecollection at the
-end). Nothing polls: a single watch turns phases into `running`/`exited` events, resumes from
+end). Log streams have connections of their own: one stays open for a pod's whole life, and
+all of them at the end, so they must not take those of creates, the watch and deletions.
+Nothing polls: a single watch turns phases into `running`/`exited` events, resumes from
 the last resource version when the connection drops, and relists when the server says the
 version is gone (410).
 
@@ -54,6 +56,8 @@ NOT_CREATED: int | None = None
 REATTACH_TIMEOUT = 10.0
 #: Log streams: a bounded connect; no read timeout (a program may be quiet for hours).
 LOG_TIMEOUT = aiohttp.ClientTimeout(sock_connect=15)
+#: Connections beyond the creators' for the watch, lists and deletions (log reads have their own).
+CONTROL_SPARE = 4
 #: Answers after which reading a log again is pointless (gone, refused, never started).
 _LOG_FINAL = frozenset({400, 401, 403, 404})
 
@@ -125,6 +129,8 @@ class KubernetesRuntime:
         self.api_retry_budget = api_retry_budget
         self._api: client.ApiClient | None = None
         self._core: client.CoreV1Api | None = None
+        self._log_api: client.ApiClient | None = None
+        self._logs: client.CoreV1Api | None = None  # log reads, on their own connections
         self._pods: dict[tuple[str, int], _Pod] = {}
         self._by_name: dict[str, _Pod] = {}
         self._queue: asyncio.Queue[_Pod | None] = asyncio.Queue()
@@ -196,8 +202,12 @@ class KubernetesRuntime:
                 return self._core
             self.experiment = exp_id
             api, hinted = await kapi.connect(
-                self.kubeconfig, self.context, pool=self.concurrency + self.log_streams + 4
+                self.kubeconfig, self.context, pool=self.concurrency + CONTROL_SPARE
             )
+            # A log stream holds its connection for its pod's life, and tricks-nats attaches
+            # one to every pod still running before the deletion at the end: sharing one pool,
+            # streams took every connection, and the deletion waited for one until it failed.
+            log_api = kapi.sibling(api, pool=0)
             core = client.CoreV1Api(api)
             self.namespace = self._namespace_given or hinted or ko.DEFAULT_NAMESPACE
             try:
@@ -205,9 +215,11 @@ class KubernetesRuntime:
                     core, self.namespace, exp_id, budget=self.api_retry_budget
                 )
             except BaseException:
+                await log_api.close()
                 await api.close()
                 raise
             self._api, self._core = api, core
+            self._log_api, self._logs = log_api, client.CoreV1Api(log_api)
             self._watcher = asyncio.create_task(self._watch(exp_id), name="kube-watch")
             self._workers = [
                 asyncio.create_task(self._creator(), name=f"kube-create-{i}")
@@ -564,14 +576,14 @@ class KubernetesRuntime:
     async def _read_log(self, pod: _Pod) -> None:
         """One log request, followed to its end (the container's end): the log from its start,
         of which what the file already has is skipped."""
-        assert self._core is not None
+        assert self._logs is not None
         kwargs: dict[str, Any] = {"container": ko.CONTAINER, "_preload_content": False}
         if pod.restarted:
             kwargs["previous"] = "true"  # the container that ended, not its restart
         else:
             kwargs["follow"] = "true"
         resp = await kapi.raw(
-            self._core.read_namespaced_pod_log(
+            self._logs.read_namespaced_pod_log(
                 pod.name, self.namespace, _request_timeout=LOG_TIMEOUT, **kwargs
             )
         )
@@ -729,9 +741,10 @@ class KubernetesRuntime:
         for pod in self._by_name.values():  # whatever was left waiting for its log
             if pod.ended.is_set():
                 self._report(pod)
-        if self._api is not None:
-            await self._api.close()
-        self._api = self._core = None
+        for api in (self._api, self._log_api):
+            if api is not None:
+                await api.close()
+        self._api = self._core = self._log_api = self._logs = None
         self._watcher, self._workers = None, []
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
