@@ -6,7 +6,8 @@ checked. One language failing is one test failing.
 The scenario: config from the environment, a blocking discover of all REPLICAS peers, one
 registration published twice with the same Nats-Msg-Id (counted once) plus a plain one, a wait
 that resolves once every pod has registered, three metric samples recorded (two labelled), a
-wait that times out (expected).
+greeting published on a topic and every pod's greeting read back in order (and found in the
+run's topics.jsonl), a wait that times out (expected).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def spec(tags: dict[str, str], total: int | None = None) -> str:
             f"  replicas: {REPLICAS}",
         ]
         if total is not None:
-            lines += ["  env:", f"    HELLO_TOTAL: '{total}'"]
+            greet = total // 2  # every pod greets once, registers twice
+            lines += ["  env:", f"    HELLO_TOTAL: '{total}'", f"    GREET_TOTAL: '{greet}'"]
     return "\n".join(lines) + "\n"
 
 
@@ -76,6 +78,7 @@ def check_run(result: subprocess.CompletedProcess[str], root: Path, tags: list[s
     assert sorted(pods) == sorted((t, i, 0) for t in tags for i in range(REPLICAS))
     for name, text in logs.items():
         assert f"discovered {REPLICAS}" in text, name
+        assert f"exchanged {REPLICAS * len(tags)}" in text, name
         assert "timed out as expected" in text, name
         assert text.rstrip().endswith("scenario ok"), name
     # Every pod registered twice, one of them published twice: counted exactly once each.
@@ -93,6 +96,12 @@ def check_run(result: subprocess.CompletedProcess[str], root: Path, tags: list[s
     )
     assert {r["name"] for r in rows} == {"conformance_ms"}
     assert summary["metrics_dropped"] == {} and summary["metrics_rejected"] == 0
+    # Every pod greeted once on a topic: each greeting in topics.jsonl once, as sent.
+    topics = [json.loads(line) for line in (root / "topics.jsonl").read_text().splitlines()]
+    assert sorted(
+        (r["topic"], r["pod"], r["data"]["tag"], r["data"]["pod_id"]) for r in topics
+    ) == [("greeting", f"{t}-{i}", t, i) for t in sorted(tags) for i in range(REPLICAS)]
+    assert [r["seq"] for r in topics] == sorted({r["seq"] for r in topics})
     assert not exp_processes(summary["experiment"])
 
 

@@ -274,4 +274,6 @@ async def test_a_shared_server_is_named_not_isolated_and_left_clean(tmp_path) ->
         assert len(kept) == 2
         # The first run's streams are gone, the second's (--keep) are still there.
         assert not any(kept[0] in (n or "") for n in names), names
-        assert sum(kept[1] in (n or "") for n in names) == 4, names
+        assert sum(kept[1] in (n or "") for n in names) == 5, (
+            names
+        )  # counts, pods, journal, metrics, topics

@@ -1,6 +1,7 @@
 """NATS I/O for one experiment: connect, buckets, exactly-once increments, counts, rosters.
 
-The only module that talks nats-py; every nats-py error is translated here into ours.
+With topics.py (its topic operations), the only module that talks nats-py; every nats-py error
+is translated here into ours.
 Both the coordinator and the Python driver use it, so both speak drivers/PROTOCOL.md alike.
 """
 
@@ -37,6 +38,7 @@ from tricks_nats.endpoint import Endpoint as Endpoint  # re-exported: the bus's 
 from tricks_nats.endpoint import Secret
 from tricks_nats.errors import NatsUnavailable, PermissionDenied, TricksError, WaitTimeout
 from tricks_nats.tasks import Tasks
+from tricks_nats.topics import topics_config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -147,6 +149,7 @@ class Bus:
         #: Requests waiting for an answer, by the last token of their reply subject.
         self._replies: dict[str, asyncio.Future[Msg]] = {}
         self._reply_sub: tuple[str, Any] | None = None
+        self._close_hooks: list[Callable[[], None]] = []
 
     @classmethod
     async def open(
@@ -207,6 +210,17 @@ class Bus:
             with contextlib.suppress(ValueError):  # close() may have cleared the list
                 self._reconnect_hooks.remove(hook)
 
+    @contextlib.contextmanager
+    def on_close(self, hook: Callable[[], None]) -> Iterator[None]:
+        """Call `hook` when the connection closes (a subscription waiting ends), while the
+        block lasts."""
+        self._close_hooks.append(hook)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ValueError):
+                self._close_hooks.remove(hook)
+
     @staticmethod
     async def _run_hook(hook: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -223,6 +237,8 @@ class Bus:
     async def close(self) -> None:
         """Close the connection; errors on the way out (a dead server) are logged, not raised."""
         self._reconnect_hooks.clear()
+        for hook in list(self._close_hooks):
+            hook()
         for arrival in self._arrivals:
             if not arrival.done():
                 arrival.set_exception(TricksError("the driver was closed while waiting"))
@@ -368,6 +384,7 @@ class Bus:
                     num_replicas=replicas,
                 )
             )
+            await self.js.add_stream(topics_config(self.exp_id, replicas))
         except (nats.js.errors.Error, nats.errors.Error) as exc:
             where = f" ({replicas} replicas: {plan.reason})" if replicas > 1 else ""
             raise TricksError(f"cannot create the experiment's buckets{where}: {exc}") from exc
@@ -378,6 +395,7 @@ class Bus:
             p.stream_of(p.pods_bucket(self.exp_id)),
             p.journal_stream(self.exp_id),
             p.metrics_stream(self.exp_id),
+            p.topics_stream(self.exp_id),
         ]
         for stream in streams:
             try:
@@ -394,7 +412,7 @@ class Bus:
         p.check_name(event)
         subject = p.event_subject(self.exp_id, event)
         headers = _headers(msg_id, pod)
-        reply = await self._request(subject, b"", f"register event {event!r}", headers)
+        reply = await self.request(subject, b"", f"register event {event!r}", headers)
         try:
             answer = msgspec.json.decode(reply.data, type=p.EventReply)
             value = int(answer.val) if answer.val is not None else None
@@ -411,7 +429,7 @@ class Bus:
         one message id: stored once). None when stored, else why the stream refused it."""
         subject = p.metrics_subject(self.exp_id, pod)
         headers = {p.MSG_ID_HEADER: msg_id}
-        reply = await self._request(subject, body, "send metrics", headers)
+        reply = await self.request(subject, body, "send metrics", headers)
         try:
             ack = msgspec.json.decode(reply.data, type=p.PubAckOrError)
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -429,33 +447,39 @@ class Bus:
         p.check_name(event)
         headers = {p.INCR_HEADER: str(by), **_headers(msg_id or f"c.{secrets.token_hex(12)}", pod)}
         subject = p.count_subject(self.exp_id, event)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + RECOVERY_S
-        pause = 0.02
-        while True:
-            reply = await self._request(subject, b"", f"count event {event!r}", headers)
-            try:
-                ack = msgspec.json.decode(reply.data, type=p.PubAckOrError)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise TricksError(
-                    f"increment of {event!r}: the reply is not a JetStream "
-                    f"acknowledgement: {reply.data[:100]!r}"
-                ) from exc
-            # An earlier attempt with this id is still being applied (a stream whose leader
-            # just changed): asking again soon gets its outcome, as a duplicate.
-            if not ack.error or ack.error.err_code != p.JS_ID_IN_PROCESS:
-                break
-            if loop.time() + pause >= deadline:
-                raise NatsUnavailable(f"increment of {event!r}: {ack.error.description}")
-            await asyncio.sleep(pause)  # a backoff between attempts, not a wait for an event
-            pause = min(pause * 2, 1.0)
+        ack = await self.stored_publish(subject, b"", headers, f"increment of {event!r}")
         if ack.error:
             raise TricksError(f"increment of {event!r} refused: {ack.error.description}")
         if ack.val is not None:
             return int(ack.val)
         return await self._value_at(ack.seq, event)
 
-    async def _request(
+    async def stored_publish(
+        self, subject: str, body: bytes, headers: dict[str, str], what: str
+    ) -> p.PubAckOrError:
+        """A JetStream publish as a request (section 6's retries, one message id): the
+        stream's acknowledgement, or its error. While JetStream says an earlier attempt with
+        this id is still being applied (a stream whose leader just changed), it asks again:
+        the answer then is that attempt's outcome, as a duplicate."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECOVERY_S
+        pause = 0.02
+        while True:
+            reply = await self.request(subject, body, what, headers)
+            try:
+                ack = msgspec.json.decode(reply.data, type=p.PubAckOrError)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise TricksError(
+                    f"{what}: the reply is not a JetStream acknowledgement: {reply.data[:100]!r}"
+                ) from exc
+            if not ack.error or ack.error.err_code != p.JS_ID_IN_PROCESS:
+                return ack
+            if loop.time() + pause >= deadline:
+                raise NatsUnavailable(f"{what}: {ack.error.description}")
+            await asyncio.sleep(pause)  # a backoff between attempts, not a wait for an event
+            pause = min(pause * 2, 1.0)
+
+    async def request(
         self, subject: str, payload: bytes, what: str, headers: dict[str, str] | None = None
     ) -> Msg:
         """A request that rides out a restarting server (see `ride_out`); the same payload,
@@ -605,7 +629,7 @@ class Bus:
     async def _value_at(self, seq: int, event: str) -> int:
         """The total right after the message at `seq` (the original of a duplicate publish)."""
         stream = p.stream_of(p.counts_bucket(self.exp_id))
-        reply = await self._request(
+        reply = await self.request(
             f"$JS.API.DIRECT.GET.{stream}",
             msgspec.json.encode({"seq": seq}),
             "read back a duplicate increment",
@@ -621,7 +645,7 @@ class Bus:
         """The current count of `event` (0 when never registered)."""
         stream = p.stream_of(p.counts_bucket(self.exp_id))
         subject = f"$JS.API.DIRECT.GET.{stream}.{p.count_subject(self.exp_id, event)}"
-        reply = await self._request(subject, b"", f"read event {event!r}")
+        reply = await self.request(subject, b"", f"read event {event!r}")
         if _not_found(reply):
             return 0
         value = p.parse_count(reply.data)
@@ -769,7 +793,7 @@ class Bus:
         """The running pods of `tag` now: one direct get, no consumer."""
         stream = p.stream_of(p.pods_bucket(self.exp_id))
         subject = f"$JS.API.DIRECT.GET.{stream}.{p.roster_subject(self.exp_id, tag)}"
-        reply = await self._request(subject, b"", f"discover {tag!r}")
+        reply = await self.request(subject, b"", f"discover {tag!r}")
         if _not_found(reply) or not reply.data:
             return []
         try:

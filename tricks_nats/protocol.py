@@ -17,6 +17,9 @@ from tricks_nats.wirenames import (
     INCR_HEADER as INCR_HEADER,
 )
 from tricks_nats.wirenames import (
+    JSON_TYPE as JSON_TYPE,
+)
+from tricks_nats.wirenames import (
     LABEL_RE as LABEL_RE,
 )
 from tricks_nats.wirenames import (
@@ -32,6 +35,9 @@ from tricks_nats.wirenames import (
     MAX_MSG_ID as MAX_MSG_ID,
 )
 from tricks_nats.wirenames import (
+    MAX_TOPIC_BYTES as MAX_TOPIC_BYTES,
+)
+from tricks_nats.wirenames import (
     METRICS_STREAM_BYTES as METRICS_STREAM_BYTES,
 )
 from tricks_nats.wirenames import (
@@ -45,6 +51,12 @@ from tricks_nats.wirenames import (
 )
 from tricks_nats.wirenames import (
     RESERVED_LABELS as RESERVED_LABELS,
+)
+from tricks_nats.wirenames import (
+    TOPICS_STREAM_BYTES as TOPICS_STREAM_BYTES,
+)
+from tricks_nats.wirenames import (
+    TYPE_HEADER as TYPE_HEADER,
 )
 from tricks_nats.wirenames import (
     VERSION as VERSION,
@@ -125,7 +137,19 @@ from tricks_nats.wirenames import (
     stop_event as stop_event,
 )
 from tricks_nats.wirenames import (
+    stored_subject as stored_subject,
+)
+from tricks_nats.wirenames import (
     stream_of as stream_of,
+)
+from tricks_nats.wirenames import (
+    topic_msg_id as topic_msg_id,
+)
+from tricks_nats.wirenames import (
+    topic_subject as topic_subject,
+)
+from tricks_nats.wirenames import (
+    topics_stream as topics_stream,
 )
 
 
@@ -232,8 +256,8 @@ def reached_value(data: bytes, event: str) -> int | None:
 
 def pod_permissions(exp: str) -> dict[str, dict[str, list[str]]]:
     """What a pod's NATS user may do: ask the coordinator to count its events, read its own
-    experiment's counts and rosters, hear its notifications, and store its metrics batches
-    (the one stream a pod writes: bounded, read only by the coordinator, counting nothing).
+    experiment's counts and rosters, hear its notifications, store its metrics batches and
+    its topics' messages (bounded streams that count nothing), and read its topics.
     No other JetStream writes, no consumers: a pod cannot change a count but through the
     coordinator (+1 per call), nor aim a delivery at a subject that others trust."""
     counts, pods = stream_of(counts_bucket(exp)), stream_of(pods_bucket(exp))
@@ -243,6 +267,8 @@ def pod_permissions(exp: str) -> dict[str, dict[str, list[str]]]:
             "allow": [
                 event_subject(exp, "*"),
                 metrics_subject(exp),
+                topic_subject(exp, "*"),
+                f"{api}.STREAM.MSG.GET.{topics_stream(exp)}",
                 f"{api}.DIRECT.GET.{counts}.>",
                 f"{api}.DIRECT.GET.{pods}.>",
                 f"{api}.STREAM.INFO.{counts}",
@@ -253,6 +279,7 @@ def pod_permissions(exp: str) -> dict[str, dict[str, list[str]]]:
                 f"{inbox_prefix(exp)}.>",
                 f"tricks.{exp}.reached.>",
                 journal_subject(exp),
+                stored_subject(exp, "*"),
             ]
         },
     }

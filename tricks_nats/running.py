@@ -24,7 +24,7 @@ from tricks_nats.variables import label
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # heavy modules are imported when a run starts
-    from tricks_nats.bus import Endpoint
+    from tricks_nats.bus import Bus, Endpoint
     from tricks_nats.coordinator import Coordinator, Outcome
     from tricks_nats.entries import Entry
     from tricks_nats.natsserver import EmbeddedServer
@@ -257,11 +257,28 @@ async def _run(
             with _signals(coord):
                 return await coord.run()
         finally:
+            await _save_topics(bus, records.root)
             await publisher.aclose()
             _quietly("forget the run's credentials", lambda: statefile.finish(state))
             if nats.shared and not opts.keep:
                 await bus.delete_buckets()
             await bus.close()
+
+
+async def _save_topics(bus: Bus, root: Path) -> None:
+    """The run's topic messages into `topics.jsonl`, when NATS is still there: best effort
+    (the verdict and summary are written already)."""
+    from tricks_nats import topics
+
+    if bus.gone is not None or not bus.nc.is_connected:
+        return
+    try:
+        n = await topics.save(bus, root / "topics.jsonl")
+    except Exception as exc:
+        log.warning("could not save the topics' messages in topics.jsonl: %s", exc)
+    else:
+        if n:
+            log.info("%d topic message(s) saved in %s", n, root / "topics.jsonl")
 
 
 def _create_records(runs_dir: Path, exp_id: str, exp: Experiment) -> RunRecords:

@@ -99,6 +99,8 @@ class Connection:
         self.pending: list[Msg] = []
         #: Subjects the server refused (a permissions violation), lower-cased.
         self.denied: list[str] = []
+        #: Connections made so far: a subscriber that sees it grow knows it was away.
+        self.connects = 0
 
     # -- the socket ---------------------------------------------------------------------
 
@@ -217,6 +219,7 @@ class Connection:
         while True:
             line = self._line(until)
             if line == "PONG":
+                self.connects += 1
                 return
             if line.startswith("-ERR"):
                 if "authorization" in line.lower():

@@ -136,6 +136,39 @@ MAX_LABELS = 8
 MAX_LABEL_VALUE = 200
 
 
+def topic_subject(exp: str, topic: str) -> str:
+    """Pods publish a topic's messages here (a JetStream publish: the reply is the topics
+    stream's acknowledgement, its `seq` the message's place in the run)."""
+    return f"tricks.{exp}.topic.{topic}"
+
+
+def stored_subject(exp: str, topic: str) -> str:
+    """The topics stream republishes every message it stores here, with `Nats-Sequence` and
+    `Nats-Last-Sequence` (the previous message of the same topic): subscribers listen here,
+    and only the server can publish here."""
+    return f"tricks.{exp}.stored.{topic}"
+
+
+def topics_stream(exp: str) -> str:
+    """The stream that keeps every topic's messages for the whole run."""
+    return f"tricks-{exp}-topics"
+
+
+def topic_msg_id(exp: str, pod: str, topic: str, nonce: str) -> str:
+    """One per `publish` call, identical across its retries: stored once."""
+    return f"{exp}.{pod}.topic.{topic}.{nonce}"
+
+
+#: A topic message's data is at most this many bytes (1 MB; the headers fit in the rest of
+#: NATS's default 1 MiB payload).
+MAX_TOPIC_BYTES = 1_000_000
+#: What the topics stream may hold in all: past it, publishes are refused.
+TOPICS_STREAM_BYTES = 1 << 30
+#: Header of a topic message whose data is JSON (`publish --json`, a non-bytes value).
+TYPE_HEADER = "Tricks-Type"
+JSON_TYPE = "json"
+
+
 def inbox_prefix(exp: str) -> str:
     """Replies for an experiment's clients come back under their own prefix (isolation)."""
     return f"_INBOX_{exp}"

@@ -3,8 +3,8 @@
 Each step prints one line; any failure exits non-zero, so the run's verdict tells it all:
 config from env, blocking discover of REPLICAS peers, an event whose publish is sent twice
 with the same Nats-Msg-Id (counted once) plus a plain one, a wait that resolves (for HELLO_TOTAL,
-default 2 x REPLICAS), a wait that
-times out.
+default 2 x REPLICAS), a greeting published on a topic and GREET_TOTAL (default REPLICAS)
+greetings read back in order, a wait that times out.
 """
 
 from __future__ import annotations
@@ -46,6 +46,16 @@ async def main() -> None:
         tricks.record("conformance_ms", me.pod_id * 10 + 3)
         await tricks.flush()
         print("recorded 3", flush=True)
+
+        await tricks.publish("greeting", {"tag": me.tag, "pod_id": me.pod_id})
+        greet_total = int(os.environ.get("GREET_TOTAL", me.replicas))
+        async with tricks.subscribe("greeting") as sub:
+            greetings = await sub.take(greet_total, timeout=60)
+        seqs = [m.seq for m in greetings]
+        assert seqs == sorted(set(seqs)), seqs
+        mine = {"tag": me.tag, "pod_id": me.pod_id}
+        assert any(m.is_json and m.json() == mine and m.pod == me.pod for m in greetings)
+        print(f"exchanged {greet_total}", flush=True)
 
         try:
             await tricks.wait_event("never", 1, timeout=0.5)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The conformance scenario as a shell script (same steps as scenario.py), on
-# `tricks-nats event/wait/discover` alone.
+# `tricks-nats event/wait/discover/record/publish/subscribe` alone.
 set -euo pipefail
 
 [ -n "$TAG" ] && [ -n "$EXP_ID" ] && [ "$POD_ID" -ge 0 ] && [ "$POD_ID" -lt "$REPLICAS" ]
@@ -29,6 +29,15 @@ tricks-nats record conformance_ms $((POD_ID * 10 + 1)) --label lang=shell
 printf 'conformance_ms %d lang=shell\nconformance_ms %d\n' $((POD_ID * 10 + 2)) $((POD_ID * 10 + 3)) \
   | tricks-nats record -
 echo "recorded 3"
+
+tricks-nats publish greeting "{\"tag\": \"$TAG\", \"pod_id\": $POD_ID}" --json >/dev/null
+greet_total=${GREET_TOTAL:-$REPLICAS}
+greetings=$(tricks-nats subscribe greeting --count "$greet_total" --json --timeout 60)
+[ "$(echo "$greetings" | wc -l)" -eq "$greet_total" ]
+seqs=$(echo "$greetings" | sed 's/^{"seq": \([0-9]*\),.*/\1/')
+[ "$seqs" = "$(echo "$seqs" | sort -n -u)" ]
+echo "$greetings" | grep -qF "\"pod\": \"$TAG-$POD_ID\", \"data\": {\"tag\": \"$TAG\", \"pod_id\": $POD_ID}}"
+echo "exchanged $greet_total"
 
 code=0
 tricks-nats wait never 1 --timeout 0.5 || code=$?

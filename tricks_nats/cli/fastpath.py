@@ -1,6 +1,6 @@
-"""`tricks-nats event/wait/barrier/discover/record` without typer, asyncio or nats-py: what a
-pod runs, often in a loop and by the hundred, costs a Python start and a few round trips
-(`syncwire`).
+"""`tricks-nats event/wait/barrier/discover/record/publish/subscribe` without typer, asyncio or
+nats-py: what a pod runs, often in a loop and by the hundred, costs a Python start and a few
+round trips (`syncwire`).
 
 Only the plain forms are taken here; anything else (`--help`, `-v`, a usage error, `record -`,
 a TLS or websocket URL) returns None and the full command (`shell_driver`, typer) runs instead,
@@ -39,6 +39,18 @@ COMMANDS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, str]]]] = {
     "barrier": (("name", "value"), {"--timeout": ("timeout", "seconds")}),
     "discover": (
         ("tag",),
+        {
+            "--count": ("count", "count"),
+            "--timeout": ("timeout", "seconds"),
+            "--json": ("as_json", "flag"),
+        },
+    ),
+    "publish": (
+        ("topic", "data"),
+        {"--json": ("as_json", "flag"), "--id": ("key", "str")},
+    ),
+    "subscribe": (
+        ("topic",),
         {
             "--count": ("count", "count"),
             "--timeout": ("timeout", "seconds"),
@@ -110,6 +122,8 @@ def _parse(command: str, words: list[str]) -> dict[str, Any]:
             value = words[i]
             i += 1
         out[name] = [*out.get(name, []), value] if kind == "list" else _convert(value, kind)
+    if command == "publish" and len(positional) == 1:
+        positional.append("-")  # the data from stdin
     if len(positional) != len(names) or "--" in positional:
         raise _Fallback
     for name, value in zip(names, positional, strict=True):
@@ -235,12 +249,57 @@ def _record(args: dict[str, Any], until: float | None) -> int:
     return 0
 
 
+def _publish(args: dict[str, Any], until: float | None) -> int:
+    from tricks_nats.synctopics import publish
+
+    topic, key = w.check_name(args["topic"], "topic"), args.get("key")
+    if key is not None and not ID_RE.match(key):
+        raise UsageError(f"bad --id {key!r}: 1 to 100 letters, digits, '-', '_' or ':'")
+    text = args["data"]
+    body = sys.stdin.buffer.read() if text == "-" else os.fsencode(text)
+    is_json = bool(args.get("as_json"))
+    if is_json:
+        try:
+            json.loads(body)
+        except ValueError as exc:
+            raise UsageError(f"--json: the data is not JSON ({exc})") from None
+    if len(body) > w.MAX_TOPIC_BYTES:
+        raise TricksError(
+            f"a topic message holds at most {w.MAX_TOPIC_BYTES:,} bytes, got {len(body):,}"
+        )
+    conn = _connection(until)
+    try:
+        msg_id = w.topic_msg_id(conn.experiment, conn.pod, topic, key or os.urandom(8).hex())
+        _say(str(publish(conn, topic, body, is_json=is_json, msg_id=msg_id)))
+    finally:
+        conn.close()
+    return 0
+
+
+def _subscribe(args: dict[str, Any], until: float | None) -> int:
+    from tricks_nats.synctopics import Message, line, subscribe
+
+    topic, as_json = w.check_name(args["topic"], "topic"), bool(args.get("as_json"))
+
+    def emit(msg: Message) -> None:
+        _say(line(msg.seq, msg.pod, msg.data, msg.is_json, as_json))
+
+    conn = _connection(until)
+    try:
+        subscribe(conn, topic, args.get("count"), until, emit)
+    finally:
+        conn.close()
+    return 0
+
+
 _COMMAND: dict[str, Callable[[dict[str, Any], float | None], int]] = {
     "event": _event,
     "wait": _wait,
     "barrier": _barrier,
     "discover": _discover,
     "record": _record,
+    "publish": _publish,
+    "subscribe": _subscribe,
 }
 
 

@@ -1,6 +1,7 @@
-"""`tricks-nats event/wait/discover/record`: the driver API for shell scripts and any language
-that can run a command (drivers/PROTOCOL.md, section 10). The plain calls take the fast path
-(`fastpath`, over `syncwire`); these typer commands run the rest (`--help`, `record -`, TLS).
+"""`tricks-nats event/wait/discover/record/publish/subscribe`: the driver API for shell scripts
+and any language that can run a command (drivers/PROTOCOL.md, section 10). The plain calls take
+the fast path (`fastpath`, over `syncwire`); these typer commands run the rest (`--help`,
+`record -`, TLS).
 
 Configured from the pod's environment alone. Exit codes: 0 ok, 1 timeout (or the experiment is
 not on this NATS), 2 usage or configuration error, 3 NATS unreachable; errors are one line on
@@ -23,7 +24,7 @@ import typer
 from tricks_nats.cli.fastpath import ID_RE
 from tricks_nats.cli.output import fail
 from tricks_nats.errors import TricksError, UsageError
-from tricks_nats.protocol import check_name
+from tricks_nats.protocol import MAX_TOPIC_BYTES, check_name
 
 if TYPE_CHECKING:
     from tricks_nats.driver import Driver
@@ -155,6 +156,102 @@ def discover(
             typer.echo(f"{p.pod_id} {p.ip}")
 
 
+def publish(
+    topic: Annotated[str, typer.Argument(help="The topic to publish on.")],
+    data: Annotated[
+        str, typer.Argument(help="The message (default `-`: all of stdin, bytes as they are).")
+    ] = "-",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The data is JSON: checked, and marked as JSON.")
+    ] = False,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--id",
+            help="Publishes with the same id (within 5 minutes) store one message: "
+            "pass one to retry safely.",
+        ),
+    ] = None,
+) -> None:
+    """Publish one message on TOPIC, kept for the whole run: every subscriber gets it, also
+    those that subscribe later. Prints the message's seq."""
+    import os
+    import secrets
+
+    try:
+        check_name(topic, "topic")
+        if key is not None and not ID_RE.match(key):
+            raise UsageError(f"bad --id {key!r}: 1 to 100 letters, digits, '-', '_' or ':'")
+        body = sys.stdin.buffer.read() if data == "-" else os.fsencode(data)
+        if as_json:
+            try:
+                json.loads(body)
+            except ValueError as exc:
+                raise UsageError(f"--json: the data is not JSON ({exc})") from None
+    except UsageError as exc:
+        fail(exc)
+
+    async def call(driver: Driver) -> int:
+        from tricks_nats.protocol import topic_msg_id
+        from tricks_nats.topics import publish as store
+
+        if len(body) > MAX_TOPIC_BYTES:
+            raise TricksError(
+                f"a topic message holds at most {MAX_TOPIC_BYTES:,} bytes, got {len(body):,}"
+            )
+        c = driver.config
+        msg_id = topic_msg_id(c.experiment, c.pod, topic, key or secrets.token_hex(8))
+        return await store(driver.bus, topic, body, msg_id=msg_id, pod=c.pod, is_json=as_json)
+
+    typer.echo(_run(call))
+
+
+def subscribe(
+    topic: Annotated[str, typer.Argument(help="The topic to read.")],
+    count: Annotated[
+        int | None,
+        typer.Option("--count", min=0, help="Exit after this many messages (default: never)."),
+    ] = None,
+    timeout: TimeoutOpt = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help='One JSON object per message: {"seq","pod","data"} (`data_base64` for bytes '
+            "that are not UTF-8).",
+        ),
+    ] = False,
+) -> None:
+    """Print every message of TOPIC from the start of the run, in order, one line each (the
+    data as text; use --json for data with newlines or bytes), waiting for more."""
+    from tricks_nats.synctopics import line
+
+    try:
+        check_name(topic, "topic")
+    except UsageError as exc:
+        fail(exc)
+
+    async def call(driver: Driver) -> int:
+        n = 0
+        async with asyncio.timeout(timeout), driver.subscribe(topic) as sub:
+            while count is None or n < count:
+                msg = await sub.next()
+                typer.echo(line(msg.seq, msg.pod, msg.data, msg.is_json, as_json))
+                sys.stdout.flush()
+                n += 1
+        return n
+
+    async def bounded(driver: Driver) -> int:
+        from tricks_nats.errors import WaitTimeout
+
+        try:
+            return await call(driver)
+        except TimeoutError as exc:
+            raise WaitTimeout(f"timed out after {timeout:g}s waiting for messages") from exc
+
+    _run(bounded, timeout)
+
+
 def record(
     name: Annotated[
         str, typer.Argument(help="The metric (e.g. request_ms), or - to read samples from stdin.")
@@ -250,3 +347,5 @@ def register(app: typer.Typer) -> None:
     app.command("wait")(wait)
     app.command("barrier")(barrier)
     app.command("discover")(discover)
+    app.command("publish")(publish)
+    app.command("subscribe")(subscribe)

@@ -40,7 +40,14 @@ from tricks_nats.errors import (
     UnknownTag,
     WaitTimeout,
 )
-from tricks_nats.protocol import PodRecord, check_name, check_tag_known, event_msg_id, pod_name
+from tricks_nats.protocol import (
+    PodRecord,
+    check_name,
+    check_tag_known,
+    event_msg_id,
+    pod_name,
+    topic_msg_id,
+)
 
 __all__ = [
     "Config",
@@ -50,6 +57,7 @@ __all__ = [
     "Peer",
     "PermissionDenied",
     "SyncDriver",
+    "SyncSubscription",
     "TricksError",
     "UnknownTag",
     "WaitTimeout",
@@ -58,6 +66,7 @@ __all__ = [
 if TYPE_CHECKING:
     from tricks_nats.bus import Bus
     from tricks_nats.recorder import Recorder
+    from tricks_nats.topics import Subscription, TopicMessage
 
 Peer = PodRecord
 T = TypeVar("T")
@@ -236,6 +245,41 @@ class Driver:
         check_name(name, "event name")
         return await self.bus.count(name)
 
+    async def publish(self, topic: str, data: bytes | str | object) -> int:
+        """Add one message to `topic`, kept for the whole run (stored exactly once, even if
+        the request is retried); every subscriber gets it, also those that subscribe later.
+        `data`: bytes as they are, a `str` as UTF-8 text, any other value as JSON (marked,
+        see `TopicMessage.is_json`); at most 1,000,000 bytes. Returns the message's `seq`.
+
+        Raises `TricksError` (a bad topic name, data too large or not JSON-able, the stream
+        refused it: full), `NatsUnavailable`, `PermissionDenied`.
+        """
+        from tricks_nats.topics import encode, publish
+
+        check_name(topic, "topic")
+        body, is_json = encode(data)
+        c = self.config
+        msg_id = topic_msg_id(c.experiment, c.pod, topic, secrets.token_hex(8))
+        return await publish(self.bus, topic, body, msg_id=msg_id, pod=c.pod, is_json=is_json)
+
+    def subscribe(self, topic: str) -> Subscription:
+        """Every message of `topic` from the start of the run, in order, each exactly once
+        (across reconnects and server restarts), as `TopicMessage`s (`seq`, `pod`, `data`,
+        `is_json`, `text`, `json()`): an async iterator that waits for the next one::
+
+            async with tricks.subscribe("config") as sub:
+                first = await sub.next(timeout=30)      # WaitTimeout if none comes
+                rest = await sub.take(3, timeout=30)    # the next 3
+                async for msg in sub: ...               # forever (until closed)
+
+        Listening starts at the first `next`/`take`/iteration. Raises `TricksError` at once
+        for a bad topic name; its calls raise as `wait_event` does.
+        """
+        from tricks_nats.topics import Subscription
+
+        check_name(topic, "topic")
+        return Subscription(self.bus, topic)
+
     def record(self, name: str, value: float, **labels: str | float) -> None:
         """Record one sample of metric `name` (e.g. a latency in ms: name it `..._ms`) now.
 
@@ -330,6 +374,15 @@ class SyncDriver:
         """As `Driver.count`: the current count of `name` (0 if never registered)."""
         return self._call(self._driver.count(name))
 
+    def publish(self, topic: str, data: bytes | str | object) -> int:
+        """As `Driver.publish`: one message on `topic`, stored once; its `seq`."""
+        return self._call(self._driver.publish(topic, data))
+
+    def subscribe(self, topic: str) -> SyncSubscription:
+        """As `Driver.subscribe`, blocking: an iterator of every message of `topic` from the
+        start of the run, with `next(timeout)`, `take(count, timeout)` and `close()`."""
+        return SyncSubscription(self, self._driver.subscribe(topic))
+
     def record(self, name: str, value: float, **labels: str | float) -> None:
         """As `Driver.record`: never blocks (callable from any thread)."""
         self._driver.recorder.record_kw(name, value, **labels)
@@ -365,6 +418,43 @@ class SyncDriver:
         self._loop.close()
 
     def __enter__(self) -> SyncDriver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SyncSubscription:
+    """`Subscription` for `SyncDriver`: the same calls, blocking; a context manager and an
+    iterator (that ends when the driver closes)."""
+
+    def __init__(self, driver: SyncDriver, sub: Subscription) -> None:
+        self._driver, self._sub = driver, sub
+        self.topic = sub.topic
+
+    def next(self, timeout: float | None = None) -> TopicMessage:
+        """As `Subscription.next`: the next message (`WaitTimeout` when `timeout` runs out)."""
+        return self._driver._call(self._sub.next(timeout))
+
+    def take(self, count: int, timeout: float | None = None) -> list[TopicMessage]:
+        """As `Subscription.take`: the next `count` messages."""
+        return self._driver._call(self._sub.take(count, timeout))
+
+    def close(self) -> None:
+        """Stop listening (harmless once the driver is closed)."""
+        with contextlib.suppress(TricksError):
+            self._driver._call(self._sub.close())
+
+    def __iter__(self) -> SyncSubscription:
+        return self
+
+    def __next__(self) -> TopicMessage:
+        try:
+            return self._driver._call(self._sub.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def __enter__(self) -> SyncSubscription:
         return self
 
     def __exit__(self, *exc: object) -> None:
