@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import durability, kuberun, localrun, measures, metrics, peers, shellcalls
+from bench import durability, kuberun, localrun, measures, metrics, peers, shellcalls, topics
 from bench.measures import Plan
 from bench.pool import Pool
 from bench.report import (
@@ -55,6 +55,7 @@ FULL = Plan(
     up_runs=1,
     up_kinds={"workflow": 1000, "driver": 200},
     cli_runs=20,
+    topic_catchup_repeats=3,
 )
 
 SECTIONS = (
@@ -65,6 +66,7 @@ SECTIONS = (
     "discovery",
     "zookeeper",
     "redis",
+    "topics",
     "up",
     "kube",
     "metrics",
@@ -118,6 +120,8 @@ async def run(plan: Plan, only: set[str]) -> list[Row]:
             await _guard("zookeeper", rows, ZK, measures.zookeeper_all(pool, plan, log), pool)
         if want("redis"):
             await _guard("redis", rows, REDIS, measures.redis_all(pool, plan, log), pool)
+        if want("topics"):
+            await _guard("topics", rows, NATS, topics.topics_all(pool, plan, log), pool)
     if want("up"):
         await _guard(
             "up",
@@ -180,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
             "### Barrier release from the last arrival sent, side by side: p50 (p99) ms",
             "",
             side_by_side(rows, "barrier release from send"),
+            "",
+        ]
+    if any(r.measure.startswith("topic ") for r in rows):
+        out += [
+            "### Topics side by side: p50 (p99) ms, or messages/s",
+            "",
+            topics.side_by_side(rows),
             "",
         ]
     out += ["### Targets", "", *(v.line() for v in targets(rows))]

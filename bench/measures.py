@@ -59,6 +59,7 @@ class Plan:
     up_kinds: dict[str, int]  # pods per kind: "workflow", "driver" (see localrun.local_runtime)
     cli_runs: int
     kube_pods: int = 1000  # pods of the kubernetes runtime's run on the API emulator
+    topic_catchup_repeats: int = 1  # rounds of each topics catch-up (bench/topics.py)
     warmup: int = 1
     systems: set[str] = field(default_factory=lambda: {NATS, FLOOR, ZK, REDIS})
 

@@ -46,6 +46,7 @@ class Worker:
         self.fan_all: dict[int, asyncio.Event] = {}  # seq -> set once all have it
         self.redis: list[tuple[Any, Any]] = []  # (command client, pubsub)
         self.zk: list[Any] = []  # kazoo.client.KazooClient
+        self.subs: list[Any] = []  # tricks_nats.topics.Subscription (topics: listening)
         self.pending: list[asyncio.Task[Any]] = []
         self.pool: ThreadPoolExecutor | None = None
 
@@ -187,6 +188,73 @@ class Worker:
         drivers, self.drivers = self.drivers, []
         await _bounded([d.close() for d in drivers])
 
+    # -- tricks-nats topics (bench/topics.py) ---------------------------------------------
+
+    async def topic_listen(self, topic: str, count: int) -> int:
+        """The first `count` drivers subscribe to `topic` and listen: each has subscribed
+        to the republished messages and read what the stream holds (nothing yet), so the
+        next message reaches it as a republished one, the live path."""
+        from tricks_nats.errors import WaitTimeout
+
+        async def one(d: Any) -> Any:
+            sub = d.subscribe(topic)
+            with contextlib.suppress(WaitTimeout):
+                got = await sub.next(timeout=0)  # opens; nothing is stored: WaitTimeout
+                raise RuntimeError(f"{topic!r} already holds message {got.seq}")
+            return sub
+
+        self.subs = await _bounded([one(d) for d in self.drivers[:count]])
+        return len(self.subs)
+
+    async def topic_arm(self, timeout: float) -> int:
+        """Every listening subscription waits for its next message (`collect`: when it had
+        it, and its seq)."""
+
+        async def one(sub: Any) -> tuple[float, int]:
+            msg = await sub.next(timeout)
+            return now(), int(msg.seq)
+
+        self.pending = [asyncio.create_task(one(s)) for s in self.subs]
+        await asyncio.sleep(0)  # each one waits on its subscription before we answer
+        return len(self.pending)
+
+    async def topic_unlisten(self) -> None:
+        subs, self.subs = self.subs, []
+        await _bounded([s.close() for s in subs])
+
+    async def topic_catchup(self, topic: str, count: int, m: int, timeout: float) -> list[float]:
+        """The first `count` drivers each subscribe late to `topic` (holding `m` messages)
+        and read it whole; when each was done."""
+
+        async def one(d: Any) -> float:
+            async with d.subscribe(topic) as sub:
+                got = await sub.take(m, timeout)
+            seqs = [g.seq for g in got]
+            if len(got) != m or seqs != sorted(set(seqs)):
+                raise RuntimeError(f"catch-up on {topic!r}: {len(got)} messages, out of order")
+            return now()
+
+        async with asyncio.timeout(timeout):
+            return list(await asyncio.gather(*(one(d) for d in self.drivers[:count])))
+
+    async def topic_publish(
+        self, topic: str, writers: int, seconds: float, data: bytes
+    ) -> dict[str, Any]:
+        """`writers` of this worker's drivers publish `data` on `topic` in a loop."""
+
+        async def one(d: Any, deadline: float) -> list[float]:
+            lat = []
+            while now() < deadline:
+                t = now()
+                await d.publish(topic, data)
+                lat.append(now() - t)
+            return lat
+
+        start = now()
+        deadline = start + seconds
+        lats = await asyncio.gather(*(one(d, deadline) for d in self.drivers[:writers]))
+        return {"start": start, "end": now(), "lat": [x for xs in lats for x in xs]}
+
     # -- raw NATS: fan-out subscribers and request/reply ----------------------------------
 
     async def raw_open(self, url: str, k: int, subject: str | None) -> int:
@@ -313,6 +381,85 @@ class Worker:
         await _bounded([ps.aclose() for _, ps in clients])
         await _bounded([r.aclose() for r, _ in clients])
 
+    # -- Redis streams and pub/sub, the topics' peer (bench/topics.py) --------------------
+
+    async def redis_xread_arm(self, key: str, after: str, count: int, block_ms: int) -> int:
+        """The first `count` clients block in `XREAD BLOCK .. STREAMS key after` (Testground's
+        sync service: one blocking XREAD per subscriber); `collect`: when each had the entry,
+        and its id."""
+
+        async def one(r: Any) -> tuple[float, str]:
+            got = _stream_entries(await r.xread({key: after}, block=block_ms))
+            if not got:
+                raise TimeoutError(f"XREAD on {key} got nothing in {block_ms} ms")
+            return now(), got[0][0]
+
+        self.pending = [asyncio.create_task(one(r)) for r, _ in self.redis[:count]]
+        await asyncio.sleep(0)
+        return len(self.pending)
+
+    async def redis_sub_listen(self, channel: str, count: int) -> int:
+        """The first `count` clients SUBSCRIBE to `channel` (confirmed)."""
+
+        async def one(ps: Any) -> None:
+            await ps.subscribe(channel)
+            await _next_message(ps, "subscribe", channel.encode())
+
+        await _bounded([one(ps) for _, ps in self.redis[:count]])
+        return count
+
+    async def redis_sub_arm(self, channel: str, count: int) -> int:
+        """The first `count` subscribers wait for the next message on `channel` (`collect`)."""
+
+        async def one(ps: Any) -> float:
+            await _next_message(ps, "message", channel.encode())
+            return now()
+
+        self.pending = [asyncio.create_task(one(ps)) for _, ps in self.redis[:count]]
+        await asyncio.sleep(0)
+        return len(self.pending)
+
+    async def redis_sub_unlisten(self, channel: str, count: int) -> None:
+        await _bounded([ps.unsubscribe(channel) for _, ps in self.redis[:count]])
+
+    async def redis_catchup(
+        self, key: str, count: int, m: int, batch: int | None, timeout: float
+    ) -> list[float]:
+        """The first `count` clients each read the stream `key` (holding `m` entries) from
+        the start: `XREAD STREAMS key <last id>` until all came, `batch` entries a read at
+        most (None: all there are); when each was done."""
+
+        async def one(r: Any) -> float:
+            last, n = "0-0", 0
+            while n < m:
+                got = _stream_entries(await r.xread({key: last}, count=batch))
+                if not got:
+                    raise RuntimeError(f"catch-up on {key}: {n} of {m} entries")
+                n += len(got)
+                last = got[-1][0]
+            return now()
+
+        async with asyncio.timeout(timeout):
+            return list(await asyncio.gather(*(one(r) for r, _ in self.redis[:count])))
+
+    async def redis_xadd_loop(
+        self, key: str, writers: int, seconds: float, data: bytes
+    ) -> dict[str, Any]:
+        """`writers` of this worker's clients XADD `data` to `key` in a loop."""
+
+        async def one(r: Any, deadline: float) -> list[float]:
+            lat = []
+            while now() < deadline:
+                t = now()
+                await r.xadd(key, {"d": data})
+                lat.append(now() - t)
+            return lat
+
+        start = now()
+        deadline = start + seconds
+        lats = await asyncio.gather(*(one(r, deadline) for r, _ in self.redis[:writers]))
+        return {"start": start, "end": now(), "lat": [x for xs in lats for x in xs]}
+
     # -- ZooKeeper: kazoo's DoubleBarrier (enter) -----------------------------------------
 
     async def zk_open(self, hosts: str, k: int) -> int:
@@ -366,7 +513,8 @@ class Worker:
     async def close_all(self) -> None:
         for t in self.pending:
             t.cancel()
-        for close in (self.nats_close, self.raw_close, self.redis_close, self.zk_close):
+        closers = (self.topic_unlisten, self.nats_close, self.raw_close, self.redis_close)
+        for close in (*closers, self.zk_close):
             with contextlib.suppress(Exception):
                 await close()
 
@@ -376,6 +524,15 @@ async def _next_message(ps: Any, kind: str, channel: bytes) -> None:
         msg = await ps.get_message(timeout=None)
         if msg is not None and msg["type"] == kind and msg["channel"] == channel:
             return
+
+
+def _stream_entries(reply: Any) -> list[tuple[str, Any]]:
+    """The (id, fields) of an XREAD reply on one stream (RESP2 list or RESP3 map); ids as text."""
+    if not reply:
+        return []
+    streams = list(reply.values()) if isinstance(reply, dict) else [s[1] for s in reply]
+    entries = streams[0][0] if isinstance(reply, dict) and streams and streams[0] else streams[0]
+    return [(i.decode() if isinstance(i, bytes) else str(i), f) for i, f in entries]
 
 
 def _zk_enter(client: Any, path: str, n: int, i: int) -> tuple[float, float, float]:
