@@ -68,6 +68,10 @@ def test_names_match_the_protocol_module() -> None:
           reached: names.reachedSubject(exp, event, 6),
           inbox: names.inboxPrefix(exp),
           msgId: names.msgId(exp, "server-3", event, "9f2c41d07ab3e865"),
+          topic: names.topicSubject(exp, "config"),
+          stored: names.storedSubject(exp, "config"),
+          topics: names.topicsStream(exp),
+          topicMsgId: names.topicMsgId(exp, "server-3", "config", "9f2c41d07ab3e865"),
         }}));
     """
     result = run("node", "--input-type=module", "-e", script)
@@ -82,4 +86,8 @@ def test_names_match_the_protocol_module() -> None:
         "reached": p.reached_subject(exp, event, 6),
         "inbox": p.inbox_prefix(exp),
         "msgId": p.event_msg_id(exp, "server-3", event, "9f2c41d07ab3e865"),
+        "topic": p.topic_subject(exp, "config"),
+        "stored": p.stored_subject(exp, "config"),
+        "topics": p.topics_stream(exp),
+        "topicMsgId": p.topic_msg_id(exp, "server-3", "config", "9f2c41d07ab3e865"),
     }

@@ -72,6 +72,17 @@ async def test_subscribers_before_and_after_see_the_same_messages_once(nats_serv
         assert [m.data for m in seen_live] == [m.data for m in seen_late]
 
 
+async def test_what_a_take_got_before_its_timeout_is_not_lost(nats_server) -> None:
+    async with experiment(nats_server) as ex, Driver(ex.config()) as d:
+        await d.publish("t", b"1")
+        await d.publish("t", b"2")
+        async with d.subscribe("t") as sub:
+            with pytest.raises(WaitTimeout, match="waiting for 3 messages on 't' \\(2 came\\)"):
+                await sub.take(3, timeout=0)
+            await d.publish("t", b"3")
+            assert [m.data for m in await sub.take(3, timeout=30)] == [b"1", b"2", b"3"]
+
+
 async def test_a_retried_publish_is_stored_once(nats_server) -> None:
     async with experiment(nats_server) as ex, Driver(ex.config()) as d:
         first = await topics.publish(d.bus, "t", b"once", msg_id="x.t-0.topic.t.1", pod="t-0")

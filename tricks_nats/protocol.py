@@ -17,6 +17,12 @@ from tricks_nats.wirenames import (
     INCR_HEADER as INCR_HEADER,
 )
 from tricks_nats.wirenames import (
+    JS_ID_IN_PROCESS as JS_ID_IN_PROCESS,
+)
+from tricks_nats.wirenames import (
+    JS_NO_MESSAGE as JS_NO_MESSAGE,
+)
+from tricks_nats.wirenames import (
     JSON_TYPE as JSON_TYPE,
 )
 from tricks_nats.wirenames import (
@@ -196,11 +202,6 @@ class CounterValue(msgspec.Struct, forbid_unknown_fields=False):
     """Body of a counter message and of a direct get on the counts stream."""
 
     val: str
-
-
-#: JetStream's err_code for a publish whose message id an earlier publish, not yet applied,
-#: carries ("duplicate message id is in process": a stream whose leader just changed).
-JS_ID_IN_PROCESS = 10158
 
 
 class ApiError(msgspec.Struct, forbid_unknown_fields=False):

@@ -118,8 +118,8 @@ def _read_after(conn: Connection, topic: str, last: int) -> Message | None:
     )
     answer = _json(reply.data)
     error = answer.get("error")
-    if isinstance(error, dict) and error.get("code") == 404:
-        return None
+    if isinstance(error, dict) and error.get("err_code") == w.JS_NO_MESSAGE:
+        return None  # nothing after `last`: up to date (a missing stream is another 404)
     got = answer.get("message")
     if error or not isinstance(got, dict) or not isinstance(got.get("seq"), int):
         raise TricksError(f"reading topic {topic!r}: {error or reply.data[:100]!r}")

@@ -153,6 +153,8 @@ class Subscription:
         self._stack = contextlib.ExitStack()
         self._closed = False
         self._lock = asyncio.Lock()
+        #: Messages a `take` got before its timeout ran out: the next calls return them first.
+        self._held: list[TopicMessage] = []
 
     async def _open(self) -> None:
         bus = self._bus
@@ -186,6 +188,8 @@ class Subscription:
         """The next message (waiting for it to be published). `WaitTimeout` when `timeout`
         (seconds) runs out; `TricksError` once closed; `NatsUnavailable`, `PermissionDenied`."""
         async with self._lock:  # one reader at a time: the order is the subscription's
+            if self._held:
+                return self._held.pop(0)
             try:
                 if timeout is not None and timeout <= 0:  # look once: no waiting for more
                     found = await self._next(wait=False)
@@ -204,15 +208,20 @@ class Subscription:
 
     async def take(self, count: int, timeout: float | None = None) -> list[TopicMessage]:
         """The next `count` messages; `timeout` bounds the whole call (`WaitTimeout`: the
-        message says how many came)."""
+        message says how many came; those are kept, the next call returns them first)."""
         if count < 0:
             raise TricksError(f"count must be >= 0, got {count}")
         got: list[TopicMessage] = []
         try:
-            async with asyncio.timeout(timeout):
+            if timeout is not None and timeout <= 0:  # what is there, waiting for nothing
                 while len(got) < count:
-                    got.append(await self.next())
-        except TimeoutError as exc:
+                    got.append(await self.next(0))
+            else:
+                async with asyncio.timeout(timeout):
+                    while len(got) < count:
+                        got.append(await self.next())
+        except (TimeoutError, WaitTimeout) as exc:
+            self._held[:0] = got
             raise WaitTimeout(
                 f"timed out after {timeout:g}s waiting for {count} messages on "
                 f"{self.topic!r} ({len(got)} came)"
@@ -286,8 +295,8 @@ class Subscription:
                 f"reading topic {self.topic!r}: not a stream message: {reply.data[:100]!r}"
             ) from exc
         if answer.error is not None:
-            if answer.error.code == 404:
-                return None
+            if answer.error.err_code == p.JS_NO_MESSAGE:
+                return None  # nothing after `last`: up to date
             raise TricksError(f"reading topic {self.topic!r}: {answer.error.description}")
         if got is None or got.seq <= last:
             raise TricksError(f"reading topic {self.topic!r}: no message in {reply.data[:100]!r}")

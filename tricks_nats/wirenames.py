@@ -164,6 +164,12 @@ def topic_msg_id(exp: str, pod: str, topic: str, nonce: str) -> str:
 MAX_TOPIC_BYTES = 1_000_000
 #: What the topics stream may hold in all: past it, publishes are refused.
 TOPICS_STREAM_BYTES = 1 << 30
+#: JetStream's err_code for a message get that found nothing (code 404; a stream that does not
+#: exist is a 404 too, err_code 10059).
+JS_NO_MESSAGE = 10037
+#: JetStream's err_code for a publish whose message id an earlier publish, not yet applied,
+#: carries ("duplicate message id is in process": a stream whose leader just changed).
+JS_ID_IN_PROCESS = 10158
 #: Header of a topic message whose data is JSON (`publish --json`, a non-bytes value).
 TYPE_HEADER = "Tricks-Type"
 JSON_TYPE = "json"

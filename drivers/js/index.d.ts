@@ -62,6 +62,59 @@ export interface WaitOptions {
   timeout?: number;
 }
 
+/** A topic message's data holds at most this many bytes (1,000,000). */
+export declare const MAX_TOPIC_BYTES: number;
+
+/** One message of a topic, as a subscription delivers it (PROTOCOL.md 6.8). */
+export interface TopicMessage {
+  readonly topic: string;
+  /** Its place in the run's topics stream: increasing within a topic, not consecutive. */
+  readonly seq: number;
+  /** The publisher, as it says (`<tag>-<pod_id>`; pods share credentials: not proven). */
+  readonly pod: string;
+  /** The data, as published (JSON and text as their UTF-8 bytes). */
+  readonly data: Uint8Array;
+  /** Whether the publisher marked the data as JSON (`Tricks-Type: json`). */
+  readonly isJson: boolean;
+  /** The data as text (UTF-8; bytes that are not become U+FFFD). */
+  text(): string;
+  /**
+   * The data decoded as JSON.
+   * @throws {TricksError} the data is not JSON
+   */
+  json(): any;
+}
+
+/**
+ * Every message of one topic from the start of the run, in order, each exactly once, across
+ * reconnects and server restarts: `for await (const msg of sub)` (ends when the subscription
+ * or its driver is closed; `break` leaves it open), `next`, `take`. Calls take turns (a
+ * call's timeout counts from the call: one that runs out before its turn takes nothing).
+ */
+export interface Subscription extends AsyncIterable<TopicMessage> {
+  readonly topic: string;
+  /**
+   * Bytes of republished messages kept at most while no call takes them (default 64 MiB);
+   * past it they are dropped and read from the stream instead: nothing is lost.
+   */
+  bufferBytes: number;
+  /**
+   * The next message, waiting for one to be published (`options.timeout`: seconds; absent:
+   * forever).
+   * @throws {WaitTimeout} the timeout ran out first
+   * @throws {TricksError} the subscription or its driver is closed
+   */
+  next(options?: WaitOptions): Promise<TopicMessage>;
+  /**
+   * The next `count` messages; `options.timeout` bounds the whole call.
+   * @throws {WaitTimeout} the timeout ran out first (the message says how many came; they
+   *   stay with the subscription: the next call returns them first)
+   */
+  take(count: number, options?: WaitOptions): Promise<TopicMessage[]>;
+  /** Stop listening; pending calls fail with a TricksError. Never fails; twice is harmless. */
+  close(): Promise<void>;
+}
+
 /** Read TAG, REPLICAS, POD_ID, EXP_ID, POD_IP, TRICKS_NATS_URL, ... (PROTOCOL.md section 1). */
 export declare function configFromEnv(env?: Record<string, string | undefined>): Config;
 
@@ -89,6 +142,14 @@ export declare const names: {
   metricsStream(exp: string): string;
   /** `<exp>.<pod>.metrics.<nonce>`: a batch's Nats-Msg-Id, the same on its retries. */
   metricsMsgId(exp: string, pod: string, nonce: string): string;
+  /** `tricks.<exp>.topic.<topic>`: pods publish a topic's messages here (a request). */
+  topicSubject(exp: string, topic: string): string;
+  /** `tricks.<exp>.stored.<topic>`: the topics stream republishes what it stores here. */
+  storedSubject(exp: string, topic: string): string;
+  /** `tricks-<exp>-topics`: the stream that keeps every topic's messages for the run. */
+  topicsStream(exp: string): string;
+  /** `<exp>.<pod>.topic.<topic>.<nonce>`: a publish's Nats-Msg-Id, the same on its retries. */
+  topicMsgId(exp: string, pod: string, topic: string, nonce: string): string;
 };
 
 /** Ride-out tuning of Driver.connect (milliseconds). */
@@ -177,8 +238,30 @@ export declare class Driver {
   /** Samples dropped so far (a full buffer, a batch refused or not taken); cumulative. */
   readonly dropped: number;
   /**
+   * Add one message to `topic`, kept for the whole run and stored exactly once (its retries
+   * carry one message id); every subscriber gets it, also those that subscribe later. `data`:
+   * a Uint8Array/Buffer (raw bytes), a string (UTF-8 text) or any other JSON-able value
+   * (sent as JSON, `isJson` for subscribers); at most 1,000,000 bytes. Resolves to the
+   * message's seq (increasing within a topic).
+   * @throws {TricksError} a bad topic, data too large or not JSON-able (at once), the stream
+   *   refused it (full)
+   */
+  publish(topic: string, data: unknown): Promise<number>;
+  /**
+   * The publish with a given Nats-Msg-Id (`names.topicMsgId(...)`): calls with the same id
+   * store the message once (to retry a publish that failed); the seq of the first.
+   */
+  publishWithId(topic: string, data: unknown, msgId: string): Promise<number>;
+  /**
+   * Every message of `topic` from the start of the run, in order, each exactly once, across
+   * reconnects and server restarts. Subscribes at once.
+   * @throws {TricksError} a bad topic name, or the driver is closed (at once)
+   */
+  subscribe(topic: string): Subscription;
+  /**
    * Send the buffered samples (10 s at most), then drain and close the connection; pending
-   * calls (a waitEvent, a blocking discover) fail at once with a TricksError. Never fails;
+   * calls (a waitEvent, a blocking discover, a subscription's next) fail at once with a
+   * TricksError, and subscriptions' iterations end. Never fails;
    * calling it again is harmless.
    */
   close(): Promise<void>;

@@ -39,6 +39,19 @@ try {
   await tricks.flush();
   console.log("recorded 3");
 
+  const mine = await tricks.publish("greeting", { tag: me.tag, pod_id: me.podId });
+  const greetTotal = Number(process.env.GREET_TOTAL ?? me.replicas);
+  const greetings = tricks.subscribe("greeting");
+  const greeted = await greetings.take(greetTotal, { timeout: 60 });
+  await greetings.close();
+  assert.ok(greeted.every((m, i) => i === 0 || m.seq > greeted[i - 1].seq));
+  assert.ok(greeted.some((m) => {
+    const body = m.isJson ? m.json() : null;
+    return m.seq === mine && m.pod === `${process.env.TAG}-${process.env.POD_ID}` &&
+      body?.tag === me.tag && body?.pod_id === me.podId;
+  }));
+  console.log(`exchanged ${greeted.length}`);
+
   await assert.rejects(tricks.waitEvent("never", 1, { timeout: 0.5 }), (err) => {
     assert.ok(err instanceof WaitTimeout);
     console.log(`timed out as expected: ${err.message}`);

@@ -7,11 +7,13 @@ example of one.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import itertools
 import json
 import os
 import secrets
-from typing import Any
+from typing import Any, NamedTuple
 
 import nats
 from nats.aio.client import Client
@@ -20,8 +22,10 @@ from nats.aio.msg import Msg
 E = os.environ
 EXP, TAG, POD_ID, REPLICAS = E["EXP_ID"], E["TAG"], int(E["POD_ID"]), int(E["REPLICAS"])
 POD = f"{TAG}-{POD_ID}"
-COUNTS, PODS = f"tricks-{EXP}-counts", f"tricks-{EXP}-pods"
+COUNTS, PODS, TOPICS = f"tricks-{EXP}-counts", f"tricks-{EXP}-pods", f"tricks-{EXP}-topics"
 RECOVERY_S = 20.0
+#: The queues of the open topic subscriptions: each hears of every reconnect (PROTOCOL 6.8, 4).
+SUBSCRIBED: list[asyncio.Queue[Msg | None]] = []
 
 
 class Timeout(Exception):
@@ -139,6 +143,114 @@ async def record(nc: Client, samples: list[list[Any]]) -> bool:  # PROTOCOL 6.6
     return bool(acks[1].get("duplicate")) and acks[0]["seq"] == acks[1]["seq"]
 
 
+async def publish(nc: Client, topic: str, body: bytes, is_json: bool) -> int:  # PROTOCOL 6.7
+    headers = {
+        "Nats-Msg-Id": f"{EXP}.{POD}.topic.{topic}.{secrets.token_hex(8)}",
+        "Tricks-Pod": POD,
+    }
+    if is_json:
+        headers["Tricks-Type"] = "json"
+    loop = asyncio.get_running_loop()
+    deadline, pause = loop.time() + RECOVERY_S, 0.05
+    while True:  # the same request (same id) on every retry: stored once
+        ack = json.loads((await request(nc, f"tricks.{EXP}.topic.{topic}", headers, body)).data)
+        error = ack.get("error")
+        if not error:
+            return int(ack["seq"])
+        if error.get("err_code") != 10158 or loop.time() + pause >= deadline:
+            raise RuntimeError(f"publish on {topic} refused: {error.get('description')}")
+        await asyncio.sleep(pause)  # "duplicate message id is in process": ask again
+        pause = min(pause * 2, 1.0)
+
+
+class TopicMessage(NamedTuple):
+    seq: int
+    pod: str
+    data: bytes
+    is_json: bool
+
+
+def header_block(block: bytes) -> dict[str, str]:
+    """`NATS/1.0\r\nKey: Value\r\n...` (a stored message's `hdrs`) as a dict."""
+    lines = block.decode(errors="replace").split("\r\n")[1:]
+    return {k.strip(): v.strip() for k, sep, v in (ln.partition(":") for ln in lines) if sep}
+
+
+class Topic:  # PROTOCOL 6.8
+    """Every message of a topic from the start of the run, in order, each once."""
+
+    def __init__(self, nc: Client, topic: str) -> None:
+        self.nc, self.topic, self.last, self.behind = nc, topic, 0, True
+        self.queue: asyncio.Queue[Msg | None] = asyncio.Queue()  # None: reconnected
+
+    async def open(self) -> None:
+        SUBSCRIBED.append(self.queue)
+        # 1. subscribe FIRST: stored later reaches it, stored before is found by the reads
+        self.sub = await self.nc.subscribe(f"tricks.{EXP}.stored.{self.topic}", cb=self.queue.put)
+
+    async def close(self) -> None:
+        SUBSCRIBED.remove(self.queue)
+        with contextlib.suppress(nats.errors.Error):
+            await self.sub.unsubscribe()
+
+    async def read(self) -> TopicMessage | None:
+        """2. The topic's first message after `last`, from the stream's leader (None: none)."""
+        body = json.dumps(
+            {"seq": self.last + 1, "next_by_subj": f"tricks.{EXP}.topic.{self.topic}"}
+        )
+        reply = await request(self.nc, f"$JS.API.STREAM.MSG.GET.{TOPICS}", None, body.encode())
+        answer = json.loads(reply.data)
+        if "error" in answer:
+            if answer["error"].get("err_code") == 10037:
+                return None  # "no message found": up to date
+            raise RuntimeError(f"reading {self.topic}: {answer['error'].get('description')}")
+        got = answer["message"]
+        h = header_block(base64.b64decode(got.get("hdrs") or ""))
+        data = base64.b64decode(got.get("data") or "")
+        return TopicMessage(
+            got["seq"], h.get("Tricks-Pod", ""), data, h.get("Tricks-Type") == "json"
+        )
+
+    async def next(self, timeout: float) -> TopicMessage:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self.behind:
+                found = await self.read()
+                if found is None:
+                    self.behind = False
+                    continue
+                self.last = found.seq
+                return found
+            try:
+                msg = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise Timeout(f"no message on {self.topic} after seq {self.last}") from None
+            if msg is None:
+                self.behind = True  # 4. reconnected: republished messages may have been lost
+                continue
+            h = msg.headers or {}
+            try:  # 3. a republished message
+                seq, prev = int(h["Nats-Sequence"]), int(h["Nats-Last-Sequence"])
+            except (KeyError, ValueError):
+                print(f"ignoring a republished message without sequences: {h}", flush=True)
+                continue
+            if seq <= self.last:
+                continue  # delivered already (by a read)
+            if prev != self.last:
+                self.behind = True  # one was missed: the reads deliver it, then this one
+                continue
+            self.last = seq
+            return TopicMessage(
+                seq, h.get("Tricks-Pod", ""), msg.data, h.get("Tricks-Type") == "json"
+            )
+
+
+async def reconnected() -> None:
+    for queue in SUBSCRIBED:
+        queue.put_nowait(None)
+
+
 async def main() -> None:
     if E.get("TRICKS_PROTOCOL", "2") not in ("", "2"):
         raise SystemExit(f"TRICKS_PROTOCOL={E['TRICKS_PROTOCOL']}: this pod speaks protocol 2")
@@ -148,6 +260,7 @@ async def main() -> None:
         password=E.get("TRICKS_NATS_PASSWORD") or None,
         inbox_prefix=f"_INBOX_{EXP}",  # nats-py adds a random token per connection
         name=f"tricks-{EXP}-{POD}",
+        reconnected_cb=reconnected,
     )
     try:
         print(f"config {TAG} {POD_ID}/{REPLICAS} {EXP} {E['POD_IP']}", flush=True)
@@ -175,6 +288,24 @@ async def main() -> None:
         stored_once = await record(nc, [*samples, [now, "conformance_ms", POD_ID * 10 + 3]])
         assert stored_once
         print("recorded 3", flush=True)
+
+        hello = {"tag": TAG, "pod_id": POD_ID}
+        mine = await publish(nc, "greeting", json.dumps(hello).encode(), is_json=True)
+        greetings = Topic(nc, "greeting")
+        await greetings.open()
+        loop, got = asyncio.get_running_loop(), []
+        deadline = loop.time() + 60  # one deadline for all of them
+        try:
+            for _ in range(int(E.get("GREET_TOTAL", REPLICAS))):
+                got.append(await greetings.next(deadline - loop.time()))
+        finally:
+            await greetings.close()
+        assert all(a.seq < b.seq for a, b in itertools.pairwise(got)), got
+        assert any(
+            m.seq == mine and m.pod == POD and m.is_json and json.loads(m.data) == hello
+            for m in got
+        ), got
+        print(f"exchanged {len(got)}", flush=True)
 
         try:
             await wait(nc, "never", 1, 0.5)

@@ -1,5 +1,5 @@
 // The tricks-nats driver for Node.js: discover peers, register events, wait for counts,
-// record samples.
+// record samples, exchange data on topics.
 //
 // It implements drivers/PROTOCOL.md (version 2) on core NATS with the official client (no
 // JetStream API: requests, subscriptions and direct gets only). Configured from the pod's
@@ -11,6 +11,8 @@
 //   await tricks.registerEvent("server-connected");
 //   await tricks.waitEvent("server-connected", 6, { timeout: 60 });
 //   tricks.record("request_ms", 12.5, { op: "get" });   // never blocks; sent in batches
+//   await tricks.publish("config", { leader: 3 });      // kept for the run; its seq
+//   for await (const msg of tricks.subscribe("config")) console.log(msg.json());
 //   await tricks.close();                               // sends what is buffered first
 //
 // Timeouts are in seconds, as in every other driver. Every call fails only with the errors
@@ -19,6 +21,10 @@
 import { randomBytes } from "node:crypto";
 
 import { connect, Empty, headers, usernamePasswordAuthenticator } from "@nats-io/transport-node";
+
+import { encodeTopicData, JS_ID_IN_PROCESS, Subscription } from "./topics.js";
+
+export { MAX_TOPIC_BYTES } from "./topics.js";
 
 /** The protocol version this driver speaks (`tricks_nats.protocol.VERSION`). */
 export const PROTOCOL_VERSION = "2";
@@ -212,6 +218,23 @@ export const names = {
    * @param {string} exp @param {string} pod @param {string} nonce
    */
   metricsMsgId: (exp, pod, nonce) => `${exp}.${pod}.metrics.${nonce}`,
+  /**
+   * Pods publish a topic's messages here (a request: the reply is the stream's ack).
+   * @param {string} exp @param {string} topic
+   */
+  topicSubject: (exp, topic) => `tricks.${exp}.topic.${topic}`,
+  /**
+   * The topics stream republishes each message it stores here (only the server may).
+   * @param {string} exp @param {string} topic
+   */
+  storedSubject: (exp, topic) => `tricks.${exp}.stored.${topic}`,
+  /** The stream that keeps every topic's messages for the run. @param {string} exp */
+  topicsStream: (exp) => `tricks-${exp}-topics`,
+  /**
+   * A publish's message id: one per call, the same on its retries.
+   * @param {string} exp @param {string} pod @param {string} topic @param {string} nonce
+   */
+  topicMsgId: (exp, pod, topic, nonce) => `${exp}.${pod}.topic.${topic}.${nonce}`,
 };
 
 /** @param {unknown} name @param {string} what */
@@ -534,6 +557,21 @@ export class Driver {
   #statusLoop;
   /** @type {Scope} the public calls: they end when the driver closes */
   #calls;
+  /** @type {Set<() => void>} called once closed or the connection gone (subscriptions) */
+  #endHooks = new Set();
+
+  /** Tell the subscriptions that the driver ended: their waiting calls end at once. */
+  #endSubscriptions() {
+    const hooks = [...this.#endHooks];
+    this.#endHooks.clear();
+    for (const hook of hooks) {
+      try {
+        hook();
+      } catch {
+        // a hook's failure is its own
+      }
+    }
+  }
 
   // The samples of record() (PROTOCOL.md 6.6). Samples are numbered in the order recorded;
   // the sender takes them from the buffer into batches, one batch in flight.
@@ -580,6 +618,7 @@ export class Driver {
     this.#gone = true;
     this.#connected = false;
     this.#shut();
+    this.#endSubscriptions();
     this.#stopSender();
     sigterm.remove(this);
   }
@@ -788,6 +827,7 @@ export class Driver {
     if (!this.#closing) {
       this.#closing = true;
       this.#shut();
+      this.#endSubscriptions();
       sigterm.remove(this);
       if (!this.nc.isClosed()) {
         const sent = await within(this.#flush(), CLOSE_FLUSH_MS / 1000);
@@ -1000,6 +1040,115 @@ export class Driver {
         );
       }
       return value;
+    });
+  }
+
+  /**
+   * Add one message to `topic` (PROTOCOL.md 6.7): kept for the whole run, stored exactly once
+   * however often the request is retried; every subscriber gets it, also those that
+   * subscribe later.
+   * @param {string} topic a name like an event name
+   * @param {unknown} data a Uint8Array/Buffer (raw bytes), a string (UTF-8 text), or any other
+   *   JSON-able value (sent as JSON, marked `Tricks-Type: json`); at most 1,000,000 bytes
+   * @returns {Promise<number>} the message's seq: its place in the run (increasing within a
+   *   topic, not consecutive)
+   * @throws {TricksError} a bad topic name, data too large or not JSON-able (at once), the
+   *   stream refused it (full); and NatsUnavailable, PermissionDenied
+   */
+  async publish(topic, data) {
+    checkName(topic, "topic");
+    const nonce = randomBytes(8).toString("hex");
+    const msgId = names.topicMsgId(this.config.experiment, this.pod, topic, nonce);
+    return this.publishWithId(topic, data, msgId);
+  }
+
+  /**
+   * The publish of PROTOCOL.md 6.7 with a given message id: calls with the same id store the
+   * message once (publish makes a fresh id per call), e.g. to retry a publish that failed.
+   * @param {string} topic
+   * @param {unknown} data as for publish
+   * @param {string} msgId the whole Nats-Msg-Id (`names.topicMsgId(exp, pod, topic, nonce)`)
+   * @returns {Promise<number>} the seq of the (first) message stored with this id
+   * @throws {TricksError} a bad topic, data or message id; and as publish
+   */
+  async publishWithId(topic, data, msgId) {
+    checkName(topic, "topic");
+    const what = `publish on topic ${JSON.stringify(topic)}`;
+    if (typeof msgId !== "string" || !/^[\x21-\x7e]+$/.test(msgId)) {
+      throw new TricksError(`${what}: bad message id ${JSON.stringify(msgId)}`);
+    }
+    const { body, isJson } = encodeTopicData(data);
+    return this.#call(what, async () => {
+      const h = headers();
+      h.set("Nats-Msg-Id", msgId);
+      h.set("Tricks-Pod", this.pod);
+      if (isJson) h.set("Tricks-Type", "json");
+      const subject = names.topicSubject(this.config.experiment, topic);
+      const deadline = Date.now() + this.recoveryMs;
+      let wait = 20;
+      for (;;) {
+        const reply = await this.#request(subject, body, what, h);
+        /** @typedef {{code?: unknown, err_code?: unknown, description?: unknown}} ApiError */
+        /** @type {{seq?: unknown, error?: ApiError} | null} */
+        let ack = null;
+        try {
+          ack = reply.json();
+        } catch {
+          // not JSON: reported below
+        }
+        const error = ack && typeof ack === "object" ? ack.error : undefined;
+        if (error && typeof error === "object") {
+          const why = error.description || `error ${error.code}`;
+          if (error.err_code !== JS_ID_IN_PROCESS) throw new TricksError(`${what} refused: ${why}`);
+          // An earlier attempt with this id is still being applied (a stream whose leader just
+          // changed): asking again soon gets its outcome, as a duplicate.
+          if (Date.now() + wait >= deadline) throw new NatsUnavailable(`cannot ${what}: ${why}`);
+          await this.#until(pause(wait), undefined, what); // a backoff, not a wait for an event
+          wait = Math.min(wait * 2, 1000);
+          continue;
+        }
+        const seq = ack && typeof ack === "object" ? ack.seq : undefined;
+        if (typeof seq === "number" && Number.isSafeInteger(seq) && seq > 0) return seq;
+        throw new TricksError(
+          `${what}: the reply is not a JetStream acknowledgement: ` +
+            JSON.stringify(reply.string().slice(0, 100)),
+        );
+      }
+    });
+  }
+
+  /**
+   * Every message of `topic` from the start of the run, in order, each exactly once, across
+   * reconnects and server restarts (PROTOCOL.md 6.8). Subscribes at once;
+   * `for await (const msg of sub)`, `sub.next({timeout})`, `sub.take(count, {timeout})`,
+   * `sub.close()`. A message: `{topic, seq, pod, data, isJson, text(), json()}`.
+   * @param {string} topic
+   * @returns {Subscription}
+   * @throws {TricksError} a bad topic name, or the driver is closed (at once)
+   */
+  subscribe(topic) {
+    checkName(topic, "topic");
+    const what = `subscribe to topic ${JSON.stringify(topic)}`;
+    this.#checkOpen(what);
+    return new Subscription(topic, {
+      experiment: this.config.experiment,
+      nc: this.nc,
+      request: (subject, body, asked) =>
+        this.#call(asked, () => this.#request(subject, body, asked)),
+      onEnd: (hook) => {
+        this.#endHooks.add(hook);
+        return () => {
+          this.#endHooks.delete(hook);
+        };
+      },
+      checkOpen: (asked) => this.#checkOpen(asked),
+      closing: () => this.#closing,
+      listen: (listener) => this.#listen(listener),
+      failure: (err) => {
+        const denied = permissionViolation(err);
+        if (denied) return this.#refused(denied, err);
+        return new NatsUnavailable(`cannot ${what}: ${describe(err)}`, { cause: err });
+      },
     });
   }
 
