@@ -209,6 +209,11 @@ export declare class Driver {
    * @throws {WaitTimeout} the timeout ran out first
    */
   waitEvent(name: string, value: number, options?: WaitOptions): Promise<number>;
+  /**
+   * registerEvent(name) then waitEvent(name, value) in one request and one notification:
+   * the cheapest barrier. `timeout` (seconds) bounds the whole call.
+   */
+  barrier(name: string, value: number, options?: WaitOptions): Promise<number>;
   /** The current count of event `name` (0 when never registered). */
   count(name: string): Promise<number>;
   /**

@@ -413,7 +413,11 @@ function unsubscribe(sub) {
   }
 }
 
-/** Why a waiter woke up. @typedef {"reached" | "reconnect" | {error: unknown}} Wakeup */
+/**
+ * Why a waiter woke up: a notification (with the count its body states, or null when it
+ * states none for this event), a reconnect, an error.
+ * @typedef {{told: number | null} | "reconnect" | {error: unknown}} Wakeup
+ */
 
 /** The wake-ups of one waiter, in order; none is lost while it is busy. */
 class Wakeups {
@@ -1201,13 +1205,39 @@ export class Driver {
   }
 
   /**
+   * `registerEvent(name)` then `waitEvent(name, value)` in one request and one notification
+   * (PROTOCOL.md 6.3, "a barrier in one request"): subscribe to the notification, then
+   * register on the same connection; the registration's reply is the first count.
+   * @param {string} name
+   * @param {number} value
+   * @param {{timeout?: number}} [options] `timeout`: seconds for the whole call (when it runs
+   *   out during the registration, that registration may have been counted)
+   * @returns {Promise<number>} the count reached, >= value
+   * @throws {WaitTimeout} the timeout ran out; and as registerEvent and waitEvent
+   */
+  async barrier(name, value, options = {}) {
+    checkName(name, "event name");
+    if (!Number.isInteger(value)) {
+      throw new TricksError(`value must be an integer, got ${value}`);
+    }
+    const timeout = checkTimeout(options?.timeout);
+    const nonce = randomBytes(8).toString("hex");
+    const msgId = names.msgId(this.config.experiment, this.pod, name, nonce);
+    return this.#call(`barrier on ${JSON.stringify(name)}`, () =>
+      this.#wait(name, value, timeout, () => this.increment(name, msgId)),
+    );
+  }
+
+  /**
    * PROTOCOL.md 6.3.
    * @param {string} name
    * @param {number} value
    * @param {number | undefined} timeout seconds
+   * @param {() => Promise<number>} [register] a barrier's registration: sent after the
+   *   subscription, on the same connection, its reply is the first read of the count
    * @returns {Promise<number>}
    */
-  async #wait(name, value, timeout) {
+  async #wait(name, value, timeout, register) {
     const what = `wait for ${JSON.stringify(name)}`;
     this.#checkOpen(what);
     const deadline = timeout === undefined ? undefined : Date.now() + timeout * 1000;
@@ -1220,12 +1250,15 @@ export class Driver {
       // one message, then the client drops the interest: the server does too (UNSUB 1)
       sub = this.nc.subscribe(subject, {
         max: 1,
-        callback: (err) => wakeups.push(err ? { error: err } : "reached"),
+        callback: (err, msg) =>
+          wakeups.push(err ? { error: err } : { told: reachedValue(msg, name) }),
       });
     };
     const unlisten = this.onReconnect(() => wakeups.push("reconnect"));
+    let registered = register === undefined;
     /**
-     * Read the count; null when the connection dropped meanwhile (a reconnect follows).
+     * Read the count (a barrier's first read registers: its reply is the count); null when
+     * the connection dropped meanwhile (a reconnect follows).
      * @param {() => Promise<unknown>} [first] what to do before (the flush)
      * @returns {Promise<number | null | "expired">} "expired": the deadline passed
      */
@@ -1234,6 +1267,11 @@ export class Driver {
       try {
         const got = await this.#until(
           (async () => {
+            if (!registered && register) {
+              const total = await register();
+              registered = true;
+              return total;
+            }
             await first?.();
             return this.#count(name);
           })(),
@@ -1248,14 +1286,15 @@ export class Driver {
     };
     try {
       subscribe();
-      let current = await read(() => this.nc.flush());
+      // a barrier registers without a flush: the server handles the SUB first anyway
+      let current = await read(register ? undefined : () => this.nc.flush());
       for (;;) {
         if (current === "expired") break;
         if (current !== null && current >= value) return current;
         const got = await this.#until(wakeups.next(), deadline, what);
         if (got === null) break;
         const wakeup = got.value;
-        if (typeof wakeup === "object") {
+        if (typeof wakeup === "object" && "error" in wakeup) {
           const denied = permissionViolation(wakeup.error);
           if (denied) throw this.#refused(denied, wakeup.error);
           throw new NatsUnavailable(`cannot ${what}: ${describe(wakeup.error)}`, {
@@ -1267,8 +1306,11 @@ export class Driver {
           current = await read(() => this.nc.flush());
           continue;
         }
-        // "reached": only a hint. Read the count; if it is short, subscribe again (the
-        // one-shot subscription is spent) before reading it once more.
+        // A notification: only the coordinator may publish it (PROTOCOL.md 9), so the
+        // count its body states ends the wait (whoever could forge it could forge the
+        // count itself). A body that states none for this event: read the count; if it is
+        // short, subscribe again (the one-shot subscription is spent), read once more.
+        if (wakeup.told !== null && wakeup.told >= value) return wakeup.told;
         current = await read();
         if (current === "expired" || (current !== null && current >= value)) continue;
         subscribe();
@@ -1623,6 +1665,26 @@ export class Driver {
     this.#lost(waiting, why);
     this.#settle();
   }
+}
+
+/**
+ * The count a notification says `event` reached (`{"event", "value"}`), or null when its body
+ * is not one for this event.
+ * @param {import("@nats-io/transport-node").Msg | undefined} msg
+ * @param {string} event
+ * @returns {number | null}
+ */
+export function reachedValue(msg, event) {
+  try {
+    const body = msg?.json();
+    if (body && typeof body === "object" && body.event === event) {
+      const value = body.value;
+      if (Number.isSafeInteger(value) && value >= 0) return value;
+    }
+  } catch {
+    // not JSON: states nothing
+  }
+  return null;
 }
 
 /**

@@ -251,29 +251,65 @@ describe("against an experiment", () => {
     assert.ok((await waiting) >= 3);
   });
 
-  test("a forged notification does not release waitEvent", async () => {
+  test("a notification that does not state the count does not release waitEvent", async () => {
+    // Only the coordinator may publish notifications (the pods' permissions), and a waiter
+    // takes the count a well-formed one states. Garbage there (sent by the coordinator's
+    // unrestricted credentials) never releases: the waiter reads the count and waits on.
     const waiter = await driver("a", 1);
     const other = await driver("b", 5);
     const admin = await ex.admin();
     try {
       let settled = false;
-      const waiting = waiter.waitEvent("forged", 1).finally(() => {
+      const waiting = waiter.waitEvent("forged", 3).finally(() => {
         settled = true;
       });
       await waiter.nc.flush(); // waitEvent subscribed before it yielded: the server has it
-      // The coordinator's credentials may publish there; the count is still 0.
-      admin.publish(names.reachedSubject(ex.exp, "forged", 1), '{"event":"forged","value":1}');
-      await admin.flush();
-      // The forgery was queued to the waiter before this PONG: it has seen it once this
-      // returns, and a round trip later it has read the count (0) and waits again.
-      await waiter.nc.flush();
-      assert.equal(await waiter.count("forged"), 0);
-      assert.equal(settled, false);
-      assert.equal(await other.registerEvent("forged"), 1); // the real one releases it
-      assert.equal(await waiting, 1);
+      for (const body of [
+        "\xff not json",
+        '{"event":"other","value":3}',
+        '{"event":"forged","value":2}',
+        '{"event":"forged"}',
+      ]) {
+        admin.publish(names.reachedSubject(ex.exp, "forged", 3), body);
+        await admin.flush();
+        // Queued to the waiter before this PONG: it has seen it once this returns, and a
+        // round trip later it has read the count (0) and waits again.
+        await waiter.nc.flush();
+        assert.equal(await waiter.count("forged"), 0);
+        assert.equal(settled, false, body);
+      }
+      for (let i = 0; i < 3; i += 1) await other.registerEvent("forged"); // the real ones
+      assert.equal(await waiting, 3);
     } finally {
       await admin.close();
     }
+  });
+
+  test("a notification that states the count ends the wait without another read", async () => {
+    const waiter = await driver("a", 1);
+    const admin = await ex.admin();
+    try {
+      const waiting = waiter.waitEvent("told", 2);
+      await waiter.nc.flush();
+      // the coordinator's credentials: what it states is taken (the count itself is 0 here)
+      admin.publish(names.reachedSubject(ex.exp, "told", 2), '{"event":"told","value":7}');
+      assert.equal(await waiting, 7);
+    } finally {
+      await admin.close();
+    }
+  });
+
+  test("barrier registers once and releases everyone at the count", async () => {
+    const pods = await Promise.all([0, 1, 2].map((i) => driver("p", i)));
+    const reached = await Promise.all(pods.map((d) => d.barrier("all-in", 3, { timeout: 60 })));
+    assert.deepEqual(reached, [3, 3, 3]);
+    assert.equal(await pods[0].count("all-in"), 3);
+    await assert.rejects(pods[0].barrier("lonely", 2, { timeout: 0.5 }), (err) => {
+      assert.ok(err instanceof WaitTimeout);
+      assert.match(err.message, /"lonely" to reach 2 \(it is 1\)/);
+      return true;
+    });
+    await assert.rejects(pods[0].barrier("bad name", 1), TricksError);
   });
 
   test("waitEvent already met returns at once", async () => {
