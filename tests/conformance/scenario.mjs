@@ -29,6 +29,24 @@ try {
   assert.ok(plain > first);
   console.log(`registered ${first} ${again} ${plain}`);
 
+  // PROTOCOL.md 9: a pod may not write a count, a notification or a stored message; the
+  // server refuses each with a permissions violation (nats.js fails the request with it).
+  const exp = me.experiment;
+  let refused = 0;
+  for (const subject of [
+    `$KV.tricks-${exp}-counts.hello`,
+    `tricks.${exp}.reached.hello.1000`,
+    `tricks.${exp}.stored.greeting`,
+  ]) {
+    try {
+      await tricks.nc.request(subject, '{"event":"hello","value":1000}', { timeout: 20000 });
+    } catch (err) {
+      if (/permissions? violation/i.test(String(err?.message ?? err))) refused += 1;
+      else throw err;
+    }
+  }
+  console.log(`forgeries refused ${refused}`);
+
   const total = Number(process.env.HELLO_TOTAL ?? 2 * me.replicas);
   const reached = await tricks.waitEvent("hello", total, { timeout: 60 });
   assert.ok(reached >= total);

@@ -13,7 +13,7 @@ import asyncio
 import os
 import secrets
 
-from tricks_nats.driver import Driver, WaitTimeout
+from tricks_nats.driver import Driver, PermissionDenied, WaitTimeout
 
 
 async def main() -> None:
@@ -35,6 +35,20 @@ async def main() -> None:
         plain = await tricks.register_event("hello")
         assert plain > first, (first, plain)
         print(f"registered {first} {again} {plain}", flush=True)
+
+        # PROTOCOL.md 9: a pod may not write a count, a notification or a stored message;
+        # the server refuses each with a permissions violation, which fails the request.
+        exp, refused, body = me.experiment, 0, b'{"event":"hello","value":1000}'
+        for subject, headers in [
+            (f"$KV.tricks-{exp}-counts.hello", {"Nats-Incr": "100"}),
+            (f"tricks.{exp}.reached.hello.1000", {}),
+            (f"tricks.{exp}.stored.greeting", {"Nats-Sequence": "1", "Nats-Last-Sequence": "0"}),
+        ]:
+            try:
+                await tricks.bus.request(subject, body, "forge", headers)
+            except PermissionDenied:
+                refused += 1
+        print(f"forgeries refused {refused}", flush=True)
 
         total = int(os.environ.get("HELLO_TOTAL", 2 * me.replicas))
         reached = await tricks.wait_event("hello", total, timeout=60)

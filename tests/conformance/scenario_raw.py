@@ -251,6 +251,40 @@ async def reconnected() -> None:
         queue.put_nowait(None)
 
 
+#: Asynchronous errors from the server: a permissions violation arrives only this way (6).
+ERRORS: list[str] = []
+ERROR_CAME = asyncio.Event()
+
+
+async def on_error(exc: Exception) -> None:
+    ERRORS.append(str(exc).lower())
+    ERROR_CAME.set()
+
+
+async def refused(subject: str) -> bool:
+    """Whether the server said "Permissions Violation for Publish to <subject>" (it says it
+    in its own time: maybe after the replies to later commands)."""
+    said = f'publish to "{subject.lower()}"'
+    async with asyncio.timeout(RECOVERY_S):
+        while not any(said in e for e in ERRORS):
+            ERROR_CAME.clear()
+            await ERROR_CAME.wait()
+    return True
+
+
+async def forge(nc: Client) -> int:
+    """PROTOCOL 9: a pod may not write a count, a notification or a stored topic message.
+    Each try gets a permissions violation; how many did."""
+    tries = [
+        (f"$KV.{COUNTS}.hello", {"Nats-Incr": "100"}),
+        (f"tricks.{EXP}.reached.hello.1000", {}),
+        (f"tricks.{EXP}.stored.greeting", {"Nats-Sequence": "1", "Nats-Last-Sequence": "0"}),
+    ]
+    for subject, headers in tries:
+        await nc.publish(subject, b'{"event":"hello","value":1000}', headers=headers or None)
+    return sum([await refused(subject) for subject, _ in tries])
+
+
 async def main() -> None:
     if E.get("TRICKS_PROTOCOL", "2") not in ("", "2"):
         raise SystemExit(f"TRICKS_PROTOCOL={E['TRICKS_PROTOCOL']}: this pod speaks protocol 2")
@@ -261,6 +295,7 @@ async def main() -> None:
         inbox_prefix=f"_INBOX_{EXP}",  # nats-py adds a random token per connection
         name=f"tricks-{EXP}-{POD}",
         reconnected_cb=reconnected,
+        error_cb=on_error,
     )
     try:
         print(f"config {TAG} {POD_ID}/{REPLICAS} {EXP} {E['POD_IP']}", flush=True)
@@ -275,6 +310,7 @@ async def main() -> None:
         plain = await register(nc, "hello", f"{EXP}.{POD}.hello.{secrets.token_hex(8)}")
         assert plain > first
         print(f"registered {first} {again} {plain}", flush=True)
+        print(f"forgeries refused {await forge(nc)}", flush=True)
 
         total = int(E.get("HELLO_TOTAL", 2 * REPLICAS))
         reached = await wait(nc, "hello", total, 60)
