@@ -491,7 +491,10 @@ def _compose(text: str, source: str) -> tuple[Any, _Located]:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         what = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
-        loc.add(line, col, f"YAML syntax error: {what}")
+        if "maximum nesting depth" in what:  # PyYAML >= 6.0.4 looks ahead past our limit
+            loc.add(line, col, f"the spec is nested too deeply (at most {MAX_DEPTH} levels)")
+        else:
+            loc.add(line, col, f"YAML syntax error: {what}")
     except yaml.YAMLError as exc:
         loc.add(1, 1, f"YAML error: {exc}")
     finally:
