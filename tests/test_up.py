@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from .conftest import ROOT, cli_env, exp_processes, start_cli
+from .test_trust_hangs import wait_until
 
 pytestmark = pytest.mark.slow
 TRICKS = [sys.executable, "-m", "tricks_nats.cli.app"]
@@ -279,7 +280,15 @@ def test_sigkill_of_up_leaves_no_pod_and_no_server(tmp_path: Path) -> None:
             exp = entry["experiment"]
             if entry["kind"] == "event" and entry == {**entry, "name": "s_start", "count": 3}:
                 break
-        family = psutil.Process(proc.pid).children(recursive=True)
+        up = psutil.Process(proc.pid)
+
+        def family_names() -> list[str]:
+            return [p.name() for p in up.children(recursive=True)]
+
+        # A pod counts as started when its shell runs; its two sleeps come a moment later
+        # (fork, then exec): nothing announces them, so look until they are there.
+        wait_until(lambda: family_names().count("sleep") == 6, "the pods' 6 sleeps")
+        family = up.children(recursive=True)
         names = [p.name() for p in family]
         assert "nats-server" in names and names.count("sleep") == 6
         server = next(p for p in family if p.name() == "nats-server").cmdline()
