@@ -383,10 +383,21 @@ async def nats_discovery(ctx: NatsCtx, pool: Pool, plan: Plan, log: Log) -> list
             f"tricks-nats discovery N={n}: {got[0].p50_ms:.1f} ms p50, "
             f"{got[0].deliveries} deliveries a round; all running: {got[1].p50_ms:.1f} ms p50"
         )
+        # the same with the roster read after the notification (drivers that ignore it)
+        try:
+            (read,) = await _discovery(ctx, pool, plan, n, carried=False)
+        except Exception as exc:
+            log(f"tricks-nats discovery N={n}, roster read, failed: {exc!r}")
+            await pool.call_all("close_all")
+            continue
+        rows.append(read)
+        log(f"tricks-nats discovery N={n}, roster read: {read.p50_ms:.1f} ms p50")
     return rows
 
 
-async def _discovery(ctx: NatsCtx, pool: Pool, plan: Plan, n: int) -> list[Row]:
+async def _discovery(
+    ctx: NatsCtx, pool: Pool, plan: Plan, n: int, *, carried: bool = True
+) -> list[Row]:
     """N pods call `discover(tag, N)` before any pod of the tag runs; the coordinator then
     runs the N pods one by one (`Rosters.started`: the roster, then `<tag>_start`). From the
     N-th pod's start being recorded to the last discover returned. Then the same N pods call
@@ -402,7 +413,9 @@ async def _discovery(ctx: NatsCtx, pool: Pool, plan: Plan, n: int) -> list[Row]:
     await pool.call("nats_open", [{"url": ctx.url, "exp": ctx.exp, "ids": g} for g in groups])
     try:
         for rep in range(rounds):
-            tag = f"d{n}-{rep}"
+            tag = f"d{n}-{rep}" + ("" if carried else "-read")
+            if carried:  # the coordinator knows the tag's size: the roster rides along
+                ctx.rosters.expect(tag, n)
             msgs0, bytes0 = await ctx.out_totals()
             meter.begin()
             t0 = now()
@@ -443,7 +456,9 @@ async def _discovery(ctx: NatsCtx, pool: Pool, plan: Plan, n: int) -> list[Row]:
         DISCOVERY,
         n,
         lat,
-        f"{len(groups)} procs, {len(lat)} rounds; roster (v2): N discover(tag, N) wait, then "
+        f"{len(groups)} procs, {len(lat)} rounds; "
+        + ("roster in the notification" if carried else "roster read after the notification")
+        + "; N discover(tag, N) wait, then "
         f"the coordinator runs the N pods one by one; from the N-th pod's start recorded to "
         f"the last discover returned; deliveries: the whole round (coordinator's writes "
         f"included), {statistics.median(deliveries) / n:.1f} per pod, {mb:.1f} MB sent; "
@@ -452,6 +467,9 @@ async def _discovery(ctx: NatsCtx, pool: Pool, plan: Plan, n: int) -> list[Row]:
         deliveries=statistics.median(deliveries),
         rss_mb=ctx.rss(),
     )
+    if not carried:
+        wait_row.measure = f"{DISCOVERY}, roster read"
+        return [wait_row]
     look_row = latency_row(
         NATS,
         DISCOVERY_RUNNING,

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 
 from tricks_nats import env as E
+from tricks_nats import protocol as p
 from tricks_nats.bus import Bus, Endpoint
 from tricks_nats.driver import Config, ConfigError, Driver, NatsUnavailable, SyncDriver, WaitTimeout
 from tricks_nats.errors import TricksError, UnknownTag
@@ -190,6 +191,39 @@ async def test_waiters_get_one_notification_not_every_increment(nats_server) -> 
         await nc.flush()
         await sub.unsubscribe()
         assert [s.rsplit(".", 1)[1] for s in seen] == ["1", "2", "3", "4", "5"]
+
+
+@pytest.mark.parametrize("whole_tag_known", [True, False])
+async def test_a_blocking_discover_of_a_whole_tag_ends_with_its_notification(
+    nats_server, whole_tag_known: bool
+) -> None:
+    """Once all of a tag's pods run, the notification of its start count carries the roster:
+    a discover waiting for the whole tag takes it from there, with no read after its first
+    look. Without the tag's size (`replicas`) the coordinator attaches none, and discover
+    reads the roster again: the same answer."""
+    from tricks_nats.registrar import Rosters
+
+    async with experiment(nats_server) as ex:
+        rosters = Rosters(ex.bus, ex.watcher, {"server": 3} if whole_tag_known else None)
+        stream = p.stream_of(p.pods_bucket(ex.exp))
+        spy = await ex.bus.nc.subscribe(f"$JS.API.DIRECT.GET.{stream}.>")  # roster reads
+        try:
+            async with Driver(ex.config("client")) as d:
+                waiting = asyncio.create_task(d.discover("server", 3, timeout=60))
+                first_look = await spy.next_msg(timeout=30)  # the roster, empty
+                for i in range(3):
+                    await rosters.started("server", i, f"127.0.0.{10 + i}")
+                peers = await waiting
+                assert [(x.pod_id, x.ip) for x in peers] == [
+                    (i, f"127.0.0.{10 + i}") for i in range(3)
+                ]
+                await ex.bus.roster("server")  # a read of ours, after discover returned
+                after = await spy.next_msg(timeout=30)
+                mine = first_look.reply.rsplit(".", 1)[0]
+                read_again = after.reply.startswith(mine)  # the driver's, sent before ours
+                assert read_again is not whole_tag_known
+        finally:
+            await spy.unsubscribe()
 
 
 async def test_barrier_releases_everyone_with_one_request_and_one_notification(

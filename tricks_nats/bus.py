@@ -660,6 +660,7 @@ class Bus:
         value: int,
         timeout: float | None = None,
         read: Callable[[], Awaitable[int]] | None = None,
+        notices: list[bytes] | None = None,
     ) -> int:
         """Return once `event` has reached `value`; resolves by subscription, never polling.
 
@@ -678,7 +679,8 @@ class Bus:
         that one message (UNSUB with a limit of 1, sent with the SUB).
 
         `read` is the first read of the count (a barrier registers there: its reply is the
-        count right after); later reads are direct gets.
+        count right after); later reads are direct gets. `notices`, when given, gets the body
+        of the notification that ended the wait (a discover takes a roster from it).
 
         A `timeout` of 0 (or less) looks once and subscribes to nothing: a wait cancelled
         inside nats-py's flush would leave the connection broken (nats.py issue 624).
@@ -694,7 +696,7 @@ class Bus:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    seen = await self._wait_notified(event, value, first)
+                    seen = await self._wait_notified(event, value, first, notices)
                     if seen >= value:
                         return seen
                     log.warning("a notification for %r = %d, but it is %d", event, value, seen)
@@ -726,7 +728,11 @@ class Bus:
         return await self.wait_count(event, value, timeout, read=register_then_count)
 
     async def _wait_notified(
-        self, event: str, value: int, read: Callable[[], Awaitable[int]]
+        self,
+        event: str,
+        value: int,
+        read: Callable[[], Awaitable[int]],
+        notices: list[bytes] | None = None,
     ) -> int:
         """One subscription: the count once it is >= value, or as read after a notification.
 
@@ -752,6 +758,8 @@ class Bus:
                 notice = await arrived
                 told = None if notice is None else p.reached_value(notice.data, event)
                 if told is not None and told >= value:
+                    if notices is not None and notice is not None:
+                        notices.append(notice.data)
                     return told  # only the coordinator may publish it (see the docstring)
                 return await self.count(event)
         finally:
@@ -809,7 +817,9 @@ class Bus:
 
         The coordinator writes a tag's roster before it counts `<tag>_start`, so: read the
         start count, then the roster (any start counted is in it); short of `count`, wait for
-        as many more starts as are missing, and look again. O(1) messages per look.
+        as many more starts as are missing, and look again. O(1) messages per look. The
+        notification that ends the wait may carry the roster (once all the tag's pods run):
+        then it is the answer, with no read (PROTOCOL.md 6.4).
         """
         if count is None:
             return await self.roster(tag)
@@ -829,7 +839,12 @@ class Bus:
                     live = await self.roster(tag)
                     if len(live) >= count:
                         return live
-                    await self.wait_count(p.start_event(tag), started + count - len(live))
+                    notices: list[bytes] = []
+                    target = started + count - len(live)
+                    await self.wait_count(p.start_event(tag), target, notices=notices)
+                    carried = p.reached_roster(notices[-1], tag) if notices else None
+                    if carried is not None and len(carried) >= count:
+                        return carried
         except TimeoutError as exc:
             live = await self.roster(tag)  # the message says how many run now
             if len(live) >= count:

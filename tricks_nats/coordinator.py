@@ -103,7 +103,7 @@ class Coordinator:
         self.queue: asyncio.Queue[Fact] = asyncio.Queue()
         self.keeper = CountKeeper(bus, self._on_count)
         self.registrar = Registrar(bus, self.keeper, exp.lifecycle)
-        self.rosters = Rosters(bus, self.keeper)
+        self.rosters = Rosters(bus, self.keeper, {t.tag: t.replicas for t in exp.tags})
         self.collector = Collector(records.root, exp, bus)
         self._fail_timer: asyncio.TimerHandle | None = None
         self._stoppers = Tasks()

@@ -32,6 +32,8 @@ class CountKeeper:
         self.counts: dict[str, int] = {}
         self._prefix = f"$KV.{p.counts_bucket(bus.exp_id)}."
         self._follower: Follower | None = None
+        #: What a notification of an event carries besides its count (the rosters' hook).
+        self.notice_extra: Callable[[str], dict[str, object] | None] = lambda _event: None
 
     async def start(self) -> None:
         """Follow the counts stream (again from where it was after a reconnect)."""
@@ -60,7 +62,9 @@ class CountKeeper:
             return
         self.counts[event] = value
         first = previous + 1 if value - previous <= MAX_NOTIFY_SPAN else value
-        body = msgspec.json.encode({"event": event, "value": value})
+        body = msgspec.json.encode(
+            {"event": event, "value": value, **(self.notice_extra(event) or {})}
+        )
         for reached in range(first, value + 1):
             await self.bus.publish(p.reached_subject(self.bus.exp_id, event, reached), body)
         self.on_change(event, value, pod)

@@ -19,7 +19,7 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -183,12 +183,40 @@ def _last_pod(group: dict[str, _Arrival]) -> str | None:
 
 
 class Rosters:
-    """Each tag's running pods, as `discover` reads them."""
+    """Each tag's running pods, as `discover` reads them. With `replicas` (pods per tag), the
+    notification that a tag's start count reached a value carries the tag's roster when all
+    its pods run: the blocking discovers of the whole tag, the usual call, then end with that
+    one message instead of N reads of it (once per tag, so O(N) bytes in all)."""
 
-    def __init__(self, bus: Bus, keeper: CountKeeper) -> None:
+    def __init__(
+        self, bus: Bus, keeper: CountKeeper, replicas: Mapping[str, int] | None = None
+    ) -> None:
         self.bus = bus
         self.keeper = keeper
         self.running: dict[str, dict[int, str]] = {}
+        self.replicas: dict[str, int] = {}
+        self._starts: dict[str, str] = {}
+        for tag, n in (replicas or {}).items():
+            self.expect(tag, n)
+        keeper.notice_extra = self._notice_extra
+
+    def expect(self, tag: str, replicas: int) -> None:
+        """`tag` has `replicas` pods: once all run, its start notifications carry the roster."""
+        self.replicas[tag] = replicas
+        self._starts[p.start_event(tag)] = tag
+
+    def _notice_extra(self, event: str) -> dict[str, object] | None:
+        tag = self._starts.get(event)
+        if tag is None or len(self.running.get(tag, ())) < self.replicas[tag]:
+            return None
+        roster = self._roster(tag)
+        if len(msgspec.json.encode(roster)) > p.MAX_NOTICE_ROSTER:
+            return None
+        return {"roster": roster}
+
+    def _roster(self, tag: str) -> p.Roster:
+        pods = [p.RosterPod(pod_id=i, ip=ip) for i, ip in sorted(self.running[tag].items())]
+        return p.Roster(tag=tag, pods=pods)
 
     async def started(self, tag: str, pod_id: int, ip: str) -> None:
         self.running.setdefault(tag, {})[pod_id] = ip
@@ -204,8 +232,7 @@ class Rosters:
         await self._count(tag, pod_id, "stop")
 
     async def _publish(self, tag: str) -> None:
-        pods = [p.RosterPod(pod_id=i, ip=ip) for i, ip in sorted(self.running[tag].items())]
-        await self.bus.put_roster(p.Roster(tag=tag, pods=pods))
+        await self.bus.put_roster(self._roster(tag))
 
     async def _count(self, tag: str, pod_id: int, what: str) -> None:
         event = p.start_event(tag) if what == "start" else p.stop_event(tag)

@@ -414,23 +414,15 @@ class Connection:
             return []
         if reply.headers.get("KV-Operation") in ("DEL", "PURGE"):
             return []
-        pods = _json_object(reply.data).get("pods")
-        out = []
-        for pod in pods if isinstance(pods, list) else []:
-            if isinstance(pod, dict) and isinstance(pod.get("pod_id"), int):
-                ip = pod.get("ip")
-                out.append(
-                    {
-                        "tag": tag,
-                        "pod_id": pod["pod_id"],
-                        "ip": ip if isinstance(ip, str) else "",
-                        "name": w.pod_name(tag, pod["pod_id"]),
-                    }
-                )
-        return sorted(out, key=lambda p: p["pod_id"])
+        return _pods(tag, _json_object(reply.data).get("pods"))
 
     def wait(
-        self, event: str, value: int, until: float | None, first: Callable[[], int] | None = None
+        self,
+        event: str,
+        value: int,
+        until: float | None,
+        first: Callable[[], int] | None = None,
+        notices: list[bytes] | None = None,
     ) -> int:
         """PROTOCOL.md 6.3: subscribe to the threshold's notification first, then read; the
         count decides. `until`: a monotonic deadline (None: forever); a WaitTimeout then.
@@ -458,6 +450,8 @@ class Connection:
                     if note is not None:
                         told = _reached(note.data, event)
                         if told is not None and told >= value:
+                            if notices is not None:
+                                notices.append(note.data)
                             return told  # only the coordinator may publish it
                         break  # not a count: read it below
                     if until is None:  # a long wait: look once in a while that we still hear
@@ -489,8 +483,9 @@ class Connection:
             live = self.roster(tag)
             if len(live) >= count:
                 return live
+            notices: list[bytes] = []
             try:
-                self.wait(start, started + count - len(live), until)
+                self.wait(start, started + count - len(live), until, notices=notices)
             except WaitTimeout:
                 live = self.roster(tag)
                 if len(live) >= count:
@@ -498,6 +493,9 @@ class Connection:
                 raise WaitTimeout(
                     f"discovering {count} pods of {tag!r} ({len(live)} running)"
                 ) from None
+            carried = _carried_roster(notices[-1], tag) if notices else None
+            if carried is not None and len(carried) >= count:
+                return carried  # the notification carried the roster (PROTOCOL.md 6.4)
 
     def store_batch(self, body: bytes) -> str | None:
         """PROTOCOL.md 6.6: one batch of samples into the metrics stream, under one message
@@ -553,6 +551,35 @@ def _reached(data: bytes, event: str) -> int | None:
     if body.get("event") != event or not isinstance(value, int) or isinstance(value, bool):
         return None
     return value
+
+
+def _pods(tag: str, pods: object) -> list[dict[str, Any]]:
+    """A roster's `pods` as discover returns them, sorted by pod id; what is not a pod is
+    skipped."""
+    out = []
+    for pod in pods if isinstance(pods, list) else []:
+        if isinstance(pod, dict) and isinstance(pod.get("pod_id"), int):
+            ip = pod.get("ip")
+            out.append(
+                {
+                    "tag": tag,
+                    "pod_id": pod["pod_id"],
+                    "ip": ip if isinstance(ip, str) else "",
+                    "name": w.pod_name(tag, pod["pod_id"]),
+                }
+            )
+    return sorted(out, key=lambda p: p["pod_id"])
+
+
+def _carried_roster(data: bytes, tag: str) -> list[dict[str, Any]] | None:
+    """The roster a `<tag>_start` notification carries, as `roster` gives it; None if none."""
+    body = _json_object(data)
+    roster = body.get("roster")
+    if body.get("event") != w.start_event(tag) or not isinstance(roster, dict):
+        return None
+    if roster.get("tag") != tag:
+        return None
+    return _pods(tag, roster.get("pods"))
 
 
 def _json_object(data: bytes) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 // Types of the tricks-nats JavaScript driver (src/index.js); testing/types-check.ts makes tsc
 // prove that the implementation matches them.
 
-import type { NatsConnection } from "@nats-io/transport-node";
+import type { Msg, NatsConnection } from "@nats-io/transport-node";
 
 /** The protocol version this driver speaks (drivers/PROTOCOL.md). */
 export declare const PROTOCOL_VERSION: "2" | string;
@@ -123,6 +123,10 @@ export declare function parseCount(data: Uint8Array): number | null;
 
 /** A roster body `{"tag", "pods": [{"pod_id", "ip"}]}` as peers sorted by pod id, or null. */
 export declare function parseRoster(tag: string, data: Uint8Array): Peer[] | null;
+/** The roster a `<tag>_start` notification carries once all the tag's pods run, or null. */
+export declare function carriedRoster(tag: string, msg: Msg | undefined): Peer[] | null;
+/** The count a notification says `event` reached, or null when its body states none. */
+export declare function reachedValue(msg: Msg | undefined, event: string): number | null;
 
 /** Subject and bucket names of one experiment (PROTOCOL.md section 4). */
 export declare const names: {

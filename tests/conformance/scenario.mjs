@@ -41,8 +41,9 @@ try {
     try {
       await tricks.nc.request(subject, '{"event":"hello","value":1000}', { timeout: 20000 });
     } catch (err) {
-      if (/permissions? violation/i.test(String(err?.message ?? err))) refused += 1;
-      else throw err;
+      if (/permissions? violation/i.test(String(err instanceof Error ? err.message : err))) {
+        refused += 1;
+      } else throw err;
     }
   }
   console.log(`forgeries refused ${refused}`);

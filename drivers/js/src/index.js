@@ -416,7 +416,7 @@ function unsubscribe(sub) {
 /**
  * Why a waiter woke up: a notification (with the count its body states, or null when it
  * states none for this event), a reconnect, an error.
- * @typedef {{told: number | null} | "reconnect" | {error: unknown}} Wakeup
+ * @typedef {{told: number | null, msg?: import("@nats-io/transport-node").Msg} | "reconnect" | {error: unknown}} Wakeup
  */
 
 /** The wake-ups of one waiter, in order; none is lost while it is busy. */
@@ -1235,9 +1235,11 @@ export class Driver {
    * @param {number | undefined} timeout seconds
    * @param {() => Promise<number>} [register] a barrier's registration: sent after the
    *   subscription, on the same connection, its reply is the first read of the count
+   * @param {(import("@nats-io/transport-node").Msg | undefined)[]} [notices] gets the
+   *   notification that ended the wait (a discover takes a roster from it)
    * @returns {Promise<number>}
    */
-  async #wait(name, value, timeout, register) {
+  async #wait(name, value, timeout, register, notices) {
     const what = `wait for ${JSON.stringify(name)}`;
     this.#checkOpen(what);
     const deadline = timeout === undefined ? undefined : Date.now() + timeout * 1000;
@@ -1251,7 +1253,7 @@ export class Driver {
       sub = this.nc.subscribe(subject, {
         max: 1,
         callback: (err, msg) =>
-          wakeups.push(err ? { error: err } : { told: reachedValue(msg, name) }),
+          wakeups.push(err ? { error: err } : { told: reachedValue(msg, name), msg }),
       });
     };
     const unlisten = this.onReconnect(() => wakeups.push("reconnect"));
@@ -1310,7 +1312,10 @@ export class Driver {
         // count its body states ends the wait (whoever could forge it could forge the
         // count itself). A body that states none for this event: read the count; if it is
         // short, subscribe again (the one-shot subscription is spent), read once more.
-        if (wakeup.told !== null && wakeup.told >= value) return wakeup.told;
+        if (wakeup.told !== null && wakeup.told >= value) {
+          notices?.push(wakeup.msg);
+          return wakeup.told;
+        }
         current = await read();
         if (current === "expired" || (current !== null && current >= value)) continue;
         subscribe();
@@ -1365,8 +1370,11 @@ export class Driver {
         const starts = await this.#count(started); // FIRST the count,
         const pods = await this.#roster(tag); // THEN the roster (it has every start counted)
         if (pods.length >= count) return pods;
+        /** @type {(import("@nats-io/transport-node").Msg | undefined)[]} */
+        const notices = [];
         try {
-          await this.#wait(started, starts + (count - pods.length), remaining(deadline));
+          const target = starts + (count - pods.length);
+          await this.#wait(started, target, remaining(deadline), undefined, notices);
         } catch (err) {
           if (!(err instanceof WaitTimeout)) throw err;
           const now = await this.#roster(tag);
@@ -1376,6 +1384,9 @@ export class Driver {
               `(${now.length} running)`,
           );
         }
+        // once all the tag's pods run, the notification carries the roster: no read
+        const carried = notices.length ? carriedRoster(tag, notices[notices.length - 1]) : null;
+        if (carried && carried.length >= count) return carried;
       }
     });
   }
@@ -1717,6 +1728,34 @@ export function parseRoster(tag, data) {
   } catch {
     return null;
   }
+  return rosterPeers(tag, body);
+}
+
+/**
+ * The roster a `<tag>_start` notification carries once all the tag's pods run (PROTOCOL.md
+ * 6.4), or null when it carries none.
+ * @param {string} tag
+ * @param {import("@nats-io/transport-node").Msg | undefined} msg
+ * @returns {Peer[] | null}
+ */
+export function carriedRoster(tag, msg) {
+  try {
+    const body = msg?.json();
+    if (!body || typeof body !== "object" || body.event !== `${tag}_start`) return null;
+    if (!body.roster || body.roster.tag !== tag) return null;
+    return rosterPeers(tag, body.roster);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * A roster's pods as Peers sorted by pod id, or null when it is not a roster.
+ * @param {string} tag
+ * @param {unknown} body
+ * @returns {Peer[] | null}
+ */
+function rosterPeers(tag, body) {
   const pods = /** @type {{pods?: unknown} | null} */ (body)?.pods;
   if (typeof body !== "object" || body === null || !Array.isArray(pods)) return null;
   /** @type {Peer[]} */
