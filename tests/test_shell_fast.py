@@ -102,6 +102,41 @@ async def test_a_barrier_of_shell_pods_releases_all_on_either_path(nats_server) 
         assert code == 1 and "'lonely' to reach 2 (it is 1)" in err
 
 
+async def test_a_shell_discover_of_a_whole_tag_ends_with_its_notification(nats_server) -> None:
+    """PROTOCOL.md 6.4 on the fast path: once all the tag's pods run, the start notification
+    carries the roster, and `discover --count` prints it without reading the roster again."""
+    from tricks_nats import protocol as p
+    from tricks_nats.registrar import Rosters
+
+    async with experiment(nats_server) as ex:
+        rosters = Rosters(ex.bus, ex.watcher, {"server": 2})
+        stream = p.stream_of(p.pods_bucket(ex.exp))
+        spy = await ex.bus.nc.subscribe(f"$JS.API.DIRECT.GET.{stream}.>")  # roster reads
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "tricks-nats",
+                "discover",
+                "server",
+                "--count",
+                "2",
+                "--timeout",
+                "60",
+                env=pod_env(ex),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            first_look = await spy.next_msg(timeout=60)  # the roster, empty: it waits
+            await rosters.started("server", 0, "127.0.0.10")
+            await rosters.started("server", 1, "127.0.0.11")
+            assert await finish(proc) == (0, "0 127.0.0.10\n1 127.0.0.11\n", "")
+            await ex.bus.roster("server")  # a read of ours, after the command ended
+            after = await spy.next_msg(timeout=30)
+            assert not after.reply.startswith(first_look.reply.rsplit(".", 1)[0])
+        finally:
+            await spy.unsubscribe()
+
+
 async def test_other_forms_take_the_full_command(nats_server) -> None:
     async with experiment(nats_server) as ex:
         env = pod_env(ex)

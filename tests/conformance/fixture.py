@@ -31,6 +31,9 @@ async def _answer(bus: Bus, rosters: Rosters, words: list[str]) -> str:
         case ["pod", tag, pod_id, ip]:
             await rosters.started(tag, int(pod_id), ip)
             return "ok"
+        case ["expect", tag, replicas]:  # the tag's size: its complete roster rides along
+            rosters.expect(tag, int(replicas))
+            return "ok"
         case ["gone", tag, pod_id]:
             await rosters.stopped(tag, int(pod_id))
             return "ok"

@@ -374,6 +374,30 @@ describe("against an experiment", () => {
     ]);
   });
 
+  test("a blocking discover of a whole tag ends with its notification's roster", async () => {
+    // PROTOCOL.md 6.4: once all the tag's pods run, the start notification carries the
+    // roster; the driver returns it without reading the roster again.
+    const d = await driver("c", 0);
+    const admin = await ex.admin();
+    try {
+      const pods = names.podsStream(ex.exp);
+      const spy = admin.subscribe(`$JS.API.DIRECT.GET.${pods}.>`)[Symbol.asyncIterator]();
+      await admin.flush();
+      await ex.expect("whole", 2);
+      const blocked = d.discover("whole", 2, { timeout: 30 });
+      const firstLook = (await spy.next()).value; // the roster, empty: it waits
+      await ex.runPod("whole", 0, "127.0.0.20");
+      await ex.runPod("whole", 1, "127.0.0.21");
+      assert.deepEqual((await blocked).map((p) => p.ip), ["127.0.0.20", "127.0.0.21"]);
+      await admin.request(`$JS.API.DIRECT.GET.${pods}.${names.rosterSubject(ex.exp, "whole")}`);
+      const after = (await spy.next()).value; // ours: the driver read nothing more
+      const driverInbox = firstLook.reply.slice(0, firstLook.reply.lastIndexOf("."));
+      assert.ok(!after.reply.startsWith(driverInbox), after.reply);
+    } finally {
+      await admin.close();
+    }
+  });
+
   test("discover of a tag the experiment lacks (TRICKS_TAGS) is said at once", async () => {
     const d = await driver("c", 0, 1, { TRICKS_TAGS: "lone,client" });
     assert.deepEqual(d.config.tags, ["lone", "client"]);

@@ -301,6 +301,11 @@ export async function startExperiment(name = "js") {
      */
     runPod: (tag, podId, ip) => command(`pod ${tag} ${podId} ${ip}`),
     /**
+     * The tag has `replicas` pods: once all run, its start notifications carry the roster.
+     * @param {string} tag @param {number} replicas
+     */
+    expect: (tag, replicas) => command(`expect ${tag} ${replicas}`),
+    /**
      * The pod stopped: removed from its roster, then `<tag>_stop` counted.
      * @param {string} tag @param {number} podId
      */
