@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,49 @@ async def experiment(server: EmbeddedServer, name: str = "test") -> AsyncIterato
     finally:
         await watcher.stop()
         await bus.close()
+
+
+@dataclass
+class TwoExperiments:
+    """Two experiments on one server (registrars answering in both) and a pod's config whose
+    credentials reach only the first: its permissions (PROTOCOL.md 9)."""
+
+    buses: list[Bus]
+    own: Config  # a pod of the first experiment, with its credentials
+    other: Config  # the same credentials, pointed at the second experiment
+
+
+@contextlib.asynccontextmanager
+async def two_experiments(store: Path) -> AsyncIterator[TwoExperiments]:
+    from tricks_nats.natsserver import User
+
+    exp_a, exp_b = p.new_experiment_id("a"), p.new_experiment_id("b")
+    admin = User.random("admin")
+    pod_a = User.random("pod-a", p.pod_permissions(exp_a))
+    async with EmbeddedServer(users=[admin, pod_a], store_dir=store) as server:
+        buses = [
+            await Bus.open(Endpoint(server.url, admin.name, admin.password), e, name="adm")
+            for e in (exp_a, exp_b)
+        ]
+        try:
+            for b in buses:
+                await b.create_buckets()
+                await Registrar(b, CountKeeper(b, lambda *_: None)).start()
+            own = Config(
+                tag="t",
+                replicas=1,
+                pod_id=0,
+                experiment=exp_a,
+                pod_ip="",
+                nats_url=server.url,
+                nats_user=pod_a.name,
+                nats_password=pod_a.password,
+            )
+            yield TwoExperiments(buses, own, dataclasses.replace(own, experiment=exp_b))
+        finally:
+            for b in buses:
+                await b.delete_buckets()
+                await b.close()
 
 
 #: Python that a pod runs first to hand its environment (its credentials) to a test, which

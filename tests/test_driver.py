@@ -9,12 +9,11 @@ import pytest
 
 from tricks_nats import env as E
 from tricks_nats import protocol as p
-from tricks_nats.bus import Bus, Endpoint
 from tricks_nats.driver import Config, ConfigError, Driver, NatsUnavailable, SyncDriver, WaitTimeout
 from tricks_nats.errors import TricksError, UnknownTag
 from tricks_nats.natsserver import EmbeddedServer, User
 
-from .helpers import experiment
+from .helpers import experiment, two_experiments
 
 
 def test_config_from_env_reads_every_variable() -> None:
@@ -316,53 +315,14 @@ async def test_sync_driver_blocking_facade(nats_server) -> None:
 
 
 async def test_pod_permissions_reach_only_their_experiment(tmp_path) -> None:
-    from tricks_nats import protocol as p
-
-    exp_a, exp_b = p.new_experiment_id("a"), p.new_experiment_id("b")
-    admin = User.random("admin")
-    pod_a = User.random("pod-a", p.pod_permissions(exp_a))
-    async with EmbeddedServer(users=[admin, pod_a], store_dir=tmp_path) as server:
-        buses = [
-            await Bus.open(Endpoint(server.url, admin.name, admin.password), e, name="adm")
-            for e in (exp_a, exp_b)
-        ]
-        try:
-            from tricks_nats.counting import CountKeeper
-            from tricks_nats.registrar import Registrar
-
-            for b in buses:
-                await b.create_buckets()
-                await Registrar(b, CountKeeper(b, lambda *_: None)).start()
-            own = Config(
-                tag="t",
-                replicas=1,
-                pod_id=0,
-                experiment=exp_a,
-                pod_ip="",
-                nats_url=server.url,
-                nats_user=pod_a.name,
-                nats_password=pod_a.password,
-            )
-            async with Driver(own) as d:
-                assert await d.register_event("x") == 1
-                assert await d.discover("t") == []
-            other = Config(
-                tag="t",
-                replicas=1,
-                pod_id=0,
-                experiment=exp_b,
-                pod_ip="",
-                nats_url=server.url,
-                nats_user=pod_a.name,
-                nats_password=pod_a.password,
-            )
-            async with Driver(other) as d2:
-                with pytest.raises(TricksError, match="permissions violation"):
-                    await d2.register_event("x")
-            assert await buses[1].count("x") == 0
-        finally:
-            for b in buses:
-                await b.close()
+    async with two_experiments(tmp_path) as two:
+        async with Driver(two.own) as d:
+            assert await d.register_event("x") == 1
+            assert await d.discover("t") == []
+        async with Driver(two.other) as d2:
+            with pytest.raises(TricksError, match="permissions violation"):
+                await d2.register_event("x")
+        assert await two.buses[1].count("x") == 0
 
 
 async def test_a_timeout_of_zero_looks_once_and_leaves_the_driver_working(nats_server) -> None:
