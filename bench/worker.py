@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import time
 import traceback
@@ -135,19 +136,8 @@ class Worker:
 
     async def nats_increments(self, event: str, writers: int, seconds: float) -> dict[str, Any]:
         """`writers` of this worker's drivers increment `event` in a loop for `seconds`."""
-
-        async def one(d: Any, deadline: float) -> list[float]:
-            lat = []
-            while now() < deadline:
-                t = now()
-                await d.register_event(event)
-                lat.append(now() - t)
-            return lat
-
-        start = now()
-        deadline = start + seconds
-        lats = await asyncio.gather(*(one(d, deadline) for d in self.drivers[:writers]))
-        return {"start": start, "end": now(), "lat": [x for xs in lats for x in xs]}
+        calls = [functools.partial(d.register_event, event) for d in self.drivers[:writers]]
+        return await _in_a_loop(calls, seconds)
 
     async def nats_discover_arm(self, tag: str, n: int, timeout: float) -> int:
         """Every driver of this worker starts `discover(tag, n)` (before the pods run); each
@@ -241,19 +231,8 @@ class Worker:
         self, topic: str, writers: int, seconds: float, data: bytes
     ) -> dict[str, Any]:
         """`writers` of this worker's drivers publish `data` on `topic` in a loop."""
-
-        async def one(d: Any, deadline: float) -> list[float]:
-            lat = []
-            while now() < deadline:
-                t = now()
-                await d.publish(topic, data)
-                lat.append(now() - t)
-            return lat
-
-        start = now()
-        deadline = start + seconds
-        lats = await asyncio.gather(*(one(d, deadline) for d in self.drivers[:writers]))
-        return {"start": start, "end": now(), "lat": [x for xs in lats for x in xs]}
+        calls = [functools.partial(d.publish, topic, data) for d in self.drivers[:writers]]
+        return await _in_a_loop(calls, seconds)
 
     # -- raw NATS: fan-out subscribers and request/reply ----------------------------------
 
@@ -363,18 +342,8 @@ class Worker:
         return len(self.redis)
 
     async def redis_increments(self, key: str, writers: int, seconds: float) -> dict[str, Any]:
-        async def one(r: Any, deadline: float) -> list[float]:
-            lat = []
-            while now() < deadline:
-                t = now()
-                await r.incr(key)
-                lat.append(now() - t)
-            return lat
-
-        start = now()
-        deadline = start + seconds
-        lats = await asyncio.gather(*(one(r, deadline) for r, _ in self.redis[:writers]))
-        return {"start": start, "end": now(), "lat": [x for xs in lats for x in xs]}
+        calls = [functools.partial(r.incr, key) for r, _ in self.redis[:writers]]
+        return await _in_a_loop(calls, seconds)
 
     async def redis_close(self) -> None:
         clients, self.redis = self.redis, []
@@ -446,19 +415,8 @@ class Worker:
         self, key: str, writers: int, seconds: float, data: bytes
     ) -> dict[str, Any]:
         """`writers` of this worker's clients XADD `data` to `key` in a loop."""
-
-        async def one(r: Any, deadline: float) -> list[float]:
-            lat = []
-            while now() < deadline:
-                t = now()
-                await r.xadd(key, {"d": data})
-                lat.append(now() - t)
-            return lat
-
-        start = now()
-        deadline = start + seconds
-        lats = await asyncio.gather(*(one(r, deadline) for r, _ in self.redis[:writers]))
-        return {"start": start, "end": now(), "lat": [x for xs in lats for x in xs]}
+        calls = [functools.partial(r.xadd, key, {"d": data}) for r, _ in self.redis[:writers]]
+        return await _in_a_loop(calls, seconds)
 
     # -- ZooKeeper: kazoo's DoubleBarrier (enter) -----------------------------------------
 
@@ -602,3 +560,21 @@ def main(conn: Connection) -> None:
     logging.getLogger("nats").setLevel(logging.CRITICAL)
     with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):
         asyncio.run(_serve(conn))
+
+
+async def _in_a_loop(calls: list[Callable[[], Awaitable[Any]]], seconds: float) -> dict[str, Any]:
+    """Each call made over and over, all at once, for `seconds`: when it started and ended,
+    and the latency of every call (seconds)."""
+
+    async def one(call: Callable[[], Awaitable[Any]], deadline: float) -> list[float]:
+        lat = []
+        while now() < deadline:
+            t = now()
+            await call()
+            lat.append(now() - t)
+        return lat
+
+    start = now()
+    deadline = start + seconds
+    lats = await asyncio.gather(*(one(call, deadline) for call in calls))
+    return {"start": start, "end": now(), "lat": [x for xs in lats for x in xs]}
