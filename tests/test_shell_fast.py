@@ -22,7 +22,7 @@ from tricks_nats.natsserver import EmbeddedServer, User
 from .conftest import cli_env
 from .helpers import experiment
 from .test_shell_driver import one_error_line, pod_env, tricks
-from .test_trust_driver import HANG_GUARD_S, finish
+from .test_trust_driver import HANG_GUARD_S, finish, spawn_shell
 
 HEAVY = {"asyncio", "nats", "typer", "click", "rich", "msgspec", "dataclasses"}
 LAUNCH = "import sys; from tricks_nats.cli.launch import main; sys.argv[0] = 'tricks-nats'; main()"
@@ -113,19 +113,8 @@ async def test_a_shell_discover_of_a_whole_tag_ends_with_its_notification(nats_s
         stream = p.stream_of(p.pods_bucket(ex.exp))
         spy = await ex.bus.nc.subscribe(f"$JS.API.DIRECT.GET.{stream}.>")  # roster reads
         try:
-            proc = await asyncio.create_subprocess_exec(
-                "tricks-nats",
-                "discover",
-                "server",
-                "--count",
-                "2",
-                "--timeout",
-                "60",
-                env=pod_env(ex),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            args = ("discover", "server", "--count", "2", "--timeout", "60")
+            proc = await spawn_shell(pod_env(ex), *args)
             first_look = await spy.next_msg(timeout=60)  # the roster, empty: it waits
             await rosters.started("server", 0, "127.0.0.10")
             await rosters.started("server", 1, "127.0.0.11")

@@ -17,7 +17,7 @@ from tricks_nats.natsserver import EmbeddedServer
 from .helpers import experiment
 from .test_shell_driver import one_error_line, pod_env
 from .test_shell_fast import HEAVY, imported, run
-from .test_trust_driver import finish
+from .test_trust_driver import finish, spawn_shell
 
 PATHS = [pytest.param("1", id="fast"), pytest.param("0", id="full")]
 
@@ -70,17 +70,7 @@ async def test_a_subscriber_waits_for_what_comes_and_times_out_saying_so(
     async with experiment(nats_server) as ex, Driver(ex.config("leader")) as leader:
         env = {**pod_env(ex), "TRICKS_SHELL_FAST": fast}
         await leader.publish("t", "first")
-        proc = await asyncio.create_subprocess_exec(
-            "tricks-nats",
-            "subscribe",
-            "t",
-            "--count",
-            "2",
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        proc = await spawn_shell(env, "subscribe", "t", "--count", "2")
         assert proc.stdout is not None
         assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"first\n"
         await leader.publish("t", "second")  # while it waits
@@ -121,17 +111,7 @@ async def test_a_shell_subscriber_rides_out_a_server_restart(tmp_path: Path, fas
             env = {**pod_env(ex), "TRICKS_SHELL_FAST": fast}
             async with Driver(ex.config("leader")) as leader:
                 await leader.publish("t", "0")
-            proc = await asyncio.create_subprocess_exec(
-                "tricks-nats",
-                "subscribe",
-                "t",
-                "--count",
-                "4",
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            proc = await spawn_shell(env, "subscribe", "t", "--count", "4")
             assert proc.stdout is not None
             assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"0\n"
             await server.stop()
