@@ -11,7 +11,7 @@ import time
 
 from tricks_nats import wirenames as w
 from tricks_nats.errors import TricksError, WaitTimeout
-from tricks_nats.syncwire import REQUEST_TIMEOUT_S, Dropped
+from tricks_nats.syncwire import REQUEST_TIMEOUT_S, Dropped, parse_headers
 
 TYPE_CHECKING = False  # typing itself costs an import: only for the type checker
 if TYPE_CHECKING:
@@ -128,12 +128,7 @@ def _read_after(conn: Connection, topic: str, last: int) -> Message | None:
         block = base64.b64decode(got.get("hdrs") or "")
     except ValueError as exc:
         raise TricksError(f"reading topic {topic!r}: bad base64 ({exc})") from exc
-    headers = {}
-    for line in block.decode(errors="replace").split("\r\n")[1:]:
-        key, sep, value = line.partition(":")
-        if sep:
-            headers[key.strip()] = value.strip()
-    return _message(got["seq"], headers, data)
+    return _message(got["seq"], parse_headers(block)[1], data)
 
 
 def _message(seq: int, headers: dict[str, str], data: bytes) -> Message:

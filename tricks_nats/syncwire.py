@@ -65,7 +65,9 @@ def _headers_block(headers: dict[str, str]) -> bytes:
     return f"NATS/1.0\r\n{lines}\r\n".encode()
 
 
-def _parse_headers(block: bytes) -> tuple[int | None, dict[str, str]]:
+def parse_headers(block: bytes) -> tuple[int | None, dict[str, str]]:
+    """A header block (`NATS/1.0 [status [description]]\r\nKey: Value\r\n...`): its
+    status code, if any, and its headers."""
     lines = block.decode(errors="replace").split("\r\n")
     first = lines[0].split(None, 2)  # NATS/1.0 [status [description]]
     status = int(first[1]) if len(first) > 1 and first[1].isdigit() else None
@@ -252,7 +254,7 @@ class Connection:
             status: int | None = None
             headers: dict[str, str] = {}
             if op == "HMSG":
-                status, headers = _parse_headers(payload[: sizes[0]])
+                status, headers = parse_headers(payload[: sizes[0]])
                 payload = payload[sizes[0] :]
             self.pending.append(Msg(parts[0], parts[1], status, headers, payload))
         elif op == "PING":

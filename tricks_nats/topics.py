@@ -28,6 +28,7 @@ from nats.js.api import DiscardPolicy, RePublish, StorageType, StreamConfig
 
 from tricks_nats import protocol as p
 from tricks_nats.errors import TricksError, WaitTimeout
+from tricks_nats.syncwire import parse_headers
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -300,7 +301,7 @@ class Subscription:
             raise TricksError(f"reading topic {self.topic!r}: {answer.error.description}")
         if got is None or got.seq <= last:
             raise TricksError(f"reading topic {self.topic!r}: no message in {reply.data[:100]!r}")
-        return self._message(got.seq, parse_header_block(block), data)
+        return self._message(got.seq, parse_headers(block)[1], data)
 
     async def close(self) -> None:
         """Stop listening; a call waiting for a message fails with `TricksError`."""
@@ -328,16 +329,6 @@ class Subscription:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def parse_header_block(block: bytes) -> dict[str, str]:
-    """`NATS/1.0\\r\\nKey: Value\\r\\n...` as a dict (the status line is skipped)."""
-    headers: dict[str, str] = {}
-    for line in block.decode(errors="replace").split("\r\n")[1:]:
-        key, sep, value = line.partition(":")
-        if sep:
-            headers[key.strip()] = value.strip()
-    return headers
 
 
 async def save(bus: Bus, path: Path, timeout: float = 60.0) -> int:
