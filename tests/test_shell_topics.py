@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from tricks_nats.natsserver import EmbeddedServer
 from .helpers import experiment
 from .test_shell_driver import one_error_line, pod_env
 from .test_shell_fast import HEAVY, imported, run
-from .test_trust_driver import finish, spawn_shell
+from .test_trust_driver import HANG_GUARD_S, finish, spawn_shell
 
 PATHS = [pytest.param("1", id="fast"), pytest.param("0", id="full")]
 
@@ -82,6 +83,36 @@ async def test_a_subscriber_waits_for_what_comes_and_times_out_saying_so(
         assert code == 1 and out == "first\nsecond\n"
         one_error_line(err, "timed out after 0.5s")
         assert "messages" in err
+
+
+@pytest.mark.parametrize("fast", PATHS)
+async def test_a_subscriber_whose_reader_goes_away_ends_quietly(nats_server, fast: str) -> None:
+    """`tricks-nats subscribe t | head -1`, the reader gone: the first write that fails ends
+    the command with exit 1 and nothing on stderr, as `cat` would, on either path."""
+    async with experiment(nats_server) as ex, Driver(ex.config("leader")) as leader:
+        await leader.publish("t", "m0")
+        env = {**pod_env(ex), "TRICKS_SHELL_FAST": fast}
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # a reader that has gone already: every write fails
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "tricks-nats",
+                "subscribe",
+                "t",
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=write_end,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        finally:
+            os.close(write_end)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), HANG_GUARD_S)
+        finally:
+            if proc.returncode is None:  # the test gave up on it: nothing outlives the test
+                proc.kill()
+                await proc.wait()
+        assert (proc.returncode, err) == (1, b"")
 
 
 @pytest.mark.parametrize("fast", PATHS)

@@ -65,6 +65,8 @@ def _run(call: Callable[[Driver], Awaitable[T]], timeout: float | None = None) -
         fail(exc)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except BrokenPipeError:  # the reader went away (`subscribe | head -1`): main() ends quietly
+        raise
     except Exception as exc:  # a bug of ours: still one line for the script, details with -v
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise
