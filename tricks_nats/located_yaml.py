@@ -412,6 +412,8 @@ class _Builder:
             parent.marks.append(mark)
             return
         if not parent.has_key:
+            if type(value) is bool and raw is not None:  # `on:`, `yes:`: a key is its text
+                value = raw
             parent.has_key, parent.key, parent.key_mark = True, value, mark
             return
         parent.has_key = False

@@ -16,6 +16,7 @@ import functools
 import gc
 import operator
 import re
+import secrets
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ import msgspec
 
 from tricks_nats import env as envnames
 from tricks_nats.errors import SpecError
+from tricks_nats.faults import Fault, FaultSpec, RestartPolicy, of_spec
+from tricks_nats.faults import problems as fault_problems
 from tricks_nats.located_yaml import (
     _UNFIT,
     MAX_SPEC_BYTES,
@@ -105,6 +108,8 @@ class TagSpec(msgspec.Struct, forbid_unknown_fields=True):
     #: stop: the first failed pod fails the run and the rest are stopped after the grace
     #: period; continue: a failure is recorded and the run goes on.
     on_failure: OnFailure = "stop"
+    #: Start pods again that die outside the workflow and outside a fault.
+    restart: RestartPolicy | None = None
 
 
 class Spec(msgspec.Struct, forbid_unknown_fields=True):
@@ -119,6 +124,10 @@ class Spec(msgspec.Struct, forbid_unknown_fields=True):
         | None
     ) = None
     runtime: Runtime | None = None
+    #: Faults injected when events reach counts (kill, pause, restart, delay, loss, partition).
+    faults: list[FaultSpec] | None = None
+    #: Seed of the faults' random choices of pods (default: drawn, and recorded).
+    seed: int | None = None
     #: Where the local runtime starts pods, relative to the spec's directory (the default).
     workdir: str | None = None
     config: (
@@ -168,6 +177,7 @@ class Tag:
     resources: dict[str, dict[str, str]] | None = None
     on_failure: str = "stop"
     metrics: tuple[MetricSpec, ...] = ()
+    restart: RestartPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,9 @@ class Experiment:
     base_dir: Path = field(default=Path("."))
     #: The configuration's values (no `$`), for a spec with `config:` or `matrix:`.
     variables: dict[str, Scalar] = field(default_factory=dict)
+    faults: tuple[Fault, ...] = ()
+    #: The seed the faults' random choices use (recorded in the journal).
+    seed: int = 0
 
     def tag(self, name: str) -> Tag:
         return self._by_tag[name]
@@ -378,6 +391,20 @@ def _check_semantics(data: Any, loc: _Located, runtime: str) -> None:
                 _check_condition(name, which, tag, tags, (*p, "workflow", which, "name"), loc)
                 _check_reachable(cond, replicas, (*p, "workflow", which, "value"), loc)
     _check_pods(entries, loc)
+    _check_faults(data.get("faults"), tags, replicas, loc)
+
+
+def _check_faults(faults: Any, tags: set[str], replicas: dict[str, Any], loc: _Located) -> None:
+    """A fault's event is checked as a workflow's start; the rest in `faults.problems`."""
+    for i, f in enumerate(faults if isinstance(faults, list) else []):
+        when = f.get("when") if isinstance(f, dict) else None
+        name = when.get("name") if isinstance(when, dict) else None
+        if isinstance(name, str):
+            _check_condition(name, "fault", None, tags, ("faults", i, "when", "name"), loc)
+            _check_reachable(when, replicas, ("faults", i, "when", "value"), loc)
+    counts = {t: n for t, n in replicas.items() if type(n) is int}
+    for path, message in fault_problems(faults, counts):
+        loc.at(path, message)
 
 
 def _pods(t: dict[str, Any]) -> int:
@@ -624,6 +651,8 @@ def wants_text(path: PathT) -> bool:
     """Whether the spec wants text at `path` (names, images, commands, env values...)."""
     if len(path) == 1:
         return path[0] in ("name", "workdir", "apiVersion")
+    if path[0] == "faults":
+        return path[-1] in ("name", "tag", "signal")
     if path[0] != "experiment" or len(path) < 3:
         return False
     field = path[2]
@@ -677,9 +706,11 @@ def experiment_of(
             resources=_resources(t),
             on_failure=t.on_failure,
             metrics=tuple(t.metrics or ()),
+            restart=t.restart,
         )
         for t in spec.experiment
     )
+    seed = spec.seed if spec.seed is not None else (secrets.randbelow(2**31) if spec.faults else 0)
     return Experiment(
         name=spec.name or stem,
         tags=tags,
@@ -689,6 +720,8 @@ def experiment_of(
         text=text,
         base_dir=base_dir,
         variables=dict(variables or {}),
+        faults=tuple(of_spec(i, f, seed) for i, f in enumerate(spec.faults or ())),
+        seed=seed,
     )
 
 
