@@ -42,5 +42,5 @@ def test_values_are_named_by_meaning(capsys: pytest.CaptureFixture[str]) -> None
     assert "--timeout SECONDS" in up and "--runs-dir DIR" in up and "--nats-url URL" in up
     record = help_of(["record"], capsys)
     assert "NAME [VALUE]" in record and "--label KEY=VALUE" in record
-    assert "--kind [pod|event|workflow|verdict]" in help_of(["watch"], capsys)
+    assert "--kind [pod|event|workflow|fault|verdict]" in help_of(["watch"], capsys)
     assert "--kind [cdf|line|rate|bar|hist]" in help_of(["plot"], capsys)

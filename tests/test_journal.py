@@ -71,7 +71,8 @@ def test_a_recorded_journal_decodes_and_encodes_to_the_same_bytes(run: str) -> N
 
 def test_the_recordings_hold_every_kind_and_every_optional_field() -> None:
     journal = [e for run in RUNS for e in entries.read(DATA / run / "journal.jsonl")]
-    assert {e.kind for e in journal} == set(entries.KINDS)
+    # recorded before faults existed: test_faults reads and writes back a journal with them
+    assert {e.kind for e in journal} == set(entries.KINDS) - {"fault"}
     pods = [e for e in journal if isinstance(e, PodEntry)]
     assert any(e.ip for e in pods) and any(e.reason for e in pods)
     assert any(e.exit_code == 0 for e in pods) and any(e.exit_code for e in pods)

@@ -21,6 +21,7 @@ from tricks_nats.collector import Collector
 from tricks_nats.counting import CountKeeper
 from tricks_nats.entries import VerdictEntry
 from tricks_nats.errors import NatsUnavailable, TricksError
+from tricks_nats.faults import Fault, FaultAction
 from tricks_nats.provenance import Provenance
 from tricks_nats.records import RunRecords, Summary
 from tricks_nats.registrar import Registrar, Rosters
@@ -32,11 +33,14 @@ from tricks_nats.workflow import (
     Action,
     AddToRoster,
     ArmFailFast,
+    ArmFault,
     Begin,
     CountChanged,
     Fact,
+    FaultDue,
     Finish,
     GraceOver,
+    Inject,
     Interrupted,
     Journal,
     KeepLogTail,
@@ -52,6 +56,7 @@ from tricks_nats.workflow import (
     Verdict,
     Workflow,
     exit_code,
+    fault_entry,
 )
 
 log = logging.getLogger(__name__)
@@ -107,6 +112,11 @@ class Coordinator:
         self.collector = Collector(records.root, exp, bus)
         self._fail_timer: asyncio.TimerHandle | None = None
         self._stoppers = Tasks()
+        #: Faults: timers of firings to come, firings injected and not healed yet, their tasks.
+        self._fault_timers: list[asyncio.TimerHandle] = []
+        self._injected: dict[str, tuple[FaultAction, Fault, int]] = {}
+        self._faulting = Tasks()
+        self._fired: dict[str, int] = {}
         self._forwarder: asyncio.Task[None] | None = None
         #: Seconds the pods get to stop at the end (0 after a second Ctrl-C).
         self._stop_grace = grace
@@ -192,6 +202,8 @@ class Coordinator:
             variables=dict(self.exp.variables),
             provenance=self.provenance,
             cause=self.workflow.cause,
+            faults=dict(self._fired),
+            fault_seed=self.exp.seed if self.exp.faults else None,
         )
         self.records.write_summary(summary)
         return Outcome(verdict, reason, summary)
@@ -243,18 +255,28 @@ class Coordinator:
                     self._fail_timer = asyncio.get_running_loop().call_later(
                         self.grace, self.queue.put_nowait, GraceOver()
                     )
-                case AddToRoster(tag, pod_id, ip):
-                    await self.rosters.started(tag, pod_id, ip)
-                case RemoveFromRoster(tag, pod_id, listed):
-                    await self._unlist(tag, pod_id, listed)
+                case AddToRoster(tag, pod_id, ip, incarnation):
+                    await self.rosters.started(tag, pod_id, ip, incarnation)
+                case RemoveFromRoster(tag, pod_id, listed, incarnation):
+                    await self._unlist(tag, pod_id, listed, incarnation)
                 case KeepLogTail(tag, pod_id):
                     self.workflow.pods[(tag, pod_id)].last_log_lines = self._tail(tag, pod_id)
                 case Finish(grace=grace):
                     self._stop_grace = self.grace if grace else 0.0
                     if self._fail_timer is not None:
                         self._fail_timer.cancel()
+                    for timer in self._fault_timers:
+                        timer.cancel()
                 case KillNow():
                     self._hurry = True
+                case ArmFault(index, firing, delay):
+                    self._fault_timers.append(
+                        asyncio.get_running_loop().call_later(
+                            delay, self.queue.put_nowait, FaultDue(index, firing)
+                        )
+                    )
+                case Inject(fault_action, fault, firing):
+                    self._faulting.spawn(self._inject(fault_action, fault, firing))
 
     async def _launch(self, tag: str, pod_id: int) -> None:
         await asyncio.sleep(0)  # between launches, let the registrar answer pods
@@ -263,12 +285,52 @@ class Coordinator:
         except TricksError as exc:
             self.queue.put_nowait(PodExited(tag, pod_id, time.time(), 127, reason=str(exc)))
 
-    async def _unlist(self, tag: str, pod_id: int, listed: bool) -> None:
+    async def _inject(self, action: FaultAction, fault: Fault, firing: int) -> None:
+        """One firing: the runtime acts (a restart: its pods are killed, the workflow starts
+        them again), the journal says how it went, a timer heals it after its duration."""
+        try:
+            if action.kind == "restart":
+                for tag, pod_id in action.pods:
+                    self._stoppers.spawn(self.runtime.terminate(tag, pod_id, 0.0))
+            else:
+                await self.runtime.inject(action)
+        except Exception as exc:  # a fault that cannot be injected does not stop the run
+            if not isinstance(exc, TricksError):
+                log.warning("injecting %s failed", action.id, exc_info=exc)
+            self.records.write(fault_entry(fault, action, firing, "failed", str(exc)))
+            return
+        self._fired[fault.name] = self._fired.get(fault.name, 0) + 1
+        self.records.write(fault_entry(fault, action, firing, "injected"))
+        if action.kind in ("kill", "restart"):
+            return
+        self._injected[action.id] = (action, fault, firing)
+        if action.duration is not None and not self.workflow.finishing:
+            self._fault_timers.append(
+                asyncio.get_running_loop().call_later(
+                    action.duration, lambda: self._faulting.spawn(self._heal(action.id))
+                )
+            )
+
+    async def _heal(self, action_id: str, reason: str | None = None) -> None:
+        found = self._injected.pop(action_id, None)
+        if found is None:
+            return
+        action, fault, firing = found
+        try:
+            await self.runtime.heal(action)
+        except Exception as exc:
+            if not isinstance(exc, TricksError):
+                log.warning("healing %s failed", action.id, exc_info=exc)
+            self.records.write(fault_entry(fault, action, firing, "failed", f"healing: {exc}"))
+            return
+        self.records.write(fault_entry(fault, action, firing, "healed", reason))
+
+    async def _unlist(self, tag: str, pod_id: int, listed: bool, incarnation: int) -> None:
         if not self.workflow.finishing:
-            await self.rosters.stopped(tag, pod_id, listed=listed)
+            await self.rosters.stopped(tag, pod_id, listed=listed, incarnation=incarnation)
             return
         try:  # stopping: a record that NATS is gone for must not stop the others
-            await self.rosters.stopped(tag, pod_id, listed=listed)
+            await self.rosters.stopped(tag, pod_id, listed=listed, incarnation=incarnation)
         except NatsUnavailable as exc:
             if self.bus.gone is None:
                 log.warning("could not record the stop of %s: %s", p.pod_name(tag, pod_id), exc)
@@ -319,6 +381,7 @@ class Coordinator:
 
     async def _teardown(self) -> None:
         """Stop every pod still alive, record how each ended, release everything."""
+        await self._heal_all()
         closing = asyncio.create_task(self.runtime.aclose(self._stop_grace))
         while not closing.done() or not self.queue.empty():
             getter = asyncio.ensure_future(self.queue.get())
@@ -347,6 +410,18 @@ class Coordinator:
         await self.collector.stop()
         await self.keeper.stop()
 
+    async def _heal_all(self) -> None:
+        """The run ends: no firing to come; what is injected is healed before the pods stop
+        (a paused pod must resume to hear its SIGTERM)."""
+        for timer in self._fault_timers:
+            timer.cancel()
+        await self._faulting.cancel()
+        for action_id in list(self._injected):
+            try:
+                await self._heal(action_id, "the run ended")
+            except Exception as exc:  # the pods must still be stopped
+                log.warning("healing fault %s: %s", action_id, exc, exc_info=log.isEnabledFor(10))
+
     async def _drain_runtime(self) -> None:
         while not self.runtime.events.empty():
             await self._apply(self.workflow.handle(_fact(self.runtime.events.get_nowait())))
@@ -364,4 +439,5 @@ def _fact(ev: PodEvent) -> PodRunning | PodExited:
         ev.reason,
         log_bytes_lost=ev.log_bytes_lost,
         log_incomplete=ev.log_incomplete,
+        preempted=ev.preempted,
     )

@@ -8,6 +8,9 @@ is left out of the line. `watch --json` streams the same objects.
   when known, `reason` when there is one, `ip` when it runs;
 - `event`: `name`, `count`, `pod` when a pod registered it;
 - `workflow`: `tag`, `action` (start or stop), `condition` `{name, value}`;
+- `fault`: `fault` (its name), `action` (kill, pause, restart, delay, loss, partition),
+  `firing` (1, 2, ...), `state` (injected, failed, skipped, then healed), `pods` and, for a
+  network fault, `peers` (pod names), `condition`, `seed`, `duration`, `reason`;
 - `verdict`: `verdict`, `reason`.
 
 A new kind is a subclass of `_Entry` with its own tag, added to `Entry`: `encode`, `decode`
@@ -69,12 +72,27 @@ class WorkflowEntry(_Entry, frozen=True, kw_only=True, tag="workflow"):
     condition: Condition
 
 
+class FaultEntry(_Entry, frozen=True, kw_only=True, tag="fault"):
+    """One firing of a fault: `injected` (or `failed`, `skipped`), later `healed`."""
+
+    fault: str
+    action: str
+    firing: int
+    state: Literal["injected", "healed", "failed", "skipped"]
+    pods: list[str]
+    peers: list[str] | None = None
+    condition: Condition | None = None
+    seed: int | None = None
+    duration: float | None = None
+    reason: str | None = None
+
+
 class VerdictEntry(_Entry, frozen=True, kw_only=True, tag="verdict"):
     verdict: str
     reason: str | None = None
 
 
-Entry = PodEntry | EventEntry | WorkflowEntry | VerdictEntry
+Entry = PodEntry | EventEntry | WorkflowEntry | FaultEntry | VerdictEntry
 #: Any one kind of entry (`RunRecords.write` returns what it was given, stamped).
 EntryT = TypeVar("EntryT", bound=Entry)
 

@@ -3,9 +3,10 @@ timeline: the user reads the same words everywhere.
 
 A pod that ran ends one way: it *succeeded* (exit 0) or *failed* (any other exit, a crash, a
 kill by someone else) on its own, or tricks-nats stopped it: *stopped by workflow* (its stop
-condition), *stopped after a failure* (another pod failed the run), *stopped at timeout*,
-*interrupted* (Ctrl-C), *stopped after an error* (tricks-nats itself could not go on). A pod
-that never ran *never started*.
+condition), *stopped by fault* (a `kill` fault), *stopped after a failure* (another pod failed
+the run), *stopped at timeout*, *interrupted* (Ctrl-C), *stopped after an error* (tricks-nats
+itself could not go on). A pod that never ran *never started*. A pod started again (a
+`restart` fault, a restart policy) is *restarted* in the journal; its last run decides.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ AT_TIMEOUT = "stopped at timeout"
 INTERRUPTED = "interrupted"
 AFTER_ERROR = "stopped after an error"
 NEVER_STARTED = "never started"
+BY_FAULT = "stopped by fault"
+#: Not an end: the pod was stopped to be started again (a fault, its tag's restart policy).
+RESTARTED = "restarted"
 
 #: Display order: what went well, what tricks-nats did, what went wrong.
 ORDER = (
     SUCCEEDED,
     BY_WORKFLOW,
+    BY_FAULT,
     AFTER_FAILURE,
     AT_TIMEOUT,
     INTERRUPTED,

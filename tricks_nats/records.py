@@ -40,6 +40,10 @@ class PodSummary(msgspec.Struct):
     log_incomplete: str | None = None
     #: How it ended, in the words of `outcomes` (succeeded, stopped by workflow, ...).
     outcome: str | None = None
+    #: Times it was started again (a `restart` fault, or its tag's restart policy).
+    restarts: int = 0
+    #: The faults that hit it, by name, in order.
+    faults: list[str] | None = None
 
 
 class CorrectedStats(msgspec.Struct):
@@ -99,6 +103,10 @@ class Summary(msgspec.Struct):
     provenance: Provenance | None = None
     #: The pod whose failure failed the run (`tag-id`), if one did.
     cause: str | None = None
+    #: Firings of each fault that were injected, by fault name (the journal has each one).
+    faults: dict[str, int] = {}
+    #: The seed of the faults' random choices of pods (run again with `seed:` to replay).
+    fault_seed: int | None = None
 
 
 class RunRecords:

@@ -218,23 +218,27 @@ class Rosters:
         pods = [p.RosterPod(pod_id=i, ip=ip) for i, ip in sorted(self.running[tag].items())]
         return p.Roster(tag=tag, pods=pods)
 
-    async def started(self, tag: str, pod_id: int, ip: str) -> None:
+    async def started(self, tag: str, pod_id: int, ip: str, incarnation: int = 0) -> None:
+        """`incarnation`: 0, then 1 after the pod's first restart...: each one counts."""
         self.running.setdefault(tag, {})[pod_id] = ip
         await self._publish(tag)
-        await self._count(tag, pod_id, "start")
+        await self._count(tag, pod_id, "start", incarnation)
 
-    async def stopped(self, tag: str, pod_id: int, *, listed: bool = True) -> None:
+    async def stopped(
+        self, tag: str, pod_id: int, *, listed: bool = True, incarnation: int = 0
+    ) -> None:
         """`listed`: the pod ran (so it is in the roster); a pod that never ran is only
         counted as stopped."""
         if listed:
             self.running.setdefault(tag, {}).pop(pod_id, None)
             await self._publish(tag)
-        await self._count(tag, pod_id, "stop")
+        await self._count(tag, pod_id, "stop", incarnation)
 
     async def _publish(self, tag: str) -> None:
         await self.bus.put_roster(self._roster(tag))
 
-    async def _count(self, tag: str, pod_id: int, what: str) -> None:
+    async def _count(self, tag: str, pod_id: int, what: str, incarnation: int) -> None:
         event = p.start_event(tag) if what == "start" else p.stop_event(tag)
-        value = await self.bus.increment(event, msg_id=p.lifecycle_msg_id(tag, pod_id, what))
+        msg_id = p.lifecycle_msg_id(tag, pod_id, what, incarnation)
+        value = await self.bus.increment(event, msg_id=msg_id)
         await self.keeper.advance(event, value)

@@ -6,13 +6,22 @@ import time
 from typing import assert_never
 
 from tricks_nats import outcomes
-from tricks_nats.entries import Entry, EventEntry, PodEntry, VerdictEntry, WorkflowEntry
+from tricks_nats.entries import (
+    Entry,
+    EventEntry,
+    FaultEntry,
+    PodEntry,
+    VerdictEntry,
+    WorkflowEntry,
+)
 
 _STATE_COLOURS = {
     "running": "green",
     "pending": "white",
     outcomes.SUCCEEDED: "green",
     outcomes.BY_WORKFLOW: "blue",
+    outcomes.BY_FAULT: "magenta",
+    outcomes.RESTARTED: "magenta",
     outcomes.FAILED: "red",
     outcomes.NEVER_STARTED: "white",
 }
@@ -52,6 +61,8 @@ def describe(entry: Entry, *, colour: bool = False) -> str:
             action = "starting" if entry.action == "start" else "stopping"
             label = f"{action} {entry.tag}"
             text = f"{c.name} {c.value} -> {_paint(label, 'magenta', colour)}"
+        case FaultEntry():
+            text = _fault_line(entry, colour)
         case VerdictEntry():
             text = f"verdict {_paint(entry.verdict, _VERDICT_COLOURS.get(entry.verdict), colour)}"
             if entry.reason:
@@ -59,6 +70,24 @@ def describe(entry: Entry, *, colour: bool = False) -> str:
         case _:
             assert_never(entry)
     return f"{stamp} {text}"
+
+
+def _fault_line(entry: FaultEntry, colour: bool) -> str:
+    """`fault kill-server #1 kill injected: server-2 (server_start 3)`."""
+    label = _paint(f"fault {entry.fault} #{entry.firing}", "magenta", colour)
+    state = _paint(entry.state, "red" if entry.state == "failed" else None, colour)
+    pods = ", ".join(entry.pods[:8]) + (" ..." if len(entry.pods) > 8 else "")
+    if entry.peers is not None:
+        peers = ", ".join(entry.peers[:8]) + (" ..." if len(entry.peers) > 8 else "")
+        pods = f"{pods} <-> {peers}"
+    text = f"{label} {entry.action} {state}: {pods or 'no pod'}"
+    if entry.state == "injected" and entry.duration is not None:
+        text += f" for {entry.duration:g}s"
+    if entry.condition is not None and entry.state in ("injected", "skipped"):
+        text += f" ({entry.condition.name} {entry.condition.value})"
+    if entry.reason:
+        text += f": {entry.reason}"
+    return text
 
 
 def matches(entry: Entry, tags: list[str], kinds: list[str]) -> bool:
@@ -75,6 +104,9 @@ def matches(entry: Entry, tags: list[str], kinds: list[str]) -> bool:
             return any(
                 entry.name in (f"{t}_start", f"{t}_stop") or pod.startswith(f"{t}-") for t in tags
             )
+        case FaultEntry():
+            names = entry.pods + (entry.peers or [])
+            return any(name.startswith(f"{t}-") for t in tags for name in names)
         case VerdictEntry():
             return True
         case _:

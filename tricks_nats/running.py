@@ -146,6 +146,8 @@ def _checked(exp: Experiment, exp_id: str, opts: UpOptions) -> tuple[Runtime, Na
     runtime_name = opts.runtime or exp.runtime or "local"
     runtime = runtimes.create(runtime_name, exp, exp_id, opts.runtime_options)
     problems = runtime.check(_drafts(exp))
+    if exp.faults:
+        problems += runtime.fault_problems(exp.faults)
     if problems:
         where = f"{exp.source} ({label(exp.variables)})" if exp.variables else exp.source
         raise UsageError(f"{where}: " + "; ".join(problems))

@@ -206,10 +206,12 @@ def group_msg_id(token: str) -> str:
     return f"b.{token}"
 
 
-def lifecycle_msg_id(tag: str, pod_id: int, what: str) -> str:
+def lifecycle_msg_id(tag: str, pod_id: int, what: str, incarnation: int = 0) -> str:
     """Deterministic, so a restarted coordinator cannot count a pod's start or stop twice;
-    in the `c.` namespace, which no pod can reach (see `pod_dedup_id`)."""
-    return f"c.{tag}-{pod_id}.{what}"
+    in the `c.` namespace, which no pod can reach (see `pod_dedup_id`). A pod started again
+    (a restart) is counted again: its incarnation is part of the id."""
+    base = f"c.{tag}-{pod_id}.{what}"
+    return f"{base}.{incarnation}" if incarnation else base
 
 
 def start_event(tag: str) -> str:

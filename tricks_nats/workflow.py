@@ -18,6 +18,7 @@ from typing import Literal
 
 from tricks_nats import entries as J
 from tricks_nats import outcomes
+from tricks_nats.faults import Fault, FaultAction
 from tricks_nats.protocol import pod_name
 from tricks_nats.records import PodSummary
 from tricks_nats.spec import Condition, Experiment, Tag
@@ -76,6 +77,16 @@ class PodExited:
     reason: str | None = None
     log_bytes_lost: int = 0
     log_incomplete: str | None = None
+    #: Killed or evicted by something other than tricks-nats (a restart policy's `preemption`).
+    preempted: bool = False
+
+
+@dataclass(frozen=True)
+class FaultDue:
+    """The time of a fault's firing (1, 2, ...) has come."""
+
+    index: int
+    firing: int
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,7 @@ Fact = (
     | CountChanged
     | PodRunning
     | PodExited
+    | FaultDue
     | GraceOver
     | TimedOut
     | Interrupted
@@ -161,6 +173,7 @@ class AddToRoster:
     tag: str
     pod_id: int
     ip: str
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -169,6 +182,8 @@ class RemoveFromRoster:
     pod_id: int
     #: Whether the pod was added (it ran); its stop is counted either way.
     listed: bool
+    #: 0, then 1 after the pod's first restart...: each incarnation's stop counts.
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,6 +204,24 @@ class Finish:
 
 
 @dataclass(frozen=True)
+class ArmFault:
+    """Feed `FaultDue(index, firing)` after `delay` seconds."""
+
+    index: int
+    firing: int
+    delay: float
+
+
+@dataclass(frozen=True)
+class Inject:
+    """Carry out one firing of a fault (a `restart`: kill its pods; the rules relaunch them)."""
+
+    action: FaultAction
+    fault: Fault
+    firing: int
+
+
+@dataclass(frozen=True)
 class KillNow:
     """While stopping: do not wait for the grace period any more (a second Ctrl-C)."""
 
@@ -203,6 +236,8 @@ Action = (
     | KeepLogTail
     | Finish
     | KillNow
+    | ArmFault
+    | Inject
 )
 
 ALIVE = ("launching", "running")
@@ -221,6 +256,18 @@ class Workflow:
     def __init__(self, exp: Experiment) -> None:
         self.exp = exp
         self.tags = {t.tag: TagState(t) for t in exp.tags}
+        #: Faults by the event that fires them; a fault is armed once.
+        self._faults_on: dict[str, list[Fault]] = {}
+        for fault in exp.faults:
+            self._faults_on.setdefault(fault.event, []).append(fault)
+        self._armed: set[int] = set()
+        #: Pods being restarted (killed, to be launched again), and pods a fault stopped.
+        self._restarting: set[tuple[str, int]] = set()
+        self._faulted: dict[tuple[str, int], Fault] = {}
+        #: Each pod's incarnation (0, then 1 after its first restart...).
+        self.incarnation: dict[tuple[str, int], int] = {}
+        #: Injected firings by fault name.
+        self.fired: dict[str, int] = {}
         #: The tags whose start or stop condition names an event, in spec order: a count
         #: looks at those only (a run of many tags counts `<tag>_start` once per pod).
         self._waiting_on: dict[str, list[TagState]] = {}
@@ -257,7 +304,7 @@ class Workflow:
     def conditions(self) -> list[str]:
         """The counts the start and stop conditions depend on."""
         names = {c.name for s in self.tags.values() for c in (s.tag.start, s.tag.stop) if c}
-        return sorted(names)
+        return sorted(names | set(self._faults_on))
 
     def handle(self, fact: Fact) -> list[Action]:
         match fact:
@@ -269,6 +316,8 @@ class Workflow:
                 return self._running(fact)
             case PodExited():
                 return self._exited(fact)
+            case FaultDue(index, firing):
+                return self._fault_due(self.exp.faults[index], firing)
             case GraceOver():
                 return self._finish("failed", f"{self.stopping_failure}; stopped the rest")
             case TimedOut(seconds):
@@ -335,6 +384,10 @@ class Workflow:
         ]
         if self.finishing:
             return actions
+        for fault in self._faults_on.get(fact.event, ()):
+            if fact.value >= fault.value and fault.index not in self._armed:
+                self._armed.add(fault.index)
+                actions.append(ArmFault(fault.index, 1, fault.after))
         for state in self._waiting_on.get(fact.event, ()):
             if _met(state.tag.stop, fact) and not state.stop_requested:
                 actions += self._stop(state, state.tag.stop)
@@ -373,7 +426,8 @@ class Workflow:
         return actions
 
     def _running(self, fact: PodRunning) -> list[Action]:
-        pod = self.pods.get((fact.tag, fact.pod_id))
+        key = (fact.tag, fact.pod_id)
+        pod = self.pods.get(key)
         if pod is None or pod.state != "launching":
             return []
         pod.state, pod.started_at, pod.ip = "running", fact.at, fact.ip
@@ -381,11 +435,12 @@ class Workflow:
             return []
         return [
             Journal(J.PodEntry(tag=fact.tag, pod_id=fact.pod_id, state="running", ip=fact.ip)),
-            AddToRoster(fact.tag, fact.pod_id, fact.ip or ""),
+            AddToRoster(fact.tag, fact.pod_id, fact.ip or "", self.incarnation.get(key, 0)),
         ]
 
     def _exited(self, fact: PodExited) -> list[Action]:
-        pod = self.pods.get((fact.tag, fact.pod_id))
+        key = (fact.tag, fact.pod_id)
+        pod = self.pods.get(key)
         if pod is None or pod.state not in ALIVE:
             return []
         self._alive -= 1
@@ -394,14 +449,30 @@ class Workflow:
             pod.reason = fact.reason
         pod.log_bytes_lost = fact.log_bytes_lost
         pod.log_incomplete = fact.log_incomplete
+        fault = self._faulted.pop(key, None)
+        restart = key in self._restarting
+        self._restarting.discard(key)
         if pod.stopped_by_workflow:
             pod.state, pod.outcome = "stopped", outcomes.BY_WORKFLOW
         elif self.decided is not None:
             pod.state, pod.outcome = "stopped", outcomes.stopped_as_run_ended(self.decided[0])
+        elif restart:
+            pod.state, pod.outcome = "stopped", outcomes.RESTARTED
+        elif fault is not None and not fault.judge_exit:
+            pod.state, pod.outcome = "stopped", outcomes.BY_FAULT
         elif fact.exit_code == 0:
             pod.state, pod.outcome = "exited", outcomes.SUCCEEDED
         else:
             pod.state, pod.outcome = "failed", outcomes.FAILED
+        if pod.state != "stopped" and self._policy_restarts(pod, fact):
+            restart = True
+            pod.state, pod.outcome = "stopped", outcomes.RESTARTED
+            policy = self.exp.tag(pod.tag).restart
+            assert policy is not None
+            pod.reason = (
+                f"{fact.reason + '; ' if fact.reason else ''}restarted by its tag's policy "
+                f"(on {policy.on}, {pod.restarts + 1} of {policy.max})"
+            )
         actions: list[Action] = [
             Journal(
                 J.PodEntry(
@@ -409,18 +480,99 @@ class Workflow:
                     pod_id=fact.pod_id,
                     state=pod.state,
                     exit_code=fact.exit_code,
-                    reason=fact.reason,
+                    reason=pod.reason if restart else fact.reason,
                     outcome=pod.outcome,
                 )
             )
         ]
+        listed = pod.started_at is not None
+        incarnation = self.incarnation.get(key, 0)
+        if restart:
+            actions.append(RemoveFromRoster(fact.tag, fact.pod_id, listed, incarnation))
+            return actions + self._relaunch(pod)
         if pod.state == "failed":
             actions.append(KeepLogTail(fact.tag, fact.pod_id))
             if self.first_failure is None:
                 self.first_failure = _explain(pod)
                 self.first_failed = pod_name(pod.tag, pod.pod_id)
             actions += self._on_failure(pod)
-        actions.append(RemoveFromRoster(fact.tag, fact.pod_id, listed=pod.started_at is not None))
+        actions.append(RemoveFromRoster(fact.tag, fact.pod_id, listed, incarnation))
+        return actions
+
+    def _policy_restarts(self, pod: PodSummary, fact: PodExited) -> bool:
+        """Whether the tag's restart policy starts this pod again."""
+        policy = self.exp.tag(pod.tag).restart
+        if policy is None or pod.restarts >= policy.max:
+            return False
+        if policy.on == "always":
+            return True
+        if policy.on == "preemption":
+            return fact.preempted
+        return fact.exit_code != 0
+
+    def _relaunch(self, pod: PodSummary) -> list[Action]:
+        """Start a pod again: the same tag, pod id and plan (so the same IP), counted again."""
+        key = (pod.tag, pod.pod_id)
+        self.incarnation[key] = self.incarnation.get(key, 0) + 1
+        pod.restarts += 1
+        pod.state = "launching"
+        pod.exit_code = pod.stopped_at = None
+        self._alive += 1
+        return [
+            Journal(J.PodEntry(tag=pod.tag, pod_id=pod.pod_id, state="pending")),
+            Launch(pod.tag, pod.pod_id),
+        ]
+
+    # -- faults -----------------------------------------------------------------------------
+
+    def _running_ids(self, tag: str) -> list[int]:
+        state = self.tags.get(tag)
+        if state is None:
+            return []
+        return [
+            i
+            for i in range(state.tag.replicas)
+            if self.pods[(tag, i)].state == "running" and (tag, i) not in self._restarting
+        ]
+
+    def _fault_due(self, fault: Fault, firing: int) -> list[Action]:
+        """Choose the pods of one firing (seeded), mark them, and inject; arm the next one."""
+        if self.finishing:
+            return []
+        actions: list[Action] = []
+        if fault.every is not None and firing < fault.times:
+            actions.append(ArmFault(fault.index, firing + 1, fault.every))
+        rng = fault.rng(firing)
+        chosen = fault.pods.choose(self._running_ids(fault.pods.tag), rng)
+        pods = tuple((fault.pods.tag, i) for i in chosen)
+        peers: tuple[tuple[str, int], ...] = ()
+        if fault.to is not None:
+            peers = tuple(
+                (fault.to.tag, i) for i in fault.to.choose(self._running_ids(fault.to.tag), rng)
+            )
+        action = FaultAction(
+            id=f"{fault.name}#{firing}",
+            kind=fault.kind,
+            pods=pods,
+            peers=peers,
+            direction=fault.direction,
+            signal=fault.signal,
+            duration=fault.duration,
+            delay_ms=fault.delay_ms,
+            jitter_ms=fault.jitter_ms,
+            loss_percent=fault.loss_percent,
+        )
+        if not pods or (fault.to is not None and not peers):
+            entry = fault_entry(fault, action, firing, "skipped", "no running pod to choose")
+            return [*actions, Journal(entry)]
+        for key in pods + peers:
+            record = self.pods[key]
+            record.faults = [*(record.faults or []), fault.name]
+        if fault.kind == "kill":
+            self._faulted.update((key, fault) for key in pods)
+        elif fault.kind == "restart":
+            self._restarting.update(pods)
+        actions.append(Inject(action, fault, firing))
         return actions
 
     def _on_failure(self, pod: PodSummary) -> list[Action]:
@@ -447,6 +599,24 @@ class Workflow:
                 f"{cond.value} and no pod is left to register it"
             )
         return self._finish("failed", "; ".join(notes))
+
+
+def fault_entry(
+    fault: Fault, action: FaultAction, firing: int, state: str, reason: str | None = None
+) -> J.FaultEntry:
+    """The journal's record of one firing of `fault`, in `state`."""
+    return J.FaultEntry(
+        fault=fault.name,
+        action=fault.kind,
+        firing=firing,
+        state=state,  # type: ignore[arg-type]
+        pods=[pod_name(t, i) for t, i in action.pods],
+        peers=[pod_name(t, i) for t, i in action.peers] if fault.network else None,
+        condition=J.Condition(name=fault.event, value=fault.value),
+        seed=fault.seed,
+        duration=action.duration,
+        reason=reason,
+    )
 
 
 def _met(cond: Condition | None, fact: CountChanged) -> bool:

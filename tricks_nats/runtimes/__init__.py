@@ -20,6 +20,7 @@ from tricks_nats.protocol import pod_name
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from tricks_nats.faults import Fault, FaultAction
     from tricks_nats.spec import Experiment
 
 #: Runtimes by name: (module, class). Modules are imported when a run uses them, so heavy
@@ -69,6 +70,9 @@ class PodEvent:
     #: `exited` only: why the pod's log file may lack part of its output, if it may (a log
     #: stream broke and could not be read again); the file's last line says so too.
     log_incomplete: str | None = None
+    #: `exited` only: killed or evicted by something other than tricks-nats (a signal it
+    #: did not send, a node lost): what a restart policy `on: preemption` restarts.
+    preempted: bool = False
 
     @property
     def name(self) -> str:
@@ -121,6 +125,22 @@ class Runtime(Protocol):
 
     async def aclose(self, grace: float) -> None:
         """Stop every pod still alive and release everything; nothing may outlive this."""
+        ...
+
+    def fault_problems(self, faults: Iterable[Fault]) -> list[str]:
+        """Why these faults cannot be injected here (no privileges, a tool or a cluster
+        extension missing); checked before anything starts."""
+        ...
+
+    async def inject(self, action: FaultAction) -> None:
+        """Inject one firing of a fault: `kill` signals the pods, `pause` freezes them, a
+        network fault shapes the links between `pods` and `peers`; a TricksError if it
+        cannot. (`restart` is the coordinator's: terminate, then launch the same plan.)"""
+        ...
+
+    async def heal(self, action: FaultAction) -> None:
+        """Undo `inject` (resume paused pods, heal the links); never raises for a pod that
+        is gone. Whatever is still injected at `aclose` is healed there."""
         ...
 
 

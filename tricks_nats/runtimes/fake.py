@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 
+from tricks_nats.faults import Fault, FaultAction
 from tricks_nats.protocol import pod_name
 from tricks_nats.runtimes import NatsRoute, PodEvent, PodPlan
 
@@ -35,6 +36,8 @@ class FakeRuntime:
         self.events: asyncio.Queue[PodEvent] = asyncio.Queue()
         self.launched: list[PodPlan] = []
         self.terminated: list[str] = []
+        self.injected: list[FaultAction] = []
+        self.healed: list[FaultAction] = []
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._stops: dict[tuple[str, int], asyncio.Event] = {}
 
@@ -93,6 +96,21 @@ class FakeRuntime:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def fault_problems(self, faults: Iterable[Fault]) -> list[str]:
+        return [f"fault {f.name!r}: the fake runtime has no network" for f in faults if f.network]
+
+    async def inject(self, action: FaultAction) -> None:
+        """`kill` cancels the pods' programs (exit 137); `pause` is only recorded."""
+        self.injected.append(action)
+        if action.kind == "kill":
+            for key in action.pods:
+                task = self._tasks.get(key)
+                if task is not None:
+                    task.cancel()
+
+    async def heal(self, action: FaultAction) -> None:
+        self.healed.append(action)
 
     async def aclose(self, grace: float) -> None:
         await asyncio.gather(
