@@ -53,6 +53,7 @@ from tricks_nats.runtimes import NatsRoute, PodEvent, PodPlan, exit_code_of
 from tricks_nats.watchdog import Watchdog, kill_cgroup, kill_pids, marked_pids, rmdir_cgroup
 
 if TYPE_CHECKING:
+    from tricks_nats.faults import Fault, FaultAction
     from tricks_nats.spec import Experiment
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,9 @@ class _Pod:
         self.reason: str | None = None
         self.done = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        #: tricks-nats signalled it (a stop, a fault): its death by a signal is no preemption.
+        self.signalled = False
+        self.paused = False
 
 
 class LocalRuntime:
@@ -205,6 +209,9 @@ class LocalRuntime:
         # A random second octet keeps two runs on one machine off each other's addresses.
         self._net = 1 + secrets.randbelow(254)
         self._next = 0
+        #: Each pod's address, kept when it is started again (a restart).
+        self._ips: dict[tuple[str, int], str] = {}
+        self._spawned = 0
         # Kills every pod if this process dies without cleaning up (SIGKILL).
         self.watchdog = Watchdog()
         if cgroups is None:
@@ -284,7 +291,8 @@ class LocalRuntime:
                 PodEvent("exited", plan.tag, plan.pod_id, reason="not started: the run ended")
             )
             return
-        ip = self._address()
+        ip = self._ips.get((plan.tag, plan.pod_id)) or self._address()
+        self._ips[(plan.tag, plan.pod_id)] = ip
         self._setup()
         env = {
             **os.environ,
@@ -380,7 +388,9 @@ class LocalRuntime:
     def _pod_cgroup(self, plan: PodPlan) -> Path | None:
         if self._run_cgroup is None:
             return None
-        path = self._run_cgroup / f"{self._next}-{re.sub(r'[^A-Za-z0-9_.-]', '_', plan.name)}"
+        self._spawned += 1
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", plan.name)
+        path = self._run_cgroup / f"{self._spawned}-{name}"
         try:
             path.mkdir()
         except FileExistsError:
@@ -501,6 +511,7 @@ class LocalRuntime:
                 reason=pod.reason,
                 log_bytes_lost=lost,
                 log_incomplete=incomplete,
+                preempted=code is not None and code < 0 and not pod.signalled,
             )
         )
 
@@ -513,6 +524,9 @@ class LocalRuntime:
         pod = self._pods.get((tag, pod_id))
         if pod is None or pod.done.is_set():
             return
+        pod.signalled = True
+        if pod.paused:  # a stopped process hears SIGTERM only once it runs again
+            self._resume(pod)
         if not pod.exited.done():
             self._signal_group(pod.proc.pid, signal.SIGTERM)
             await asyncio.wait([pod.exited], timeout=grace)
@@ -542,6 +556,48 @@ class LocalRuntime:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._sweep()
         self.watchdog.close()
+
+    # -- faults -----------------------------------------------------------------------------
+
+    def fault_problems(self, faults: Iterable[Fault]) -> list[str]:
+        """Process faults need nothing; network faults need what `NetFaults` needs."""
+        return []
+
+    async def inject(self, action: FaultAction) -> None:
+        pods = [self._pods.get(key) for key in action.pods]
+        alive = [pod for pod in pods if pod is not None and not pod.exited.done()]
+        if action.kind == "kill":
+            for pod in alive:
+                pod.signalled = True
+                if action.signal == signal.SIGKILL:
+                    self._kill(pod)  # its escaped processes too
+                else:
+                    self._signal_group(pod.proc.pid, signal.Signals(action.signal))
+        elif action.kind == "pause":
+            for pod in alive:
+                self._pause(pod)
+        else:
+            raise RuntimeFailure(f"{action.kind} faults are not available on the local runtime")
+
+    async def heal(self, action: FaultAction) -> None:
+        if action.kind == "pause":
+            for key in action.pods:
+                pod = self._pods.get(key)
+                if pod is not None and pod.paused:
+                    self._resume(pod)
+
+    def _pause(self, pod: _Pod) -> None:
+        """Freeze the pod: its cgroup (every process, escaped ones too), else its group."""
+        pod.paused = True
+        if pod.cgroup is not None and _write(pod.cgroup / "cgroup.freeze", "1"):
+            return
+        self._signal_group(pod.proc.pid, signal.SIGSTOP)
+
+    def _resume(self, pod: _Pod) -> None:
+        pod.paused = False
+        if pod.cgroup is not None:
+            _write(pod.cgroup / "cgroup.freeze", "0")
+        self._signal_group(pod.proc.pid, signal.SIGCONT)
 
     def _supervisor_ended_anyway(self, pod: _Pod) -> None:
         if not pod.done.is_set():
@@ -579,6 +635,14 @@ _JOIN = (
     'echo 0 > "$1/cgroup.procs" || '
     'echo "tricks-nats: this pod runs outside its cgroup $1" >&2; shift; exec "$@"'
 )
+
+
+def _write(path: Path, text: str) -> bool:
+    try:
+        path.write_text(text)
+    except OSError:
+        return False
+    return True
 
 
 def _unstartable(program: str, cwd: Path | str | None, path: str) -> OSError | None:
