@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tricks_nats import entries, spec
+from tricks_nats import entries, report, spec, timeline
 from tricks_nats.errors import SpecError
 from tricks_nats.faults import Selector, seconds, signal_number
 from tricks_nats.running import UpOptions, up
@@ -278,7 +278,9 @@ async def test_a_repeated_kill_draws_its_pods_from_the_recorded_seed(tmp_path: P
     assert [f["pods"] for f in faults_in(journal_again)] == [f["pods"] for f in fired]
 
 
-async def test_a_pause_freezes_a_ticking_pod_for_its_duration(tmp_path: Path) -> None:
+async def test_a_pause_freezes_a_ticking_pod_and_the_timeline_shows_the_faults(
+    tmp_path: Path,
+) -> None:
     summary, journal, root = await run(
         tmp_path,
         """\
@@ -287,9 +289,13 @@ async def test_a_pause_freezes_a_ticking_pod_for_its_duration(tmp_path: Path) ->
         - tag: ticker
           command: [python, -c, "import time\\nfor i in range(20):
             print(f'tick {time.time()}', flush=True); time.sleep(0.05)"]
+        - tag: w
+          command: tricks-nats wait w_start 2 --timeout 50
         faults:
         - when: {name: ticker_start, value: 1, after: 0.2s}
           pause: {tag: ticker, duration: 1s}
+        - when: {name: w_start, value: 1}
+          restart: {tag: w}
         """,
     )
     assert summary["verdict"] == "succeeded"
@@ -298,8 +304,28 @@ async def test_a_pause_freezes_a_ticking_pod_for_its_duration(tmp_path: Path) ->
     assert len(ticks) == 20
     # no tick can be printed while the pod is frozen: the log shows the whole second
     assert max(b - a for a, b in itertools.pairwise(ticks)) >= 1.0
-    states = [(f["state"], f["pods"]) for f in faults_in(journal)]
-    assert states == [("injected", ["ticker-0"]), ("healed", ["ticker-0"])]
+    states = [(f["fault"], f["state"], f["pods"]) for f in faults_in(journal)]
+    assert sorted(states) == [
+        ("pause-0", "healed", ["ticker-0"]),
+        ("pause-0", "injected", ["ticker-0"]),
+        ("restart-1", "injected", ["w-0"]),
+    ]
+    # the timeline: a mark per fault, the paused bar shaded for the pause, a cut at the restart
+    timed = report.load_run(root)
+    marks = [m.label for m in timed.markers if m.kind == "fault"]
+    assert sorted(marks) == ["fault: pause ticker-0", "fault: restart w-0"]
+    (shade,) = timed.shades
+    assert shade.pod == "ticker-0" and shade.stop - shade.start >= 1.0
+    (bar,) = [b for b in timed.bars if b.pod == "w-0"]
+    assert len(bar.restarts) == 1 and bar.start < bar.restarts[0] < bar.stop
+    assert "at " in report.text_summary(timed) and "fault: restart w-0" in report.text_summary(
+        timed
+    )
+    figure = root / "timeline.svg"
+    await asyncio.to_thread(timeline.draw, timed, figure)
+    drawn = figure.read_text()
+    for text in ("fault: pause ticker-0", "under a fault", "started again", "fault injected"):
+        assert text in drawn, text
 
 
 async def test_a_restart_starts_the_same_pod_again_and_counts_it_again(tmp_path: Path) -> None:

@@ -17,7 +17,15 @@ from rich.table import Table
 from rich.text import Text
 
 from tricks_nats import outcomes
-from tricks_nats.entries import Entry, EventEntry, PodEntry, VerdictEntry, WorkflowEntry
+from tricks_nats.entries import (
+    Entry,
+    EventEntry,
+    FaultEntry,
+    PodEntry,
+    VerdictEntry,
+    WorkflowEntry,
+)
+from tricks_nats.render import fault_line
 from tricks_nats.spec import Condition, Experiment
 
 DONE = {"start": "started", "stop": "stopped"}
@@ -43,6 +51,8 @@ class LiveView:
         #: Per tag and action (start, stop): the count that triggered it.
         self.done: dict[tuple[str, str], int] = {}
         self.failures: deque[str] = deque(maxlen=3)
+        #: The last faults injected or healed, as `watch` prints them.
+        self.faults: deque[str] = deque(maxlen=3)
         self.verdict: str | None = None
         self._live: Live | None = None
 
@@ -77,6 +87,8 @@ class LiveView:
                 self.counts[name] = max(count, self.counts.get(name, 0))
             case WorkflowEntry(tag=tag, action=action, condition=c):
                 self.done[(tag, action)] = c.value
+            case FaultEntry():
+                self.faults.append(fault_line(entry, colour=False))
             case VerdictEntry(verdict=verdict):
                 self.verdict = verdict
 
@@ -131,6 +143,8 @@ class LiveView:
         user = [f"{n}={c}" for n, c in self.counts.items() if n not in self.exp.lifecycle]
         if user:
             parts.append(Text("events: " + ", ".join(user[:12]), style="cyan"))
+        for line in self.faults:
+            parts.append(Text(line, style="magenta"))
         for pod in list(self.failures):
             parts.append(Text(f"{pod} failed; last lines of its log:", style="red"))
             parts.append(Text(self._tail(pod), style="dim"))

@@ -62,7 +62,7 @@ def describe(entry: Entry, *, colour: bool = False) -> str:
             label = f"{action} {entry.tag}"
             text = f"{c.name} {c.value} -> {_paint(label, 'magenta', colour)}"
         case FaultEntry():
-            text = _fault_line(entry, colour)
+            text = fault_line(entry, colour)
         case VerdictEntry():
             text = f"verdict {_paint(entry.verdict, _VERDICT_COLOURS.get(entry.verdict), colour)}"
             if entry.reason:
@@ -72,7 +72,7 @@ def describe(entry: Entry, *, colour: bool = False) -> str:
     return f"{stamp} {text}"
 
 
-def _fault_line(entry: FaultEntry, colour: bool) -> str:
+def fault_line(entry: FaultEntry, colour: bool) -> str:
     """`fault kill-server #1 kill injected: server-2 (server_start 3)`."""
     label = _paint(f"fault {entry.fault} #{entry.firing}", "magenta", colour)
     state = _paint(entry.state, "red" if entry.state == "failed" else None, colour)

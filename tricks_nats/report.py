@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 
 from tricks_nats import entries, figures, outcomes, stats
-from tricks_nats.entries import EventEntry, WorkflowEntry
+from tricks_nats.entries import EventEntry, FaultEntry, PodEntry, WorkflowEntry
 from tricks_nats.errors import UsageError
 from tricks_nats.records import Summary
 from tricks_nats.words import plural
@@ -25,11 +25,25 @@ class Bar:
     start: float
     stop: float
     outcome: str
+    #: When the pod was started again (a restart), seconds since the run's start.
+    restarts: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
 class Marker:
     at: float
+    label: str
+    #: workflow (a condition met) or fault (a fault injected).
+    kind: str = "workflow"
+
+
+@dataclass(frozen=True)
+class Shade:
+    """A pod under a lasting fault (a pause, a network fault), from `start` to `stop`."""
+
+    pod: str
+    start: float
+    stop: float
     label: str
 
 
@@ -55,6 +69,7 @@ class Run:
     events: list[EventMark] = field(default_factory=list)
     #: The pod whose failure failed the run: the first, by stop time, that failed.
     cause: str | None = None
+    shades: list[Shade] = field(default_factory=list)
 
 
 def load_run(run_dir: Path) -> Run:
@@ -63,6 +78,13 @@ def load_run(run_dir: Path) -> Run:
     except (OSError, msgspec.DecodeError) as exc:
         raise UsageError(f"{run_dir}: no readable summary.json (is this a run directory?)") from exc
     t0, end = summary.started_at, summary.ended_at
+    journal: list[entries.Entry] = []
+    with contextlib.suppress(OSError):  # no journal: a timeline without its markers
+        journal = entries.read(run_dir / "journal.jsonl")
+    restarts: dict[str, list[float]] = {}
+    for entry in journal:
+        if isinstance(entry, PodEntry) and entry.outcome == outcomes.RESTARTED:
+            restarts.setdefault(f"{entry.tag}-{entry.pod_id}", []).append(entry.ts - t0)
     bars = []
     stops: list[tuple[float, str]] = []
     for pod in summary.pods:
@@ -73,6 +95,7 @@ def load_run(run_dir: Path) -> Run:
             start=(start - t0) if start is not None else 0.0,
             stop=(stop - t0) if start is not None else 0.0,
             outcome=outcomes.of(pod, summary.verdict),
+            restarts=tuple(restarts.get(f"{pod.tag}-{pod.pod_id}", ())),
         )
         bars.append(bar)
         if bar.outcome == outcomes.FAILED:
@@ -80,9 +103,6 @@ def load_run(run_dir: Path) -> Run:
     markers = []
     events = []
     coordinator = {f"{p.tag}_{what}" for p in summary.pods for what in ("start", "stop")}
-    journal: list[entries.Entry] = []
-    with contextlib.suppress(OSError):  # no journal: a timeline without its markers
-        journal = entries.read(run_dir / "journal.jsonl")
     for entry in journal:
         if isinstance(entry, WorkflowEntry):
             c = entry.condition
@@ -94,9 +114,43 @@ def load_run(run_dir: Path) -> Run:
             )
         elif isinstance(entry, EventEntry) and entry.name not in coordinator:
             events.append(EventMark(entry.ts - t0, entry.name, entry.count, entry.pod))
+        elif isinstance(entry, FaultEntry) and entry.state == "injected":
+            markers.append(Marker(entry.ts - t0, _fault_label(entry), kind="fault"))
     # recorded since outcomes were; before: the first failed pod by stop time
     cause = summary.cause or (min(stops)[1] if stops and summary.verdict == "failed" else None)
-    return Run(summary.experiment, summary.verdict, t0, end, bars, markers, summary, events, cause)
+    run = Run(summary.experiment, summary.verdict, t0, end, bars, markers, summary, events, cause)
+    run.shades.extend(_shades(journal, t0, end))
+    return run
+
+
+def _fault_label(entry: FaultEntry) -> str:
+    """`fault: kill server-1`, `fault: delay client-0 ↔ server-0 +2`."""
+    shown = entry.pods[0] + (f" +{len(entry.pods) - 1}" if len(entry.pods) > 1 else "")
+    if entry.peers:
+        shown += f" ↔ {entry.peers[0]}" + (
+            f" +{len(entry.peers) - 1}" if len(entry.peers) > 1 else ""
+        )
+    return f"fault: {entry.action} {shown}"
+
+
+def _shades(journal: list[entries.Entry], t0: float, end: float) -> list[Shade]:
+    """Every pod under a pause or a network fault, from its injection to its healing."""
+    open_: dict[tuple[str, int], FaultEntry] = {}
+    spans: list[tuple[FaultEntry, float]] = []
+    for entry in journal:
+        if not isinstance(entry, FaultEntry) or entry.action in ("kill", "restart"):
+            continue
+        key = (entry.fault, entry.firing)
+        if entry.state == "injected":
+            open_[key] = entry
+        elif entry.state == "healed" and key in open_:
+            spans.append((open_.pop(key), entry.ts))
+    spans += [(entry, end) for entry in open_.values()]
+    return [
+        Shade(pod, entry.ts - t0, stop - t0, entry.action)
+        for entry, stop in spans
+        for pod in entry.pods + (entry.peers or [])
+    ]
 
 
 def text_summary(run: Run) -> str:

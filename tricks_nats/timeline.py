@@ -1,6 +1,8 @@
 """A run's timeline: one bar per pod from start to stop, coloured by outcome (Okabe-Ito colours,
 hatched when the tool stopped the pod as the run ended), grouped by tag; the pod whose failure
 failed the run is outlined and marked; a dashed line where each workflow condition was met;
+faults are marked by a dotted line where each was injected, a pod under a pause or a network
+fault is shaded while it lasts, and a white cut shows where a pod was started again;
 under the bars, one row of ticks per user event (each registration). PNG, SVG and PDF through
 matplotlib, interactive HTML through plotly: both in the optional extra `report`, imported only
 when a picture is asked for.
@@ -19,6 +21,7 @@ from tricks_nats.report import Bar, Run
 COLOURS = {
     outcomes.SUCCEEDED: "#009E73",
     outcomes.BY_WORKFLOW: "#0072B2",
+    outcomes.BY_FAULT: "#F0E442",
     outcomes.AFTER_FAILURE: "#56B4E9",
     outcomes.AT_TIMEOUT: "#E69F00",
     outcomes.INTERRUPTED: "#CC79A7",
@@ -29,6 +32,7 @@ COLOURS = {
 #: Outcomes drawn hatched as well (told apart without colour too): the pods tricks-nats
 #: stopped as the run ended, each reason its own pattern (matplotlib's, plotly's).
 HATCHES = {
+    outcomes.BY_FAULT: "---",
     outcomes.AFTER_FAILURE: "////",
     outcomes.AT_TIMEOUT: "\\\\\\\\",
     outcomes.INTERRUPTED: "xxx",
@@ -36,6 +40,7 @@ HATCHES = {
     outcomes.NEVER_STARTED: "....",
 }
 PATTERNS = {
+    outcomes.BY_FAULT: "-",
     outcomes.AFTER_FAILURE: "/",
     outcomes.AT_TIMEOUT: "\\",
     outcomes.INTERRUPTED: "x",
@@ -203,6 +208,7 @@ def _matplotlib(run: Run, output: Path, title: str | None, *, show_title: bool) 
         for y, b in rows:
             if b.outcome == outcomes.NEVER_STARTED and not many:
                 ax.text(0, y, " never started", va="center", color="#666666", style="italic")
+        handles += _mark_faults(ax, rows, run, height)
         if run.cause is not None:
             _mark_cause(ax, rows, run.cause, span, height)
             handles.append(
@@ -232,9 +238,10 @@ def _matplotlib(run: Run, output: Path, title: str | None, *, show_title: bool) 
         n_label_rows = max(label_rows, default=-1) + 1
         pitch = (top - bottom) / max(bars_in - 0.15 - 0.19 * n_label_rows, 0.2) * 0.19
         for m, r in zip(run.markers, label_rows, strict=True):
+            style = (0, (1, 1.5)) if m.kind == "fault" else (0, (4, 2))
             for axis in (ax, ev):
                 if axis is not None:
-                    axis.axvline(m.at, color="#555555", linestyle=(0, (4, 2)), linewidth=0.8)
+                    axis.axvline(m.at, color="#222222", linestyle=style, linewidth=0.9)
             right_half = m.at > span * 1.02 / 2
             label = m.label.replace("->", "→")
             ax.text(
@@ -270,6 +277,56 @@ def _matplotlib(run: Run, output: Path, title: str | None, *, show_title: bool) 
             series=[b.pod for b in run.bars] + names,
             dpi=DPI,
         )
+
+
+def _mark_faults(ax: Any, rows: list[tuple[float, Bar]], run: Run, h: float) -> list[Any]:
+    """Shade the pods under a lasting fault, cut the bars where a pod started again; the
+    legend's entries for what was drawn."""
+    from matplotlib import patheffects
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
+
+    handles: list[Any] = []
+    where = {b.pod: y for y, b in rows}
+    for shade in run.shades:
+        y = where.get(shade.pod)
+        if y is None:
+            continue
+        ax.add_patch(
+            Rectangle(
+                (shade.start, y - h / 2 - 0.1),
+                max(shade.stop - shade.start, 0.0),
+                h + 0.2,
+                facecolor="#00000022",
+                edgecolor="#000000",
+                hatch="xxx",
+                linewidth=0.6,
+                zorder=2.5,
+            )
+        )
+    if run.shades:
+        handles.append(
+            Patch(facecolor="#00000022", edgecolor="#000000", hatch="xxx", label="under a fault")
+        )
+    cuts = [(t, y) for y, b in rows for t in b.restarts]
+    if cuts:
+        ax.vlines(
+            [t for t, _ in cuts],
+            [y - h / 2 for _, y in cuts],
+            [y + h / 2 for _, y in cuts],
+            color="white",
+            linewidth=2.0,
+            zorder=2.6,
+        )
+        cut = [patheffects.withStroke(linewidth=4.0, foreground="#444444")]
+        handles.append(
+            Line2D([], [], color="white", linewidth=2.0, path_effects=cut, label="started again")
+        )
+    if any(m.kind == "fault" for m in run.markers):
+        handles.append(
+            Line2D([], [], color="#222222", linestyle=(0, (1, 1.5)), label="fault injected")
+        )
+    return handles
 
 
 def _mark_cause(ax: Any, rows: list[tuple[float, Bar]], cause: str, span: float, h: float) -> None:

@@ -430,7 +430,9 @@ class Workflow:
         pod = self.pods.get(key)
         if pod is None or pod.state != "launching":
             return []
-        pod.state, pod.started_at, pod.ip = "running", fact.at, fact.ip
+        pod.state, pod.ip = "running", fact.ip
+        if pod.started_at is None:  # a restarted pod keeps its first start
+            pod.started_at = fact.at
         if self.finishing:
             return []
         return [
