@@ -28,6 +28,9 @@ patches, finalizer release), so the runtime sees the same stream of events as on
   client's concurrency is seen to reach its bound, not just to stay under it);
 - `restart_policy` plays an admission webhook that changes a tag's restartPolicy: the kubelet
   then reports an exit as CrashLoopBackOff (`lastState.terminated`, `restartCount`).
+- `chaos_mesh` (default on) serves Chaos Mesh's `chaos-mesh.org/v1alpha1` resources (podchaos,
+  networkchaos) in discovery and stores their objects (`chaos_objects()`); off, the cluster has
+  no Chaos Mesh (discovery of the group answers 404).
 
 Requests are recorded by kmock; `runtime_requests()` keeps those of tricks-nats (by User-Agent).
 """
@@ -58,6 +61,8 @@ from tricks_nats.runtimes import kube_objects as ko
 
 FINALIZER = "fake-kubelet/container"
 PODS = kmock.resource("v1/pods")
+#: Chaos Mesh's resources (kind: plural), served when `Cluster.chaos_mesh`.
+CHAOS_MESH = {"PodChaos": "podchaos", "NetworkChaos": "networkchaos"}
 
 #: The request kmock is matching against its reactions (see `Cluster.__iter__`).
 _matching: contextvars.ContextVar[kmock.Request | None] = contextvars.ContextVar(
@@ -164,6 +169,7 @@ class Cluster(kmock.KubernetesEmulator):
     #: Names of pods whose log was asked for while `logs_down`, as they are refused.
     log_refusals: asyncio.Queue[str] = attrs.field(factory=asyncio.Queue)
     restart_policy: dict[str, str] = attrs.field(factory=dict)
+    chaos_mesh: bool = True
     delete_errors: list[int] = attrs.field(factory=list)
     delete_collection: bool = True
     hold_creates: int = 0
@@ -184,6 +190,11 @@ class Cluster(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.resources["v1/pods"] = kmock.ResourceInfo(kind="Pod", namespaced=True)
+        if self.chaos_mesh:
+            for kind, plural in CHAOS_MESH.items():
+                self.resources[f"chaos-mesh.org/v1alpha1/{plural}"] = kmock.ResourceInfo(
+                    kind=kind, namespaced=True
+                )
         self.watch_gate.set()
 
     # -- test controls ------------------------------------------------------------------
@@ -210,6 +221,14 @@ class Cluster(kmock.KubernetesEmulator):
         for (res, ns, name), obj in self.objects.items():
             if res.plural == "pods" and not obj.deleted and namespace in (None, ns):
                 out[name] = dict(obj.raw)
+        return out
+
+    def chaos_objects(self, plural: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+        """Chaos Mesh objects that exist now, by (plural, name)."""
+        out = {}
+        for (res, _, name), obj in self.objects.items():
+            if res.group == "chaos-mesh.org" and not obj.deleted and plural in (None, res.plural):
+                out[(res.plural, name)] = dict(obj.raw)
         return out
 
     def __iter__(self) -> Iterator[kmock.Request]:

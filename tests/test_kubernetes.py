@@ -267,7 +267,7 @@ async def test_exit_codes_and_logs_come_from_the_container(
     assert [e.kind for e in got["ok"]] == ["running", "exited"]
     assert (got["ok"][1].exit_code, got["ok"][1].reason) == (0, None)
     crashed = got["crash"][1]
-    assert crashed.exit_code == 3
+    assert crashed.exit_code == 3 and not crashed.preempted  # its own failure, no preemption
     assert crashed.reason and f"pod {name_of('crash')} exited with 3" in crashed.reason
     await runtime.aclose(0.0)
     assert "hello from ok-0 at 10.244." in (tmp_path / "logs" / "ok-0.log").read_text()
@@ -320,6 +320,7 @@ async def test_an_evicted_pod_counts_as_failed(
     ev = await next_event(runtime)
     assert (ev.kind, ev.exit_code) == ("exited", ko.KILLED)
     assert ev.reason and "Evicted" in ev.reason and "low on memory" in ev.reason
+    assert ev.preempted  # a restart policy `on: preemption` starts it again
 
 
 async def test_a_pod_deleted_by_someone_else_fails(
@@ -332,6 +333,7 @@ async def test_a_pod_deleted_by_someone_else_fails(
     ev = await next_event(runtime)
     assert (ev.kind, ev.exit_code) == ("exited", 143)
     assert ev.reason and "deleted by someone else" in ev.reason
+    assert ev.preempted  # what a drained node does
 
 
 async def test_terminate_deletes_the_pod_and_returns_once_it_ended(

@@ -172,6 +172,18 @@ def _restarted(pod: dict[str, Any], container: dict[str, Any], ip: str | None) -
     return Seen("exited", ip, code, reason, ran=True, restarted=True)
 
 
+def without_restarts(pod: dict[str, Any]) -> dict[str, Any]:
+    """The pod as if its container had never been restarted (no restartCount, no lastState):
+    for a pod whose restarts are expected (Chaos Mesh swaps its image during a pause), so its
+    current state alone says whether it runs or has ended."""
+    status = dict(pod.get("status") or {})
+    status["containerStatuses"] = [
+        {k: v for k, v in cs.items() if k not in ("restartCount", "lastState")}
+        for cs in status.get("containerStatuses") or []
+    ]
+    return {**pod, "status": status}
+
+
 def interpret(pod: dict[str, Any]) -> Seen:
     """Turn one pod object (as the API serves it) into a lifecycle observation."""
     meta = pod.get("metadata") or {}

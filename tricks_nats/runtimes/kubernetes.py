@@ -21,6 +21,11 @@ attached again (skipping what was copied), and always before tricks-nats deletes
 deleting a pod deletes its log; a copy that may lack part of the log says so in its last line
 and in the pod's `exited` event (`log_incomplete`). Every pod of the experiment is deleted by
 label at the end; `tricks-nats down EXPERIMENT` does the same after a killed run.
+
+Faults: `kill` deletes pods (SIGKILL: grace 0; SIGTERM: the pod's grace period), and their
+`exited` events say which fault killed them; a pod launched again (a restart) is created once
+its previous pod is gone. `pause` and network faults are Chaos Mesh objects (kube_chaos.py),
+deleted at `heal` and, whatever is left of them, by label at the end.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -41,14 +47,20 @@ from tricks_nats import env as E
 from tricks_nats.errors import RuntimeFailure, UsageError
 from tricks_nats.runtimes import NatsRoute, PodEvent, PodPlan
 from tricks_nats.runtimes import kube_api as kapi
+from tricks_nats.runtimes import kube_chaos as kc
 from tricks_nats.runtimes import kube_objects as ko
 from tricks_nats.runtimes.kube_options import KubeOptions
 from tricks_nats.tasks import Tasks
 
 if TYPE_CHECKING:
+    from tricks_nats.faults import Fault, FaultAction
     from tricks_nats.spec import Experiment
 
 log = logging.getLogger(__name__)
+
+#: Words of a pod's status reason that say the cluster took it back (a restart policy's
+#: `preemption`): kubelet evictions, a node lost, a scheduler preemption.
+PREEMPTED = ("Evicted", "NodeLost", "Preempt", "DisruptionTarget", "Terminated by node")
 
 #: Exit code for a pod stopped before its pod object existed (it never ran).
 NOT_CREATED: int | None = None
@@ -92,6 +104,11 @@ class _Pod:
         self.log_problem: str | None = None  # why the copy may lack part of the log
         self.log_changed = asyncio.Event()  # any of the above changed
         self.log_retry = asyncio.Event()  # try again now (a deletion is coming, or it is gone)
+        self.again = False  # launched again (a restart): its log file grows, not starts over
+        self.fault: str | None = None  # why a fault deleted it (its `exited` reason)
+        self.fault_code: int | None = None  # the exit code that fault implies (SIGKILL: 137)
+        self.paused = False  # Chaos Mesh swaps its image: its container restarts are expected
+        self.preempted = False  # evicted, its node lost, deleted by someone else
 
 
 class KubernetesRuntime:
@@ -112,6 +129,7 @@ class KubernetesRuntime:
         watch_give_up: float = 120.0,
         api_retry_budget: float = kapi.RETRY_BUDGET,
         pod_nats_url: str | None = None,
+        faults: Iterable[Fault] = (),
     ) -> None:
         self.events: asyncio.Queue[PodEvent] = asyncio.Queue()
         self.experiment = experiment
@@ -142,6 +160,9 @@ class KubernetesRuntime:
         self._rv = ""
         self._closing = False
         self._told: set[str] = set()  # warnings given once per run
+        self.faults = tuple(faults)
+        self._custom: client.CustomObjectsApi | None = None
+        self._chaos: dict[str, tuple[str, str]] = {}  # action id: (plural, name) not yet healed
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -159,6 +180,7 @@ class KubernetesRuntime:
             schedule_timeout=o.schedule_timeout,
             resources={t.tag: t.resources for t in exp.tags if t.resources},
             pod_nats_url=o.pod_nats_url,
+            faults=exp.faults,
         )
 
     def nats_route(self, nats_url: str | None) -> NatsRoute:
@@ -195,6 +217,39 @@ class KubernetesRuntime:
                 await kapi.list_pods(core, namespace, self.experiment or "none")
             except RuntimeFailure as exc:
                 raise UsageError(f"cannot use the Kubernetes cluster: {exc}") from exc
+            if kc.needs_chaos_mesh(self.faults):
+                await self._check_chaos_mesh(cast(Any, core).api_client)
+
+    async def _check_chaos_mesh(self, api: client.ApiClient) -> None:
+        """Pause and network faults are Chaos Mesh objects: its resources must be served."""
+        names = kc.needs_chaos_mesh(self.faults)
+        wanted = {kc.PLURALS[kc.KIND_OF[f.kind]] for f in self.faults if f.kind in kc.KIND_OF}
+        custom = client.CustomObjectsApi(api)
+        doing = f"discovering {kc.API_VERSION}"
+        try:
+            resp = await kapi.call(
+                lambda: custom.get_api_resources(
+                    kc.GROUP,
+                    kc.VERSION,
+                    _preload_content=False,
+                    _request_timeout=kapi.REQUEST_TIMEOUT,
+                ),
+                doing,
+                budget=0.0,
+                accept={kapi.NOT_FOUND},
+            )
+            try:
+                found = {} if resp.status == kapi.NOT_FOUND else await resp.json(content_type=None)
+            finally:
+                resp.release()
+        except (RuntimeFailure, *kapi.NETWORK_ERRORS, ValueError) as exc:
+            raise UsageError(f"cannot use the Kubernetes cluster: {doing}: {exc}") from exc
+        served = {r.get("name") for r in (found or {}).get("resources") or []}
+        if not wanted <= served:
+            raise UsageError(kc.missing(names))
+
+    def fault_problems(self, faults: Iterable[Fault]) -> list[str]:
+        return kc.problems(faults)
 
     async def _start(self, exp_id: str) -> client.CoreV1Api:
         async with self._start_lock:
@@ -219,6 +274,7 @@ class KubernetesRuntime:
                 await api.close()
                 raise
             self._api, self._core = api, core
+            self._custom = client.CustomObjectsApi(api)
             self._log_api, self._logs = log_api, client.CoreV1Api(log_api)
             self._watcher = asyncio.create_task(self._watch(exp_id), name="kube-watch")
             self._workers = [
@@ -233,9 +289,37 @@ class KubernetesRuntime:
         exp_id = plan.env[E.EXP_ID]
         await self._start(exp_id)
         pod = _Pod(plan, ko.pod_name(exp_id, plan.tag, plan.pod_id))
+        old = self._pods.get((plan.tag, plan.pod_id))
         self._pods[(plan.tag, plan.pod_id)] = pod
+        if old is None:
+            self._by_name[pod.name] = pod
+            self._queue.put_nowait(pod)
+            return
+        # Launched again (a restart): the same name, so the previous pod must be gone first
+        # (else its create answers 409, and the watch would give its last events to this one).
+        pod.again = True
+        if old.created and not old.gone.is_set():
+            self._spawn(self._launch_after(old, pod))
+        else:
+            self._by_name[pod.name] = pod
+            self._queue.put_nowait(pod)
+
+    async def _launch_after(self, old: _Pod, pod: _Pod) -> None:
+        try:
+            await asyncio.wait_for(old.gone.wait(), self.settle_timeout)
+        except TimeoutError:
+            reason = (
+                f"pod {pod.name} cannot start again: its previous pod was still Terminating "
+                f"{self.settle_timeout:g}s after its deletion (is its node down?)"
+            )
+            _append(pod.plan.log_path, f"tricks-nats: {reason}\n".encode())
+            self._exit(pod, ko.NEVER_RAN, reason)
+            return
         self._by_name[pod.name] = pod
-        self._queue.put_nowait(pod)
+        if pod.stopping or self._closing:
+            self._exit(pod, NOT_CREATED, None)
+        else:
+            self._queue.put_nowait(pod)
 
     async def _creator(self) -> None:
         while True:
@@ -377,6 +461,8 @@ class KubernetesRuntime:
         if pod is None:
             return
         seen = ko.interpret(obj)
+        if pod.paused and seen.restarted:  # Chaos Mesh's pod-failure restarts the container
+            seen = ko.interpret(ko.without_restarts(obj))
         deleted = kind == "DELETED" or bool(meta.get("deletionTimestamp"))
         if kind == "DELETED":
             pod.gone.set()
@@ -392,11 +478,18 @@ class KubernetesRuntime:
             self._unschedulable(pod, seen.reason)
         elif seen.kind == "exited" and not pod.ended.is_set():
             code, reason = seen.exit_code, seen.reason
+            if not pod.stopping and any(word in (reason or "") for word in PREEMPTED):
+                pod.preempted = True  # evicted, or its node lost: the cluster took it back
             if pod.stopping:
                 reason = None  # we stopped it: no news
+            elif pod.fault is not None and deleted:
+                code = pod.fault_code if pod.fault_code is not None else code
+                reason = f"pod {pod.name} {pod.fault}"
             elif deleted:
                 # A deletion tricks-nats did not ask for fails the pod whatever its program
-                # says: a program that exits 0 on SIGTERM would pass for a success.
+                # says: a program that exits 0 on SIGTERM would pass for a success. It is what
+                # a drained or lost node does: a preemption, for a tag's restart policy.
+                pod.preempted = True
                 if code == 0:
                     code = ko.KILLED
                     reason = f"pod {pod.name} was deleted by someone else (its program exited 0)"
@@ -441,7 +534,7 @@ class KubernetesRuntime:
         )
 
     def _lost(self, reason: str) -> None:
-        for pod in self._by_name.values():
+        for pod in self._everyone():
             if not pod.ended.is_set():
                 self._exit(pod, ko.KILLED, f"pod {pod.name}: {reason}", wait_log=False)
 
@@ -509,6 +602,7 @@ class KubernetesRuntime:
                 exit_code=pod.exit_code,
                 reason=pod.reason,
                 log_incomplete=why,
+                preempted=pod.preempted,
             )
         )
 
@@ -517,7 +611,7 @@ class KubernetesRuntime:
         cluster stops retrying (pulling, scheduling)."""
         if pod.ended.is_set():
             return
-        _write(pod.plan.log_path, f"tricks-nats: {reason}\n".encode())
+        (_append if pod.again else _write)(pod.plan.log_path, f"tricks-nats: {reason}\n".encode())
         self._exit(pod, ko.NEVER_RAN, reason)
         if pod.created:
             self._spawn(self._delete(pod, 0.0))
@@ -592,7 +686,7 @@ class KubernetesRuntime:
             pod.log_attached = True
             self._log_changed(pod)
             skip = pod.log_written
-            sink = _open(pod.plan.log_path, append=pod.log_written > 0)
+            sink = _open(pod.plan.log_path, append=pod.log_written > 0 or pod.again)
             try:
                 async for chunk in resp.content.iter_any():
                     if skip:
@@ -637,6 +731,172 @@ class KubernetesRuntime:
                 while not settled():
                     pod.log_changed.clear()
                     await pod.log_changed.wait()
+
+    # -- faults ---------------------------------------------------------------------------
+
+    async def inject(self, action: FaultAction) -> None:
+        """`kill` deletes the pods (SIGKILL: at once; SIGTERM: with their grace period); their
+        `exited` events follow from the watch. Pause and network faults are Chaos Mesh objects."""
+        core = await self._start(self.experiment or "")
+        if action.kind == "kill":
+            await self._kill(core, action)
+        elif action.kind in kc.KIND_OF:
+            await self._create_chaos(action)
+        else:
+            raise RuntimeFailure(
+                f"fault {action.id}: {action.kind} is the coordinator's (terminate, then launch)"
+            )
+
+    async def heal(self, action: FaultAction) -> None:
+        """Delete the fault's Chaos Mesh object (gone already is fine). A kill has nothing to
+        undo. If the API refuses, the object stays known and `aclose` deletes it."""
+        entry = self._chaos.get(action.id)
+        if entry is None or self._custom is None:
+            return
+        await self._delete_object(self._custom, *entry)
+        self._chaos.pop(action.id, None)
+
+    async def _kill(self, core: client.CoreV1Api, action: FaultAction) -> None:
+        if action.signal not in kc.SIGNALS:
+            raise RuntimeFailure(kc.signal_problem(action.id, action.signal))
+        sig = signal.Signals(action.signal).name
+        pods = [self._pods.get(p) for p in action.pods]
+        victims = [p for p in pods if p is not None and p.created and not p.ended.is_set()]
+        for pod in victims:
+            pod.fault = f"killed by fault {action.id} ({sig})"
+            pod.fault_code = ko.KILLED if action.signal == signal.SIGKILL else None
+        # SIGKILL: grace 0; SIGTERM: no grace given, so the pod's own (30s by default).
+        grace: dict[str, Any] = {"grace_period_seconds": 0} if sig == "SIGKILL" else {}
+
+        async def kill(pod: _Pod) -> None:
+            await self._keep_log(pod)
+            resp = await kapi.call(
+                lambda: core.delete_namespaced_pod(
+                    pod.name,
+                    self.namespace,
+                    _preload_content=False,
+                    _request_timeout=kapi.REQUEST_TIMEOUT,
+                    **grace,
+                ),
+                f"deleting pod {pod.name} (fault {action.id})",
+                budget=self.api_retry_budget,
+                accept={kapi.NOT_FOUND},
+            )
+            resp.release()
+            if resp.status == kapi.NOT_FOUND:
+                pod.gone.set()
+                pod.log_retry.set()
+                self._exit(pod, pod.fault_code or ko.KILLED, f"pod {pod.name} {pod.fault}")
+
+        await asyncio.gather(*(kill(p) for p in victims))
+
+    async def _create_chaos(self, action: FaultAction) -> None:
+        assert self._custom is not None
+        custom, exp_id = self._custom, self.experiment or ""
+        body = kc.manifest(
+            action,
+            exp_id=exp_id,
+            namespace=self.namespace,
+            pod_name=lambda tag, i: ko.pod_name(exp_id, tag, i),
+        )
+        plural, name = kc.PLURALS[body["kind"]], body["metadata"]["name"]
+        self._chaos[action.id] = (plural, name)  # known before it exists: aclose deletes it
+        if action.kind == "pause":
+            for key in action.pods:
+                if (pod := self._pods.get(key)) is not None:
+                    pod.paused = True
+        resp = await kapi.call(
+            lambda: custom.create_namespaced_custom_object(
+                kc.GROUP,
+                kc.VERSION,
+                self.namespace,
+                plural,
+                body,
+                _preload_content=False,
+                _request_timeout=kapi.REQUEST_TIMEOUT,
+            ),
+            f"creating {body['kind']} {name} (fault {action.id})",
+            budget=self.api_retry_budget,
+            accept={kapi.CONFLICT},  # a retry after a lost reply: it exists
+        )
+        resp.release()
+
+    async def _delete_object(self, custom: client.CustomObjectsApi, plural: str, name: str) -> None:
+        resp = await kapi.call(
+            lambda: custom.delete_namespaced_custom_object(
+                kc.GROUP,
+                kc.VERSION,
+                self.namespace,
+                plural,
+                name,
+                _preload_content=False,
+                _request_timeout=kapi.REQUEST_TIMEOUT,
+            ),
+            f"deleting {plural} {name}",
+            budget=self.api_retry_budget,
+            accept={kapi.NOT_FOUND},
+        )
+        resp.release()
+
+    async def _delete_chaos(self) -> None:
+        """Every Chaos Mesh object of the experiment: those this run made, and any other its
+        label finds (a create whose reply was lost, an earlier attempt)."""
+        custom, exp_id = self._custom, self.experiment or ""
+        plurals = {p for p, _ in self._chaos.values()}
+        plurals |= {kc.PLURALS[kc.KIND_OF[f.kind]] for f in self.faults if f.kind in kc.KIND_OF}
+        if custom is None or not plurals:
+            return
+        failures: list[BaseException] = []
+        for plural in sorted(plurals):
+            names = {n for p, n in self._chaos.values() if p == plural}
+            try:
+                names |= set(await self._list_objects(custom, plural))
+            except (RuntimeFailure, *kapi.NETWORK_ERRORS, ValueError) as exc:
+                failures.append(exc)
+            done = await asyncio.gather(
+                *(self._delete_object(custom, plural, n) for n in sorted(names)),
+                return_exceptions=True,
+            )
+            failures += [e for e in done if isinstance(e, BaseException)]
+        for failure in failures:
+            if not isinstance(failure, Exception):  # cancelled
+                raise failure
+        if failures:
+            log.error(
+                "%s; run `tricks-nats down %s` or delete the Chaos Mesh objects labelled %s",
+                failures[0],
+                exp_id,
+                ko.selector(exp_id),
+            )
+        self._chaos.clear()
+
+    async def _list_objects(self, custom: client.CustomObjectsApi, plural: str) -> list[str]:
+        """The names of the experiment's objects of one Chaos Mesh resource."""
+        exp_id = self.experiment or ""
+        resp = await kapi.call(
+            lambda: custom.list_namespaced_custom_object(
+                kc.GROUP,
+                kc.VERSION,
+                self.namespace,
+                plural,
+                label_selector=ko.selector(exp_id),
+                _preload_content=False,
+                _request_timeout=kapi.REQUEST_TIMEOUT,
+            ),
+            f"listing {plural} in namespace {self.namespace}",
+            budget=self.api_retry_budget,
+            accept={kapi.NOT_FOUND},
+        )
+        try:
+            found = {} if resp.status >= 400 else await resp.json(content_type=None)
+        finally:
+            resp.release()
+        items = found.get("items") or []
+        return [i["metadata"]["name"] for i in items if ko.is_ours(i, exp_id)]
+
+    def _everyone(self) -> list[_Pod]:
+        """Every pod, including one launched again that waits for its previous pod to go."""
+        return list({id(p): p for p in (*self._by_name.values(), *self._pods.values())}.values())
 
     # -- stopping ---------------------------------------------------------------------------
 
@@ -683,12 +943,13 @@ class KubernetesRuntime:
         core = self._core
         if core is None:
             return
-        for pod in self._by_name.values():
+        for pod in self._everyone():
             pod.stopping = True
         for _ in self._workers:
             self._queue.put_nowait(None)
         await asyncio.gather(*self._workers, return_exceptions=True)
-        alive = [p for p in self._by_name.values() if p.created and not p.gone.is_set()]
+        await self._delete_chaos()
+        alive = [p for p in self._everyone() if p.created and not p.gone.is_set()]
         await asyncio.gather(*(self._keep_log(p) for p in alive))
         try:
             await kapi.delete_experiment(
@@ -702,7 +963,7 @@ class KubernetesRuntime:
             )
         except RuntimeFailure as exc:
             log.error("%s; run `tricks-nats down %s` to remove what is left", exc, self.experiment)
-        waiting = [p for p in self._by_name.values() if p.created and not p.gone.is_set()]
+        waiting = [p for p in self._everyone() if p.created and not p.gone.is_set()]
         if waiting:
             _, pending = await asyncio.wait(
                 [asyncio.create_task(p.gone.wait()) for p in waiting],
@@ -720,11 +981,11 @@ class KubernetesRuntime:
                     ", ".join(left[:10]),
                     self.experiment,
                 )
-        for pod in self._by_name.values():
+        for pod in self._everyone():
             self._exit(
                 pod, ko.KILLED if pod.created else NOT_CREATED, None, wait_log=pod.gone.is_set()
             )
-        unreported = [p for p in self._by_name.values() if not p.reported.is_set()]
+        unreported = [p for p in self._everyone() if not p.reported.is_set()]
         if unreported:  # each waits for its log for settle_timeout at most
             waits = [asyncio.create_task(p.reported.wait()) for p in unreported]
             _, pending = await asyncio.wait(waits, timeout=self.settle_timeout + 1)
@@ -738,13 +999,14 @@ class KubernetesRuntime:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for pod in self._by_name.values():  # whatever was left waiting for its log
+        for pod in self._everyone():  # whatever was left waiting for its log
             if pod.ended.is_set():
                 self._report(pod)
         for api in (self._api, self._log_api):
             if api is not None:
                 await api.close()
         self._api = self._core = self._log_api = self._logs = None
+        self._custom = None
         self._watcher, self._workers = None, []
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
