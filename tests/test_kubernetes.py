@@ -409,6 +409,13 @@ async def test_down_deletes_only_that_experiments_pods(
     for body in (pod(EXP, "s"), pod("other-20260101-000000-0000", "other")):
         async with cluster.post(f"/api/v1/namespaces/{NS}/pods", json=body) as resp:
             assert resp.status < 300
+    # a fault's Chaos Mesh object a killed `up` left behind, and another experiment's
+    for name, exp in (("left", EXP), ("theirs", "other-20260101-000000-0000")):
+        labels = {ko.EXPERIMENT: exp, ko.MANAGED_BY: ko.MANAGER}
+        chaos = {"apiVersion": "chaos-mesh.org/v1alpha1", "kind": "PodChaos", "spec": {}}
+        url = f"/apis/chaos-mesh.org/v1alpha1/namespaces/{NS}/podchaos"
+        async with cluster.post(url, json={**chaos, "metadata": {"name": name, "labels": labels}}):
+            pass
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "tricks-nats"),
         "down",
@@ -426,6 +433,8 @@ async def test_down_deletes_only_that_experiments_pods(
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     assert f"deleted pod {name_of('s')}" in out.decode()
+    assert "deleted podchaos/left" in out.decode() and "1 pod(s) deleted" in out.decode()
+    assert list(cluster.chaos_objects()) == [("podchaos", "theirs")]
     await asyncio.wait_for(cluster.stops[name_of("s")].wait(), 30)
     assert list(cluster.pods(NS)) == [ko.pod_name("other-20260101-000000-0000", "other", 0)]
 

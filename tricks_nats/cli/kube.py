@@ -50,7 +50,8 @@ def down(
         float, typer.Option("--grace", min=0, help="Seconds the pods get to stop.")
     ] = 5.0,
 ) -> None:
-    """Delete every pod of an experiment on Kubernetes (by its labels)."""
+    """Delete every pod of an experiment on Kubernetes, and its faults' Chaos Mesh objects (by
+    their labels)."""
 
     async def run() -> list[str]:
         from tricks_nats.runtimes import kube_objects as ko
@@ -61,15 +62,17 @@ def down(
 
         async with kube_api.session(kubeconfig, context) as (core, hinted):
             ns = namespace or hinted or ko.DEFAULT_NAMESPACE
-            return await kube_api.delete_experiment(core, ns, experiment, grace)
+            chaos = await kube_api.delete_chaos(kube_api.custom_api(core), ns, experiment)
+            return chaos + await kube_api.delete_experiment(core, ns, experiment, grace)
 
     try:
         names = asyncio.run(run())
     except TricksError as exc:
         fail(exc)
+    pods = [n for n in names if "/" not in n]
     for name in names:
-        typer.echo(f"deleted pod {name}")
-    typer.echo(f"{experiment}: {len(names)} pod(s) deleted")
+        typer.echo(f"deleted {'' if '/' in name else 'pod '}{name}")
+    typer.echo(f"{experiment}: {len(pods)} pod(s) deleted")
 
 
 def register(app: typer.Typer) -> None:

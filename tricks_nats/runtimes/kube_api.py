@@ -346,3 +346,101 @@ async def session(
         yield client.CoreV1Api(api), namespace
     finally:
         await api.close()
+
+
+# -- Chaos Mesh objects (faults) ---------------------------------------------------------------
+
+#: Chaos Mesh's group and version, and the resources a run's faults create.
+CHAOS_GROUP, CHAOS_VERSION = "chaos-mesh.org", "v1alpha1"
+CHAOS_PLURALS = ("networkchaos", "podchaos")
+
+
+def custom_api(core: client.CoreV1Api) -> client.CustomObjectsApi:
+    """The custom objects API on the same connection as `core`."""
+    return client.CustomObjectsApi(cast(Any, core).api_client)
+
+
+async def delete_custom(
+    custom: client.CustomObjectsApi, namespace: str, plural: str, name: str, *, budget: float
+) -> None:
+    """Delete one Chaos Mesh object; one already gone is fine."""
+    resp = await call(
+        lambda: custom.delete_namespaced_custom_object(
+            CHAOS_GROUP,
+            CHAOS_VERSION,
+            namespace,
+            plural,
+            name,
+            _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT,
+        ),
+        f"deleting {plural} {name}",
+        budget=budget,
+        accept={NOT_FOUND},
+    )
+    resp.release()
+
+
+async def list_custom(
+    custom: client.CustomObjectsApi, namespace: str, plural: str, exp_id: str, *, budget: float
+) -> list[str]:
+    """The names of the experiment's objects of one Chaos Mesh resource (none where the
+    cluster does not serve it)."""
+    resp = await call(
+        lambda: custom.list_namespaced_custom_object(
+            CHAOS_GROUP,
+            CHAOS_VERSION,
+            namespace,
+            plural,
+            label_selector=ko.selector(exp_id),
+            _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT,
+        ),
+        f"listing {plural} in namespace {namespace}",
+        budget=budget,
+        accept={NOT_FOUND},
+    )
+    try:
+        found = {} if resp.status >= 400 else await resp.json(content_type=None)
+    finally:
+        resp.release()
+    items = found.get("items") or [] if isinstance(found, dict) else []
+    return [i["metadata"]["name"] for i in items if ko.is_ours(i, exp_id)]
+
+
+async def delete_chaos(
+    custom: client.CustomObjectsApi,
+    namespace: str,
+    exp_id: str,
+    plurals: Iterable[str] = CHAOS_PLURALS,
+    *,
+    known: Iterable[tuple[str, str]] = (),
+    budget: float = RETRY_BUDGET,
+) -> list[str]:
+    """Delete every Chaos Mesh object of the experiment (found by label, plus `known`
+    (plural, name) pairs); returns `plural/name` of each. The first failure is raised once
+    every other object has been tried."""
+    known = list(known)
+    deleted: list[str] = []
+    failures: list[BaseException] = []
+    for plural in plurals:
+        names = {n for p, n in known if p == plural}
+        try:
+            names |= set(await list_custom(custom, namespace, plural, exp_id, budget=budget))
+        except (RuntimeFailure, *NETWORK_ERRORS, ValueError) as exc:
+            failures.append(exc)
+        done = await asyncio.gather(
+            *(delete_custom(custom, namespace, plural, n, budget=budget) for n in sorted(names)),
+            return_exceptions=True,
+        )
+        for name, result in zip(sorted(names), done, strict=True):
+            if isinstance(result, BaseException):
+                failures.append(result)
+            else:
+                deleted.append(f"{plural}/{name}")
+    for failure in failures:
+        if not isinstance(failure, Exception):  # cancelled
+            raise failure
+    if failures:
+        raise failures[0]
+    return deleted

@@ -822,21 +822,7 @@ class KubernetesRuntime:
         resp.release()
 
     async def _delete_object(self, custom: client.CustomObjectsApi, plural: str, name: str) -> None:
-        resp = await kapi.call(
-            lambda: custom.delete_namespaced_custom_object(
-                kc.GROUP,
-                kc.VERSION,
-                self.namespace,
-                plural,
-                name,
-                _preload_content=False,
-                _request_timeout=kapi.REQUEST_TIMEOUT,
-            ),
-            f"deleting {plural} {name}",
-            budget=self.api_retry_budget,
-            accept={kapi.NOT_FOUND},
-        )
-        resp.release()
+        await kapi.delete_custom(custom, self.namespace, plural, name, budget=self.api_retry_budget)
 
     async def _delete_chaos(self) -> None:
         """Every Chaos Mesh object of the experiment: those this run made, and any other its
@@ -846,53 +832,23 @@ class KubernetesRuntime:
         plurals |= {kc.PLURALS[kc.KIND_OF[f.kind]] for f in self.faults if f.kind in kc.KIND_OF}
         if custom is None or not plurals:
             return
-        failures: list[BaseException] = []
-        for plural in sorted(plurals):
-            names = {n for p, n in self._chaos.values() if p == plural}
-            try:
-                names |= set(await self._list_objects(custom, plural))
-            except (RuntimeFailure, *kapi.NETWORK_ERRORS, ValueError) as exc:
-                failures.append(exc)
-            done = await asyncio.gather(
-                *(self._delete_object(custom, plural, n) for n in sorted(names)),
-                return_exceptions=True,
+        try:
+            await kapi.delete_chaos(
+                custom,
+                self.namespace,
+                exp_id,
+                sorted(plurals),
+                known=self._chaos.values(),
+                budget=self.api_retry_budget,
             )
-            failures += [e for e in done if isinstance(e, BaseException)]
-        for failure in failures:
-            if not isinstance(failure, Exception):  # cancelled
-                raise failure
-        if failures:
+        except (RuntimeFailure, *kapi.NETWORK_ERRORS, ValueError) as exc:
             log.error(
                 "%s; run `tricks-nats down %s` or delete the Chaos Mesh objects labelled %s",
-                failures[0],
+                exc,
                 exp_id,
                 ko.selector(exp_id),
             )
         self._chaos.clear()
-
-    async def _list_objects(self, custom: client.CustomObjectsApi, plural: str) -> list[str]:
-        """The names of the experiment's objects of one Chaos Mesh resource."""
-        exp_id = self.experiment or ""
-        resp = await kapi.call(
-            lambda: custom.list_namespaced_custom_object(
-                kc.GROUP,
-                kc.VERSION,
-                self.namespace,
-                plural,
-                label_selector=ko.selector(exp_id),
-                _preload_content=False,
-                _request_timeout=kapi.REQUEST_TIMEOUT,
-            ),
-            f"listing {plural} in namespace {self.namespace}",
-            budget=self.api_retry_budget,
-            accept={kapi.NOT_FOUND},
-        )
-        try:
-            found = {} if resp.status >= 400 else await resp.json(content_type=None)
-        finally:
-            resp.release()
-        items = found.get("items") or []
-        return [i["metadata"]["name"] for i in items if ko.is_ours(i, exp_id)]
 
     def _everyone(self) -> list[_Pod]:
         """Every pod, including one launched again that waits for its previous pod to go."""
