@@ -383,3 +383,62 @@ async def test_a_restart_policy_starts_a_failed_pod_again_up_to_its_max(tmp_path
     assert summary["verdict"] == "failed"
     (pod,) = summary["pods"]
     assert (pod["restarts"], pod["outcome"], pod["exit_code"]) == (2, "failed", 3)
+
+
+# -- the coordinator with the fake runtime: what a firing does when it cannot act ----------
+
+
+async def test_a_firing_with_no_running_pod_is_skipped_and_one_that_fails_says_why(
+    make_run: Any,
+) -> None:
+    async def waits(plan: Any, stop: asyncio.Event) -> int:
+        await stop.wait()
+        return 0
+
+    async def quits(plan: Any, stop: asyncio.Event) -> int:
+        return 0
+
+    text = """
+timeout: 30
+experiment:
+- tag: a
+  command: x
+  workflow: {stop: {name: b_stop, value: 1}}
+- tag: b
+  command: x
+faults:
+- when: {name: b_stop, value: 1}
+  pause: {tag: b, duration: 1s}
+- when: {name: a_start, value: 1}
+  partition: {from: {tag: a}, to: {tag: a}}
+"""
+    run = await make_run(text, {"a": waits, "b": quits})
+    run.runtime.fault_problems = lambda faults: []  # the fake shapes no network: no refusal
+    outcome = await run.outcome()
+    assert outcome.verdict == "succeeded", outcome.reason
+    fired = {e["fault"]: e for e in run.journal() if e["kind"] == "fault"}
+    assert fired["pause-0"]["state"] == "skipped"
+    assert fired["pause-0"]["reason"] == "no running pod to choose"
+    # the fake runtime injects what it is given; a network fault is healed at the end
+    assert fired["partition-1"]["peers"] == ["a-0"]
+    assert [a.kind for a in run.runtime.healed] == ["partition"]
+
+
+def test_watch_prints_a_fault_in_one_line() -> None:
+    from tricks_nats.render import describe
+
+    entry = entries.FaultEntry(
+        fault="cut",
+        action="partition",
+        firing=2,
+        state="injected",
+        pods=["client-0"],
+        peers=["server-0", "server-1"],
+        condition=entries.Condition(name="server_start", value=2),
+        duration=1.5,
+        ts=0.0,
+    )
+    line = describe(entry)
+    assert line.endswith(
+        "fault cut #2 partition injected: client-0 <-> server-0, server-1 for 1.5s (server_start 2)"
+    )

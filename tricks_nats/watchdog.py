@@ -4,10 +4,15 @@ One tiny process per `up` (this very file, run as a script by a bare `python -I 
 library only) reads a pipe from its parent, one line per order:
 
 - `+PGID` / `-PGID`: a process group to kill (a pod, the embedded nats-server) / forget it;
-- `C+PATH` / `C-PATH`: a cgroup (v2) whose every process is killed, then the cgroup removed;
+- `C+PATH` / `C-PATH`: a cgroup (v2) whose every process is killed, then the cgroup removed
+  (a cgroup v1 tree is only removed, once its processes are gone);
 - `E+NAME=VALUE` / `E-NAME=VALUE`: an environment entry; every process carrying it is killed
   (how pods are found where cgroups are not available);
 - `F+PATH` / `F-PATH`: a file or directory to remove (a server's config, a run's state file);
+- `R+ARGV` / `R-ARGV`: a command to run, ARGV a JSON list (`R+["nft","delete","table",...]`):
+  what undoes a change to the machine (a firewall table, a qdisc, a mount). Commands run
+  last, once processes are killed and cgroups removed, newest first, `COMMAND_S` each at
+  most; their failures are ignored;
 - `bye`: the parent cleaned up after itself; the watchdog exits and touches nothing.
 
 End-of-file without a goodbye means the parent died: the watchdog then kills, and removes,
@@ -21,6 +26,7 @@ at the end of a normal run, so both paths clean up the same way.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +37,8 @@ from collections.abc import Iterable
 
 #: How long the watchdog keeps retrying to kill marked processes and remove cgroups.
 CLEANUP_S = 10.0
+#: How long each command registered with `R+` may run at the parent's death.
+COMMAND_S = 10.0
 
 
 # -- shared helpers (standard library only: the watchdog runs them without our package) -------
@@ -98,12 +106,18 @@ def _main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     groups: set[int] = set()
     sets: dict[str, set[str]] = {"C": set(), "E": set(), "F": set()}
+    commands: list[str] = []  # in order of registration, each as sent (JSON)
     for raw in sys.stdin.buffer:
         line = os.fsdecode(raw.rstrip(b"\n"))
         if line == "bye":
             return
         with contextlib.suppress(ValueError):
-            if line[:1] == "+":
+            if line[:2] == "R+":
+                commands.append(line[2:])
+            elif line[:2] == "R-":
+                if line[2:] in commands:  # the newest registration of the same command goes
+                    del commands[len(commands) - 1 - commands[::-1].index(line[2:])]
+            elif line[:1] == "+":
                 groups.add(int(line[1:]))
             elif line[:1] == "-":
                 groups.discard(int(line[1:]))
@@ -134,6 +148,24 @@ def _main() -> None:
         cgroups = [c for c in cgroups if not rmdir_cgroup(c)]
         if cgroups:
             time.sleep(0.02)
+    for command in reversed(commands):
+        run_command(command)
+
+
+def run_command(command: str) -> None:
+    """Run one `R+` command (a JSON list of strings), `COMMAND_S` at most; errors ignored."""
+    with contextlib.suppress(ValueError, TypeError, OSError, subprocess.SubprocessError):
+        argv = json.loads(command)
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            return
+        subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=COMMAND_S,
+            check=False,
+        )
 
 
 # -- the parent's side --------------------------------------------------------------------------
@@ -208,6 +240,16 @@ class Watchdog:
     def forget_file(self, path: str | os.PathLike[str]) -> None:
         self._send(f"F-{os.path.abspath(path)}", start=False)
 
+    def run_on_death(self, argv: list[str]) -> None:
+        """Run this command if the parent dies without saying goodbye: after processes are
+        killed and cgroups removed, newest registration first (a command undoing a change is
+        registered before the change is made)."""
+        self._send(f"R+{_command(argv)}")
+
+    def forget_command(self, argv: list[str]) -> None:
+        """Withdraw one registration of this command (the change was undone)."""
+        self._send(f"R-{_command(argv)}", start=False)
+
     @property
     def pid(self) -> int | None:
         """The watchdog process, once started."""
@@ -227,6 +269,12 @@ class Watchdog:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _command(argv: list[str]) -> str:
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise ValueError(f"a command is a non-empty list of strings, not {argv!r}")
+    return json.dumps(argv, separators=(",", ":"))  # one line: json escapes newlines
 
 
 if __name__ == "__main__":

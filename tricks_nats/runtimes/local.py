@@ -54,6 +54,7 @@ from tricks_nats.watchdog import Watchdog, kill_cgroup, kill_pids, marked_pids, 
 
 if TYPE_CHECKING:
     from tricks_nats.faults import Fault, FaultAction
+    from tricks_nats.netfaults import NetFaults
     from tricks_nats.spec import Experiment
 
 log = logging.getLogger(__name__)
@@ -203,14 +204,14 @@ class _Pod:
 class LocalRuntime:
     name = "local"
 
-    def __init__(self, *, cgroups: bool | None = None) -> None:
+    def __init__(
+        self, *, cgroups: bool | None = None, network_faults: bool = False, pods: int = 0
+    ) -> None:
         self.events: asyncio.Queue[PodEvent] = asyncio.Queue()
         self._pods: dict[tuple[str, int], _Pod] = {}
         # A random second octet keeps two runs on one machine off each other's addresses.
         self._net = 1 + secrets.randbelow(254)
         self._next = 0
-        #: Each pod's address, kept when it is started again (a restart).
-        self._ips: dict[tuple[str, int], str] = {}
         self._spawned = 0
         # Kills every pod if this process dies without cleaning up (SIGKILL).
         self.watchdog = Watchdog()
@@ -222,17 +223,32 @@ class LocalRuntime:
         self._made_cgroup: Path | None = None  # what to remove at the end
         self._ready = False
         self._closing = False
+        #: Network faults (netfaults.py): made ready in `prepare`, for `pods` pod addresses.
+        self._want_net = network_faults
+        self._net_pods = pods
+        self._netfaults: NetFaults | None = None
+        #: Each pod's index among the run's addresses (its net_cls cgroup).
+        self._index: dict[tuple[str, int], int] = {}
 
     @classmethod
     def for_experiment(cls, exp: Experiment, exp_id: str, options: Any) -> LocalRuntime:
-        return cls()
+        network = any(f.network for f in exp.faults)
+        return cls(network_faults=network, pods=exp.pod_count if network else 0)
 
     def nats_route(self, nats_url: str | None) -> NatsRoute:
         """Pods run on this machine: they reach NATS where the coordinator does."""
         return NatsRoute(nats_url)
 
     async def prepare(self) -> None:
-        """Nothing to reach before the run."""
+        """With network faults: mark every pod's sockets and set up the run's nftables table
+        before anything starts (a UsageError, starting nothing, if this machine cannot)."""
+        if not self._want_net or self._netfaults is not None:
+            return
+        from tricks_nats.netfaults import NetFaults
+
+        faults = NetFaults(self._net, self._marker.partition("=")[2][:12], self.watchdog)
+        await faults.start(min(self._net_pods, MAX_PODS))
+        self._netfaults = faults
 
     @property
     def tracking(self) -> Literal["cgroup", "environ"]:
@@ -274,11 +290,14 @@ class LocalRuntime:
             )
         return found
 
-    def _address(self) -> str:
-        if self._next >= MAX_PODS:
-            raise RuntimeFailure(f"the local runtime addresses at most {MAX_PODS} pods per run")
-        n = self._next
-        self._next += 1
+    def _address(self, key: tuple[str, int]) -> str:
+        """The pod's address: a new one, or the one it had (a pod started again keeps it)."""
+        n = self._index.get(key)
+        if n is None:
+            if self._next >= MAX_PODS:
+                raise RuntimeFailure(f"the local runtime addresses at most {MAX_PODS} pods per run")
+            n = self._index[key] = self._next
+            self._next += 1
         return f"127.{self._net}.{n // 250}.{n % 250 + 1}"
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -291,8 +310,8 @@ class LocalRuntime:
                 PodEvent("exited", plan.tag, plan.pod_id, reason="not started: the run ended")
             )
             return
-        ip = self._ips.get((plan.tag, plan.pod_id)) or self._address()
-        self._ips[(plan.tag, plan.pod_id)] = ip
+        key = (plan.tag, plan.pod_id)
+        ip = self._address(key)
         self._setup()
         env = {
             **os.environ,
@@ -310,7 +329,8 @@ class LocalRuntime:
             self._not_started(plan, 126, f"cannot start {plan.command[0]!r}: {exc}")
             return
         try:
-            proc, cgroup = self._spawn(plan, env, write_fd, self._pod_cgroup(plan))
+            cgroups = (self._pod_cgroup(plan), self._net_cgroup(key))
+            proc, cgroup = self._spawn(plan, env, write_fd, cgroups)
         except (OSError, subprocess.SubprocessError) as exc:
             os.close(read_fd)
             code = 127 if isinstance(exc, FileNotFoundError) else 126
@@ -337,10 +357,21 @@ class LocalRuntime:
             PodEvent("exited", plan.tag, plan.pod_id, exit_code=code, reason=reason)
         )
 
+    def _net_cgroup(self, key: tuple[str, int]) -> str | None:
+        """The net_cls cgroup a pod joins when the run has network faults."""
+        if self._netfaults is None:
+            return None
+        return self._netfaults.join_path(self._index[key])
+
     def _spawn(
-        self, plan: PodPlan, env: dict[str, str], out: int, cgroup: Path | None
+        self,
+        plan: PodPlan,
+        env: dict[str, str],
+        out: int,
+        cgroups: tuple[Path | None, str | None],
     ) -> tuple[subprocess.Popen[bytes], Path | None]:
-        """Start the pod's main process (in `cgroup` if given); returns it and its cgroup.
+        """Start the pod's main process (in its cgroup, and its net_cls cgroup for network
+        faults, if given); returns it and its cgroup.
 
         The child joins its cgroup before it becomes the pod's command, so nothing the pod
         starts escapes it: a shell moves itself there and then execs the command. (A
@@ -350,8 +381,10 @@ class LocalRuntime:
         the run's marker, as without cgroups."""
         assert plan.command
         command = list(plan.command)
-        if cgroup is not None:
-            command = ["/bin/sh", "-c", _JOIN, plan.name, str(cgroup), *command]
+        cgroup, net_cgroup = cgroups
+        if cgroup is not None or net_cgroup is not None:
+            joined = [str(cgroup or ""), net_cgroup or ""]
+            command = ["/bin/sh", "-c", _JOIN, plan.name, *joined, *command]
         try:
             missing = _unstartable(plan.command[0], plan.cwd, env.get("PATH", os.defpath))
             if missing is not None:
@@ -555,13 +588,24 @@ class LocalRuntime:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._sweep()
+        if self._netfaults is not None:  # after the pods: their cgroups must be empty
+            await self._netfaults.close()
         self.watchdog.close()
 
     # -- faults -----------------------------------------------------------------------------
 
     def fault_problems(self, faults: Iterable[Fault]) -> list[str]:
         """Process faults need nothing; network faults need what `NetFaults` needs."""
-        return []
+        network = [f.name for f in faults if f.network]
+        if not network:
+            return []
+        from tricks_nats.netfaults import NetFaults
+
+        found = NetFaults.problems()
+        if not found:
+            return []
+        names = ", ".join(repr(n) for n in network)
+        return [f"network fault(s) {names} cannot run on this machine: {' '.join(found)}"]
 
     async def inject(self, action: FaultAction) -> None:
         pods = [self._pods.get(key) for key in action.pods]
@@ -576,10 +620,19 @@ class LocalRuntime:
         elif action.kind == "pause":
             for pod in alive:
                 self._pause(pod)
+        elif self._netfaults is not None and action.kind in ("delay", "loss", "partition"):
+            await self._netfaults.apply(
+                action, self._ips_of(action.pods), self._ips_of(action.peers)
+            )
         else:
             raise RuntimeFailure(f"{action.kind} faults are not available on the local runtime")
 
+    def _ips_of(self, pods: Iterable[tuple[str, int]]) -> list[str]:
+        return [self._address(key) for key in pods if key in self._index]
+
     async def heal(self, action: FaultAction) -> None:
+        if self._netfaults is not None and action.kind in ("delay", "loss", "partition"):
+            await self._netfaults.remove(action.id)
         if action.kind == "pause":
             for key in action.pods:
                 pod = self._pods.get(key)
@@ -630,10 +683,11 @@ class LocalRuntime:
         self.watchdog.forget_cgroup(run)
 
 
-#: The child's first step in its cgroup's directory ($1): move there, then become the pod.
+#: The child's first step: move to its cgroup ($1) and its net_cls cgroup ($2), each when
+#: given, then become the pod.
 _JOIN = (
-    'echo 0 > "$1/cgroup.procs" || '
-    'echo "tricks-nats: this pod runs outside its cgroup $1" >&2; shift; exec "$@"'
+    'for d in "$1" "$2"; do [ -z "$d" ] || echo 0 > "$d/cgroup.procs" || '
+    'echo "tricks-nats: this pod runs outside its cgroup $d" >&2; done; shift 2; exec "$@"'
 )
 
 
