@@ -18,7 +18,7 @@ from tricks_nats.errors import SpecError
 from tricks_nats.faults import Selector, seconds, signal_number
 from tricks_nats.running import UpOptions, up
 
-from .conftest import exp_processes
+from .conftest import ROOT, exp_processes
 
 BASE = """\
 experiment:
@@ -442,3 +442,19 @@ def test_watch_prints_a_fault_in_one_line() -> None:
     assert line.endswith(
         "fault cut #2 partition injected: client-0 <-> server-0, server-1 for 1.5s (server_start 2)"
     )
+
+
+async def test_the_ring_faults_example_rides_out_a_restart_and_a_pause(tmp_path: Path) -> None:
+    example = ROOT / "examples" / "ring-faults" / "ring-faults.yaml"
+    outcome = await up(spec.load(example), UpOptions(runs_dir=tmp_path / "runs", grace=2))
+    assert outcome.verdict == "succeeded", outcome.reason
+    summary = outcome.summary
+    by_name = {f"{p.tag}-{p.pod_id}": p for p in summary.pods}
+    assert by_name["server-1"].restarts == 1 and by_name["server-1"].faults == ["crash-server-1"]
+    assert by_name["server-2"].faults == ["stall-server-2"]
+    assert summary.faults == {"crash-server-1": 1, "stall-server-2": 1}
+    assert summary.fault_seed == 7
+    # every request made it round the ring in the end, the faults notwithstanding
+    (requests,) = [m for m in summary.metrics if m.name == "request_ms"]
+    assert requests.count == 4 * 300
+    assert summary.events["server_start"] == 5 and summary.events["server_stop"] == 5
