@@ -233,3 +233,31 @@ def test_sigkill_of_up_leaves_no_rule_no_mount_and_no_paused_pod(tmp_path: Path)
     while (leftovers() or exp_processes(experiment)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert exp_processes(experiment) == []  # the paused pod too; the fixture checks the rest
+
+
+def test_up_refuses_network_faults_where_nft_is_missing_and_starts_nothing(
+    tmp_path: Path,
+) -> None:
+    path = write_pods(
+        tmp_path,
+        "print('never')\n",
+        """\
+        - name: cut
+          when: {name: client_start, value: 1}
+          partition: {from: {tag: client}, to: {tag: server}}
+        """,
+    )
+    env = {**cli_env(), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}  # no /usr/sbin
+    result = subprocess.run(
+        [sys.executable, "-m", "tricks_nats.cli.app", "up", str(path), "--runs-dir", "runs"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert "network fault(s) 'cut' cannot run on this machine" in line
+    assert "install the nftables package" in line
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
