@@ -3,13 +3,14 @@
 Each case is a spec, the facts fed in order (one per line, in a short notation), the actions
 each fact must produce, and the verdict once the pods are down. The notation:
 
-facts    begin | count EVENT VALUE | run TAG-ID | exit TAG-ID CODE | grace | timeout SECONDS
-         | interrupt | interrupt! (the second, forced) | abort REASON | stop-failed REASON
-         | settled
+facts    begin | count EVENT VALUE | run TAG-ID | exit TAG-ID CODE | preempted TAG-ID CODE
+         | due FAULT FIRING | grace | timeout SECONDS | interrupt | interrupt! (the second,
+         | forced) | abort REASON | stop-failed REASON | settled
 actions  launch TAG-ID | terminate TAG-ID | fail-fast | roster+ TAG-ID | roster- TAG-ID
          | roster-unlisted TAG-ID | tail TAG-ID | finish VERDICT | finish! VERDICT (no grace)
          | kill-now | pod TAG-ID STATE | event NAME=VALUE | start TAG (NAME>=VALUE)
-         | stop TAG (NAME>=VALUE)
+         | stop TAG (NAME>=VALUE) | arm FAULT FIRING DELAY | inject KIND#FIRING POD,POD...
+         | fault NAME#FIRING STATE
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def fact(text: str) -> W.Fact:
         case "exit":
             tag, pod_id = args[0].rsplit("-", 1)
             return W.PodExited(tag, int(pod_id), at=2.0, exit_code=int(args[1]))
+        case "preempted":
+            tag, pod_id = args[0].rsplit("-", 1)
+            return W.PodExited(tag, int(pod_id), at=2.0, exit_code=int(args[1]), preempted=True)
+        case "due":
+            return W.FaultDue(int(args[0]), int(args[1]))
         case "grace":
             return W.GraceOver()
         case "timeout":
@@ -111,6 +117,13 @@ def show(action: W.Action) -> str:
             return f"event {e.name}={e.count}"
         case W.Journal(J.WorkflowEntry() as e):
             return f"{e.action} {e.tag} ({e.condition.name}>={e.condition.value})"
+        case W.Journal(J.FaultEntry() as e):
+            return f"fault {e.fault}#{e.firing} {e.state}"
+        case W.ArmFault(index, firing, delay):
+            return f"arm {index} {firing} {delay:g}"
+        case W.Inject(fault_action, _, firing):
+            pods = ",".join(f"{t}-{i}" for t, i in fault_action.pods + fault_action.peers)
+            return f"inject {fault_action.kind}#{firing} {pods}"
     raise AssertionError(action)
 
 
@@ -357,6 +370,114 @@ CASES = [
             ("settled", ["finish succeeded"]),
         ],
         "succeeded",
+    ),
+    Case(
+        "a kill fault fires once its event counts, after its delay; its pod is stopped by fault",
+        """
+experiment:
+- tag: s
+  command: x
+  replicas: 2
+faults:
+- {name: k, when: {name: s_start, value: 2, after: 1.5s}, kill: {tag: s, ids: [1]}}
+""",
+        [
+            ("begin", ["pod s-0 pending", "launch s-0", "pod s-1 pending", "launch s-1"]),
+            ("run s-0", ["pod s-0 running", "roster+ s-0"]),
+            ("run s-1", ["pod s-1 running", "roster+ s-1"]),
+            ("count s_start 1", ["event s_start=1"]),
+            ("count s_start 2", ["event s_start=2", "arm 0 1 1.5"]),
+            ("count s_start 3", ["event s_start=3"]),  # armed once
+            ("due 0 1", ["inject kill#1 s-1"]),
+            ("exit s-1 137", ["pod s-1 stopped", "roster- s-1"]),
+            ("exit s-0 0", ["pod s-0 exited", "roster- s-0"]),
+            ("settled", ["finish succeeded"]),
+        ],
+        "succeeded",
+    ),
+    Case(
+        "a repeated fault arms its next firing; one with no running pod is skipped",
+        """
+experiment:
+- tag: s
+  command: x
+faults:
+- {when: {name: s_start, value: 1, every: 2s, times: 2}, pause: {tag: s, duration: 1s}}
+""",
+        [
+            ("begin", ["pod s-0 pending", "launch s-0"]),
+            ("run s-0", ["pod s-0 running", "roster+ s-0"]),
+            ("count s_start 1", ["event s_start=1", "arm 0 1 0"]),
+            ("due 0 1", ["arm 0 2 2", "inject pause#1 s-0"]),
+            ("exit s-0 0", ["pod s-0 exited", "roster- s-0"]),
+            ("due 0 2", ["fault pause-0#2 skipped"]),
+            ("settled", ["finish succeeded"]),
+        ],
+        "succeeded",
+    ),
+    Case(
+        "a restart kills its pod and launches it again, counted again",
+        """
+experiment:
+- tag: s
+  command: x
+faults:
+- {when: {name: s_start, value: 1}, restart: {tag: s}}
+""",
+        [
+            ("begin", ["pod s-0 pending", "launch s-0"]),
+            ("run s-0", ["pod s-0 running", "roster+ s-0"]),
+            ("due 0 1", ["inject restart#1 s-0"]),
+            ("exit s-0 137", ["pod s-0 stopped", "roster- s-0", "pod s-0 pending", "launch s-0"]),
+            ("run s-0", ["pod s-0 running", "roster+ s-0"]),
+            ("exit s-0 0", ["pod s-0 exited", "roster- s-0"]),
+            ("settled", ["finish succeeded"]),
+        ],
+        "succeeded",
+    ),
+    Case(
+        "a killed pod's exit counts when its fault says judge_exit",
+        """
+experiment:
+- tag: s
+  command: x
+faults:
+- {when: {name: s_start, value: 1}, kill: {tag: s, signal: TERM}, judge_exit: true}
+""",
+        [
+            ("begin", ["pod s-0 pending", "launch s-0"]),
+            ("run s-0", ["pod s-0 running", "roster+ s-0"]),
+            ("due 0 1", ["inject kill#1 s-0"]),
+            ("exit s-0 143", ["pod s-0 failed", "tail s-0", "fail-fast", "roster- s-0"]),
+            ("grace", ["finish failed"]),
+        ],
+        "failed",
+        "s-0 failed (exit 143)",
+    ),
+    Case(
+        "a restart policy on preemption restarts a preempted pod, not a failed one",
+        """
+experiment:
+- tag: s
+  command: x
+  replicas: 2
+  on_failure: continue
+  restart: {on: preemption, max: 1}
+""",
+        [
+            ("begin", ["pod s-0 pending", "launch s-0", "pod s-1 pending", "launch s-1"]),
+            ("run s-0", ["pod s-0 running", "roster+ s-0"]),
+            ("run s-1", ["pod s-1 running", "roster+ s-1"]),
+            (
+                "preempted s-0 137",
+                ["pod s-0 stopped", "roster- s-0", "pod s-0 pending", "launch s-0"],
+            ),
+            ("run s-0", ["pod s-0 running", "roster+ s-0"]),
+            ("preempted s-0 137", ["pod s-0 failed", "tail s-0", "roster- s-0"]),  # max 1
+            ("exit s-1 2", ["pod s-1 failed", "tail s-1", "roster- s-1"]),
+            ("settled", ["finish succeeded"]),
+        ],
+        "failed",
     ),
 ]
 
