@@ -105,8 +105,9 @@ async def test_a_notification_that_does_not_state_the_count_does_not_release(
     async with experiment(nats_server) as ex:
         pod = await Bus.open(Endpoint(nats_server.url), ex.exp, name="pod")
         spy = await ex.bus.nc.subscribe("$JS.API.DIRECT.GET.>")  # sees every count read
+        await ex.bus.nc.flush()  # the server has the spy's SUB before the waiter reads
+        waiter = asyncio.create_task(pod.wait_count("go", 3))
         try:
-            waiter = asyncio.create_task(pod.wait_count("go", 3))
             await spy.next_msg(timeout=30)  # the waiter subscribed, then read 0
             for body in (
                 b"\xff not json",
@@ -122,6 +123,8 @@ async def test_a_notification_that_does_not_state_the_count_does_not_release(
                 await ex.bus.increment("go")
             assert await waiter == 3
         finally:
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
             await spy.unsubscribe()
             await pod.close()
 
