@@ -206,6 +206,7 @@ async def test_a_blocking_discover_of_a_whole_tag_ends_with_its_notification(
         rosters = Rosters(ex.bus, ex.watcher, {"server": 3} if whole_tag_known else None)
         stream = p.stream_of(p.pods_bucket(ex.exp))
         spy = await ex.bus.nc.subscribe(f"$JS.API.DIRECT.GET.{stream}.>")  # roster reads
+        await ex.bus.nc.flush()  # registered at the server before any read
         try:
             async with Driver(ex.config("client")) as d:
                 waiting = asyncio.create_task(d.discover("server", 3, timeout=60))
@@ -234,6 +235,7 @@ async def test_barrier_releases_everyone_with_one_request_and_one_notification(
     n = 12
     async with experiment(nats_server) as ex:
         reads = await ex.bus.nc.subscribe("$JS.API.DIRECT.GET.>")
+        await ex.bus.nc.flush()  # registered at the server before any read
         drivers = [await Driver.connect(ex.config("t", i, n)) for i in range(n)]
         try:
             reached = await asyncio.gather(*(d.barrier("line", n, timeout=60) for d in drivers))

@@ -112,6 +112,7 @@ async def test_a_shell_discover_of_a_whole_tag_ends_with_its_notification(nats_s
         rosters = Rosters(ex.bus, ex.watcher, {"server": 2})
         stream = p.stream_of(p.pods_bucket(ex.exp))
         spy = await ex.bus.nc.subscribe(f"$JS.API.DIRECT.GET.{stream}.>")  # roster reads
+        await ex.bus.nc.flush()  # registered at the server before any read
         try:
             args = ("discover", "server", "--count", "2", "--timeout", "60")
             proc = await spawn_shell(pod_env(ex), *args)
