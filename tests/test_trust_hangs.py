@@ -413,13 +413,14 @@ def test_check_refuses_more_pods_than_the_runtime_can_address(tmp_path: Path) ->
 def test_addresses_are_valid_distinct_loopback_until_they_run_out() -> None:
     rt = LocalRuntime()
     seen = set()
-    for _ in range(MAX_PODS):
-        ip = ipaddress.IPv4Address(rt._address())
+    for i in range(MAX_PODS):
+        ip = ipaddress.IPv4Address(rt._address(("t", i)))
         assert ip.is_loopback and ip.packed[-1] not in (0, 255)
         seen.add(ip)
     assert len(seen) == MAX_PODS
+    assert rt._address(("t", 7)) == rt._address(("t", 7))  # a pod started again keeps its own
     with pytest.raises(RuntimeFailure, match=str(MAX_PODS)):
-        rt._address()
+        rt._address(("t", MAX_PODS))
 
 
 # -- other ways to hang: late launches, stubborn pods ----------------------------------------------

@@ -149,6 +149,15 @@ def test_sigint_stops_pods_that_ignore_sigterm(tmp_path: Path) -> None:
                 break
         assert running == 3
         assert exp is not None and len(exp_processes(exp)) >= 3
+        # A pod counts as started when its shell runs, before its `trap`: the background sleep
+        # of each pod, started after the trap, says it is in place.
+        import psutil
+
+        up_proc = psutil.Process(proc.pid)
+        wait_until(
+            lambda: [p.name() for p in up_proc.children(recursive=True)].count("sleep") >= 3,
+            "the pods' traps (their first sleeps)",
+        )
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
     finally:
