@@ -205,12 +205,20 @@ async def test_a_blocking_discover_of_a_whole_tag_ends_with_its_notification(
     async with experiment(nats_server) as ex:
         rosters = Rosters(ex.bus, ex.watcher, {"server": 3} if whole_tag_known else None)
         stream = p.stream_of(p.pods_bucket(ex.exp))
-        spy = await ex.bus.nc.subscribe(f"$JS.API.DIRECT.GET.{stream}.>")  # roster reads
+        spy = await ex.bus.nc.subscribe("$JS.API.DIRECT.GET.>")  # every read
         await ex.bus.nc.flush()  # registered at the server before any read
         try:
             async with Driver(ex.config("client")) as d:
                 waiting = asyncio.create_task(d.discover("server", 3, timeout=60))
-                first_look = await spy.next_msg(timeout=30)  # the roster, empty
+                # It reads the count, the roster (empty), then subscribes to the notification
+                # and reads the count again: from then on only a notification ends its wait.
+                first_look = await spy.next_msg(timeout=30)
+                while stream not in first_look.subject:
+                    first_look = await spy.next_msg(timeout=30)
+                mine = first_look.reply.rsplit(".", 1)[0]
+                count = await spy.next_msg(timeout=30)
+                while not count.reply.startswith(mine) or stream in count.subject:
+                    count = await spy.next_msg(timeout=30)
                 for i in range(3):
                     await rosters.started("server", i, f"127.0.0.{10 + i}")
                 peers = await waiting
@@ -219,7 +227,8 @@ async def test_a_blocking_discover_of_a_whole_tag_ends_with_its_notification(
                 ]
                 await ex.bus.roster("server")  # a read of ours, after discover returned
                 after = await spy.next_msg(timeout=30)
-                mine = first_look.reply.rsplit(".", 1)[0]
+                while stream not in after.subject:  # count reads (the driver's, ours)
+                    after = await spy.next_msg(timeout=30)
                 read_again = after.reply.startswith(mine)  # the driver's, sent before ours
                 assert read_again is not whole_tag_known
         finally:

@@ -111,18 +111,28 @@ async def test_a_shell_discover_of_a_whole_tag_ends_with_its_notification(nats_s
     async with experiment(nats_server) as ex:
         rosters = Rosters(ex.bus, ex.watcher, {"server": 2})
         stream = p.stream_of(p.pods_bucket(ex.exp))
-        spy = await ex.bus.nc.subscribe(f"$JS.API.DIRECT.GET.{stream}.>")  # roster reads
+        spy = await ex.bus.nc.subscribe("$JS.API.DIRECT.GET.>")  # every read
         await ex.bus.nc.flush()  # registered at the server before any read
         try:
             args = ("discover", "server", "--count", "2", "--timeout", "60")
             proc = await spawn_shell(pod_env(ex), *args)
-            first_look = await spy.next_msg(timeout=60)  # the roster, empty: it waits
+            # It reads the count, then the roster (empty), then subscribes to the notification
+            # and reads the count again: from then on it waits, and only a notification helps.
+            first_look = await spy.next_msg(timeout=60)
+            while stream not in first_look.subject:
+                first_look = await spy.next_msg(timeout=60)
+            shell = first_look.reply.rsplit(".", 1)[0]  # its inbox
+            count = await spy.next_msg(timeout=60)
+            while not count.reply.startswith(shell) or stream in count.subject:
+                count = await spy.next_msg(timeout=60)
             await rosters.started("server", 0, "127.0.0.10")
             await rosters.started("server", 1, "127.0.0.11")
             assert await finish(proc) == (0, "0 127.0.0.10\n1 127.0.0.11\n", "")
             await ex.bus.roster("server")  # a read of ours, after the command ended
             after = await spy.next_msg(timeout=30)
-            assert not after.reply.startswith(first_look.reply.rsplit(".", 1)[0])
+            while stream not in after.subject:  # the coordinator's own count reads
+                after = await spy.next_msg(timeout=30)
+            assert not after.reply.startswith(shell)
         finally:
             await spy.unsubscribe()
 
