@@ -336,9 +336,11 @@ async def test_a_restart_starts_the_same_pod_again_and_counts_it_again(tmp_path:
         experiment:
         - tag: s
           replicas: 2
-          command: echo "up $POD_ID $POD_IP"; tricks-nats wait s_start 3 --timeout 50
+          command: >-
+            echo "up $POD_ID $POD_IP"; tricks-nats event ready;
+            tricks-nats wait s_start 3 --timeout 50
         faults:
-        - when: {name: s_start, value: 2}
+        - when: {name: ready, value: 2}  # both said so (a pod counts as started before)
           restart: {tag: s, ids: [0]}
         """,
     )
@@ -348,7 +350,7 @@ async def test_a_restart_starts_the_same_pod_again_and_counts_it_again(tmp_path:
     assert len(ups) == 2 and ups[0] == ups[1] and ups[0].startswith("up 0 127.")
     assert pods_of(summary)["s-0"]["restarts"] == 1
     assert pods_of(summary)["s-0"]["outcome"] == "succeeded"
-    assert summary["events"] == {"s_start": 3, "s_stop": 3}
+    assert summary["events"] == {"ready": 3, "s_start": 3, "s_stop": 3}
     s0 = [e["state"] for e in journal if e["kind"] == "pod" and e["pod_id"] == 0]
     assert s0 == ["pending", "running", "stopped", "pending", "running", "exited"]
 
