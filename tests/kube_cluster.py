@@ -58,6 +58,7 @@ import pytest
 import yaml
 
 from tricks_nats.runtimes import kube_objects as ko
+from tricks_nats.runtimes.kubernetes import KubernetesRuntime
 
 FINALIZER = "fake-kubelet/container"
 PODS = kmock.resource("v1/pods")
@@ -703,3 +704,19 @@ async def cluster() -> AsyncIterator[Cluster]:
 @pytest.fixture
 def kubecfg(cluster: Cluster, tmp_path: Path) -> Path:
     return kubeconfig(tmp_path / "kubeconfig", str(cluster.url).rstrip("/"))
+
+
+def emulator_runtime(
+    kubecfg: Path, experiment: str, namespace: str, **more: Any
+) -> KubernetesRuntime:
+    """The kubernetes runtime on the emulator's context and namespace, as the tests use it:
+    4 creates in flight, 10 s to settle; `more` overrides or adds options."""
+    options: dict[str, Any] = {
+        "experiment": experiment,
+        "kubeconfig": str(kubecfg),
+        "context": "emulator",
+        "namespace": namespace,
+        "concurrency": 4,
+        "settle_timeout": 10.0,
+    }
+    return KubernetesRuntime(**(options | more))

@@ -21,7 +21,7 @@ from tricks_nats.runtimes import kube_chaos as kc
 from tricks_nats.runtimes import kube_objects as ko
 from tricks_nats.runtimes.kubernetes import KubernetesRuntime
 
-from .kube_cluster import Cluster, kubeconfig
+from .kube_cluster import Cluster, emulator_runtime, kubeconfig
 from .test_kubernetes import EXP, NS, name_of, next_event, plan
 
 CRDS = Path(__file__).parent / "data" / "chaos-mesh"
@@ -82,17 +82,8 @@ def valid(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_runtime(kubecfg: Path, faults: tuple[Fault, ...], **kw: Any) -> KubernetesRuntime:
-    options: dict[str, Any] = {
-        "experiment": EXP,
-        "kubeconfig": str(kubecfg),
-        "context": "emulator",
-        "namespace": NS,
-        "concurrency": 4,
-        "schedule_timeout": 0.0,
-        "settle_timeout": 10.0,
-        "faults": faults,
-    }
-    return KubernetesRuntime(**(options | kw))
+    options = {"schedule_timeout": 0.0, "faults": faults}
+    return emulator_runtime(kubecfg, EXP, NS, **(options | kw))
 
 
 NETWORK = (

@@ -34,7 +34,7 @@ from tricks_nats.runtimes.kubernetes import KubernetesRuntime
 from tricks_nats.spec import parse
 
 from .conftest import BIN, ROOT, cli_env
-from .kube_cluster import Cluster, PodContext, processes
+from .kube_cluster import Cluster, PodContext, emulator_runtime, processes
 
 NS = "trials"
 EXP = "kexp-20260101-000000-abcd"
@@ -42,15 +42,7 @@ EXP = "kexp-20260101-000000-abcd"
 
 @pytest.fixture
 async def runtime(kubecfg: Path) -> AsyncIterator[KubernetesRuntime]:
-    rt = KubernetesRuntime(
-        experiment=EXP,
-        kubeconfig=str(kubecfg),
-        context="emulator",
-        namespace=NS,
-        concurrency=4,
-        schedule_timeout=0.0,
-        settle_timeout=10.0,
-    )
+    rt = emulator_runtime(kubecfg, EXP, NS, schedule_timeout=0.0)
     await rt.prepare()
     try:
         yield rt

@@ -21,7 +21,7 @@ from tricks_nats.runtimes import kube_objects as ko
 from tricks_nats.runtimes.kubernetes import KubernetesRuntime
 from tricks_nats.spec import parse
 
-from .kube_cluster import Cluster, PodContext
+from .kube_cluster import Cluster, PodContext, emulator_runtime
 from .test_kubernetes import _options
 
 NS = "trials"
@@ -30,16 +30,7 @@ NOTE = "tricks-nats: log may be incomplete: "
 
 
 def _runtime(kubecfg: Path, **more: Any) -> KubernetesRuntime:
-    options: dict[str, Any] = {
-        "experiment": EXP,
-        "kubeconfig": str(kubecfg),
-        "context": "emulator",
-        "namespace": NS,
-        "concurrency": 4,
-        "settle_timeout": 10.0,
-        **more,
-    }
-    return KubernetesRuntime(**options)
+    return emulator_runtime(kubecfg, EXP, NS, **more)
 
 
 @pytest.fixture
