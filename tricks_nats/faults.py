@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import re
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import msgspec
@@ -220,7 +220,6 @@ class FaultAction:
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
     loss_percent: float = 0.0
-    labels: dict[str, str] = field(default_factory=dict)
 
 
 def of_spec(index: int, spec: FaultSpec, default_seed: int) -> Fault:

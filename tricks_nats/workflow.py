@@ -266,8 +266,6 @@ class Workflow:
         self._faulted: dict[tuple[str, int], Fault] = {}
         #: Each pod's incarnation (0, then 1 after its first restart...).
         self.incarnation: dict[tuple[str, int], int] = {}
-        #: Injected firings by fault name.
-        self.fired: dict[str, int] = {}
         #: The tags whose start or stop condition names an event, in spec order: a count
         #: looks at those only (a run of many tags counts `<tag>_start` once per pod).
         self._waiting_on: dict[str, list[TagState]] = {}
